@@ -1,0 +1,8 @@
+"""``python -m privsep`` is the ``runner`` command."""
+
+import sys
+
+from privsep.runner.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

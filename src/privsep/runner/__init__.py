@@ -1,0 +1,1 @@
+"""The trusted supervisor side: the ``runner`` CLI, configuration, permission checks."""

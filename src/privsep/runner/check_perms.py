@@ -1,0 +1,253 @@
+"""``runner check-perms``: every secret-bearing path the configuration names, checked twice.
+
+First from our side: the static rules of :mod:`privsep.secrets.files`, on open descriptors.
+Then from the attacker's side: a forked child drops to the sandbox uid and tries to open each
+path. Both must pass. The server and the supervisor run the same check at start
+(:func:`enforce_at_start`) and refuse to start on a violation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import sys
+from dataclasses import dataclass, field
+
+from privsep.runner.config import Config
+from privsep.runner.config_schema import OPTIONS
+from privsep.sandbox.privdrop import PrivilegeDropError, drop_privileges
+from privsep.secrets.files import Finding, check_secret_dir, check_secret_file
+
+log = logging.getLogger("privsep.check_perms")
+
+# Exit statuses: 0 clean, 1 violation, 2 usage or configuration error (raised by the CLI).
+EXIT_CLEAN = 0
+EXIT_VIOLATION = 1
+
+# What group and others may not have on directories we keep state in. The runtime directory
+# may be traversed (sandboxes reach their own socket directories below it), never written.
+_STATE_DIR_FORBIDDEN = 0o027
+_RUNTIME_DIR_FORBIDDEN = 0o022
+
+
+@dataclass(frozen=True)
+class Target:
+    """One path to check and how: a secret file, a secret directory or a state directory."""
+
+    path: str
+    what: str  # human name: "supervisor.credential", "config file", ...
+    kind: str  # "file", "dir" or "state"
+    forbidden: int = 0o077
+    probe: bool = True  # must the sandbox uid be unable to open it?
+
+
+@dataclass
+class Report:
+    findings: list[Finding] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)
+    probe_uid: int | None = None
+    probe_note: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+
+def targets(cfg: Config) -> list[Target]:
+    """Every secret-bearing path the effective configuration names."""
+    out: list[Target] = []
+    if cfg.secrets_in_file:
+        out.append(
+            Target(str(cfg.path), f"config file (holds {', '.join(cfg.secrets_in_file)})", "file")
+        )
+    for opt in OPTIONS:
+        if opt.secret_path:
+            path = str(cfg.path_of(opt.name))
+            out.append(Target(path, opt.name, "dir" if opt.directory else "file"))
+    for name, path in cfg.secret_files.items():
+        out.append(Target(os.path.abspath(path), f"{name} (_file)", "file"))
+    out.append(
+        Target(str(cfg.path_of("core.state_dir")), "core.state_dir", "state", _STATE_DIR_FORBIDDEN)
+    )
+    out.append(
+        Target(
+            str(cfg.path_of("core.runtime_dir")),
+            "core.runtime_dir",
+            "state",
+            _RUNTIME_DIR_FORBIDDEN,
+            probe=False,
+        )
+    )
+    return out
+
+
+def _static(target: Target, report: Report) -> list[str]:
+    """Check one target; return the paths (it and, for a key ring, its keys) to probe."""
+    try:
+        if target.kind == "file":
+            report.findings += check_secret_file(target.path)
+            return [target.path]
+        report.findings += check_secret_dir(target.path, forbidden=target.forbidden)
+    except FileNotFoundError:
+        report.absent.append(target.path)
+        return []
+    except OSError as exc:
+        report.findings.append(
+            Finding(target.path, f"cannot open: {exc.strerror}", f"ls -ld {target.path}")
+        )
+        return []
+    paths = [target.path]
+    if target.kind == "dir" and os.path.isdir(target.path) and not os.path.islink(target.path):
+        for entry in sorted(os.scandir(target.path), key=lambda e: e.name):
+            if entry.name.endswith(".pub"):
+                continue  # public halves of key pairs are meant to be shared
+            report.checked.append(entry.path)
+            report.findings += check_secret_file(entry.path)
+            paths.append(entry.path)
+    return paths
+
+
+def probe_as_sandbox(paths: list[str], uid: int) -> list[str]:
+    """Fork, drop to ``uid``, try to open each path; return the ones that opened.
+
+    This proves the rule from the attacker's side: modes can look right while an ACL, a
+    group or a forgotten bind mount still lets the sandbox read a secret.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        code = 0
+        try:
+            os.close(read_fd)
+            drop_privileges(uid, uid)
+            opened = []
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+                except OSError:
+                    continue
+                os.close(fd)
+                opened.append(path)
+            os.write(write_fd, json.dumps(opened).encode())
+        except PrivilegeDropError as exc:
+            os.write(write_fd, json.dumps({"error": str(exc)}).encode())
+        except BaseException:
+            code = 3
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    while chunk := os.read(read_fd, 65536):
+        chunks.append(chunk)
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0 or not chunks:
+        raise PrivilegeDropError(f"the sandbox-uid probe child failed (status {status})")
+    result = json.loads(b"".join(chunks))
+    if isinstance(result, dict):
+        raise PrivilegeDropError(result["error"])
+    return [str(p) for p in result]
+
+
+def check_permissions(cfg: Config) -> Report:
+    """Run the static checks and the sandbox-uid probe over every target."""
+    report = Report()
+    to_probe: list[str] = []
+    for target in targets(cfg):
+        report.checked.append(target.path)
+        paths = _static(target, report)
+        if target.probe:
+            to_probe += paths
+    uid = int(cfg.get("sandbox.uid_first"))
+    if os.geteuid() != 0:
+        report.probe_note = (
+            "sandbox-uid probe not run: only root can switch to the sandbox "
+            "uid; run check-perms as root to prove the sandbox cannot read"
+        )
+    elif to_probe:
+        report.probe_uid = uid
+        for path in probe_as_sandbox(to_probe, uid):
+            kind = "directory" if stat.S_ISDIR(os.stat(path).st_mode) else "file"
+            report.findings.append(
+                Finding(path, f"the sandbox uid {uid} can open this {kind}", f"chmod go-rwx {path}")
+            )
+    return report
+
+
+def format_text(report: Report) -> str:
+    lines = [f"{f.path}: {f.problem}; fix: {f.fix}" for f in report.findings]
+    summary = (
+        f"check-perms: {len(report.checked)} paths checked, "
+        f"{len(report.findings)} problem{'s' if len(report.findings) != 1 else ''}"
+    )
+    if report.absent:
+        summary += f", {len(report.absent)} not present yet ({', '.join(report.absent)})"
+    if report.probe_uid is not None:
+        summary += (
+            f"; sandbox uid {report.probe_uid} could open none"
+            if not any("sandbox uid" in f.problem for f in report.findings)
+            else ""
+        )
+    lines.append(summary)
+    if report.probe_note:
+        lines.append(f"check-perms: note: {report.probe_note}")
+    return "\n".join(lines)
+
+
+def format_json(report: Report) -> str:
+    return json.dumps(
+        {
+            "ok": report.clean,
+            "findings": [f.as_dict() for f in report.findings],
+            "checked": report.checked,
+            "absent": report.absent,
+            "probe_uid": report.probe_uid,
+            "probe_note": report.probe_note,
+        },
+        indent=2,
+    )
+
+
+def run_check_perms(cfg: Config, *, as_json: bool = False) -> int:
+    report = check_permissions(cfg)
+    print(format_json(report) if as_json else format_text(report))
+    return EXIT_CLEAN if report.clean else EXIT_VIOLATION
+
+
+class PermissionViolation(Exception):
+    """Raised by :func:`enforce_at_start` when strict mode finds a violation."""
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        super().__init__(format_text(report))
+
+
+def enforce_at_start(cfg: Config, component: str) -> Report:
+    """The start-up check shared by ``runner server`` and ``runner supervisor``.
+
+    Strict by default: any violation raises :class:`PermissionViolation`. With
+    ``core.strict_permissions = false`` (development only) violations are logged loudly and
+    the component starts anyway.
+    """
+    report = check_permissions(cfg)
+    if report.clean:
+        return report
+    if bool(cfg.get("core.strict_permissions")):
+        raise PermissionViolation(report)
+    banner = "!" * 72
+    print(
+        f"{banner}\nWARNING: {component} is starting with {len(report.findings)} permission "
+        f"violation(s) because core.strict_permissions = false.\nThis is for development "
+        f"only: secrets on this host may be readable by others.\n{format_text(report)}\n"
+        f"{banner}",
+        file=sys.stderr,
+    )
+    log.warning(
+        "%s started with %d permission violations (strict_permissions is off)",
+        component,
+        len(report.findings),
+    )
+    return report

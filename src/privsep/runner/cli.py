@@ -1,0 +1,150 @@
+"""The ``runner`` command line.
+
+Every failure a user can cause ends here as one or two lines on stderr and a non-zero exit
+status, never a traceback: 2 for usage and configuration errors, 1 for everything else that a
+command refuses (a permission violation, an existing file it will not overwrite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from privsep import __version__
+from privsep.runner.errors import EXIT_OK, EXIT_USAGE, CommandError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from privsep.runner.config import load_config
+
+    return load_config(args.config)
+
+
+def cmd_config_list(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    rows = [(name, s.display, s.source) for name, s in cfg.settings.items()]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "config_file": str(cfg.path),
+                    "file_exists": cfg.file_exists,
+                    "settings": [{"key": n, "value": v, "source": src} for n, v, src in rows],
+                },
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    state = "" if cfg.file_exists else " (absent: defaults and environment only)"
+    print(f"# config file: {cfg.path}{state}")
+    width = max(len(n) for n, _, _ in rows)
+    for name, value, source in rows:
+        print(f"{name:<{width}}  = {value!s:<24}  [{source}]")
+    return EXIT_OK
+
+
+def cmd_config_get(args: argparse.Namespace) -> int:
+    from privsep.runner.config_schema import BY_NAME
+
+    if args.key not in BY_NAME:
+        import difflib
+
+        close = difflib.get_close_matches(args.key, list(BY_NAME), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise CommandError(
+            f"unknown key {args.key!r}{hint}; `runner config list` shows all", EXIT_USAGE
+        )
+    setting = _load(args).settings[args.key]
+    if args.json:
+        print(json.dumps({"key": args.key, "value": setting.display, "source": setting.source}))
+    else:
+        print(f"{setting.display}\t[{setting.source}]")
+    return EXIT_OK
+
+
+def cmd_config_default(args: argparse.Namespace) -> int:
+    from privsep.runner.config_schema import render_default_toml
+
+    sys.stdout.write(render_default_toml())
+    return EXIT_OK
+
+
+def cmd_check_perms(args: argparse.Namespace) -> int:
+    from privsep.runner.check_perms import run_check_perms
+
+    return run_check_perms(_load(args), as_json=args.json)
+
+
+def cmd_credentials_create(args: argparse.Namespace) -> int:
+    from privsep.runner.credentials import create_credential
+
+    return create_credential(args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runner",
+        description="privsep: run untrusted workflow code without long-lived secrets.",
+    )
+    parser.add_argument("--version", action="version", version=f"privsep {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="configuration file (default: $PRIVSEP_CONFIG or $PRIVSEP_HOME/privsep.toml)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    config = sub.add_parser("config", help="show the effective configuration")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")
+    config_sub.required = True
+    p = config_sub.add_parser("list", help="every key, its effective value and its source")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_config_list)
+    p = config_sub.add_parser("get", help="one key's effective value and source")
+    p.add_argument("key", metavar="SECTION.KEY")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_config_get)
+    p = config_sub.add_parser("default", help="print the documented default privsep.toml")
+    p.set_defaults(handler=cmd_config_default)
+
+    p = sub.add_parser("check-perms", help="check every file that holds a secret")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cmd_check_perms)
+
+    creds = sub.add_parser("credentials", help="create the supervisor's long-lived credential")
+    creds_sub = creds.add_subparsers(dest="credentials_command", metavar="ACTION")
+    creds_sub.required = True
+    p = creds_sub.add_parser("create", help="write a new Ed25519 key pair; print the public key")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="where to write the private key (PATH.pub gets the public key)",
+    )
+    p.set_defaults(handler=cmd_credentials_create)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from privsep.runner.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"runner: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandError as exc:
+        print(f"runner: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("runner: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1

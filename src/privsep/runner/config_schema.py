@@ -1,0 +1,272 @@
+"""Every configuration option privsep knows, with its type, default and one-line description.
+
+This table is the single source: the loader validates against it, ``runner config`` prints from
+it, and the shipped ``default_config.toml`` is generated from it (a test keeps them equal).
+Adding an option means adding one row here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["str", "int", "float", "bool"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``[section] key``.
+
+    ``secret`` values are masked everywhere and may also be given as ``KEY_cmd`` (the first
+    line of a command's output) or ``KEY_file`` (a file that must pass the permission check).
+    ``secret_path`` values name a file or directory that holds a secret: ``check-perms`` checks
+    them, and they may also be given as ``KEY_cmd``. ``path`` values are resolved against
+    ``PRIVSEP_HOME`` when relative.
+    """
+
+    section: str
+    key: str
+    kind: Kind
+    default: str | int | float | bool
+    description: str
+    secret: bool = False
+    secret_path: bool = False
+    path: bool = False
+    choices: tuple[str, ...] = ()
+    minimum: int | float | None = None
+    directory: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+    @property
+    def accepts_cmd(self) -> bool:
+        return self.secret or self.secret_path
+
+    @property
+    def accepts_file(self) -> bool:
+        return self.secret
+
+
+OPTIONS: tuple[Option, ...] = (
+    # [core]
+    Option(
+        "core",
+        "state_dir",
+        "str",
+        "state",
+        "Directory for attempt logs, pid records and sandbox work dirs (relative: under home).",
+        path=True,
+    ),
+    Option(
+        "core",
+        "runtime_dir",
+        "str",
+        "run",
+        "Directory for sockets: the API socket and per-sandbox credential sockets.",
+        path=True,
+    ),
+    Option(
+        "core",
+        "workflows_dir",
+        "str",
+        "workflows",
+        "Folder of workflow definition files that discovery scans.",
+        path=True,
+    ),
+    Option(
+        "core",
+        "strict_permissions",
+        "bool",
+        True,
+        "Refuse to start server or supervisor on a check-perms violation; false is for "
+        "development only.",
+    ),
+    Option(
+        "core",
+        "command_timeout",
+        "float",
+        10.0,
+        "Seconds a KEY_cmd command may run before it counts as failed.",
+        minimum=0.1,
+    ),
+    # [database]
+    Option(
+        "database",
+        "url",
+        "str",
+        "",
+        "SQLAlchemy URL of the metadata database; empty means SQLite in state_dir.",
+        secret=True,
+    ),
+    # [server]
+    Option("server", "bind", "str", "127.0.0.1:8780", "TCP host:port the internal API listens on."),
+    Option(
+        "server",
+        "socket",
+        "str",
+        "run/server/api.sock",
+        "Unix socket the internal API also listens on (mode 0660 in a 0750 directory).",
+        path=True,
+    ),
+    Option(
+        "server",
+        "url",
+        "str",
+        "http://127.0.0.1:8780",
+        "Base URL supervisors and clients use to reach the internal API.",
+    ),
+    Option(
+        "server",
+        "max_request_bytes",
+        "int",
+        1_048_576,
+        "Largest request body the API accepts, in bytes.",
+        minimum=1024,
+    ),
+    Option(
+        "server",
+        "signing_keyring",
+        "str",
+        "keys/signing",
+        "Directory of Ed25519 token-signing keys; only the server reads it.",
+        secret_path=True,
+        path=True,
+        directory=True,
+    ),
+    Option(
+        "server",
+        "fernet_key",
+        "str",
+        "",
+        "Key that encrypts stored connections; prefer fernet_key_file or fernet_key_cmd.",
+        secret=True,
+    ),
+    Option(
+        "server",
+        "operator_public_key",
+        "str",
+        "credentials/operator.pub",
+        "Public key of the operator credential, for operator endpoints.",
+        path=True,
+    ),
+    # [supervisor]
+    Option(
+        "supervisor",
+        "name",
+        "str",
+        "",
+        "Name this supervisor registers under; empty means the host name.",
+    ),
+    Option(
+        "supervisor",
+        "credential",
+        "str",
+        "credentials/supervisor.key",
+        "Ed25519 private key (PEM) this supervisor proves its identity with.",
+        secret_path=True,
+        path=True,
+    ),
+    Option(
+        "supervisor",
+        "executor",
+        "str",
+        "local",
+        "How work items run: one at a time (sequential) or in parallel (local).",
+        choices=("sequential", "local"),
+    ),
+    Option(
+        "supervisor",
+        "parallelism",
+        "int",
+        0,
+        "How many items the local executor runs at once; 0 means one per CPU core.",
+        minimum=0,
+    ),
+    # [operator]
+    Option(
+        "operator",
+        "credential",
+        "str",
+        "credentials/operator.key",
+        "Ed25519 private key (PEM) for operator commands.",
+        secret_path=True,
+        path=True,
+    ),
+    # [sandbox]
+    Option(
+        "sandbox",
+        "backend",
+        "str",
+        "process",
+        "Sandbox backend: process (uid drop and namespaces) or container (Docker).",
+        choices=("process", "container"),
+    ),
+    Option(
+        "sandbox",
+        "launch_mode",
+        "str",
+        "template",
+        "Process backend start: exec a fresh interpreter (spawn) or fork a warm template.",
+        choices=("spawn", "template"),
+    ),
+    Option(
+        "sandbox",
+        "uid_first",
+        "int",
+        100_000,
+        "First uid (and gid) of the pool that sandboxes run as; never a real user's uid.",
+        minimum=1,
+    ),
+    Option(
+        "sandbox",
+        "uid_count",
+        "int",
+        1000,
+        "Number of uids in the pool: the most sandboxes that can run at once.",
+        minimum=1,
+    ),
+    Option(
+        "sandbox",
+        "network",
+        "str",
+        "none",
+        "Default network policy for sandboxes: none (own empty namespace) or host.",
+        choices=("none", "host"),
+    ),
+)
+
+BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(o.section for o in OPTIONS))
+
+
+def render_default_toml() -> str:
+    """The documented default configuration file, one description comment per key."""
+    out = [
+        "# privsep.toml: the default configuration, generated from privsep.runner.config_schema.",
+        "# Every key may be overridden from the environment as PRIVSEP__SECTION__KEY.",
+        "# Secret keys also accept KEY_cmd (first line of a command's output, no shell) and",
+        "# KEY_file (a file that must pass `runner check-perms`). Relative paths are under",
+        "# PRIVSEP_HOME (default ~/.privsep).",
+    ]
+    for section in SECTIONS:
+        out.append("")
+        out.append(f"[{section}]")
+        for opt in OPTIONS:
+            if opt.section != section:
+                continue
+            desc = opt.description
+            if opt.choices:
+                desc += f" One of: {', '.join(opt.choices)}."
+            out.append(f"# {desc}")
+            out.append(f"{opt.key} = {_toml_literal(opt.default)}")
+    return "\n".join(out) + "\n"
+
+
+def _toml_literal(value: str | int | float | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)

@@ -1,0 +1,1 @@
+"""Sandbox backends: one spec in, one isolated child out. Knows nothing of secrets."""

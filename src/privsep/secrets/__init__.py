@@ -1,0 +1,1 @@
+"""Long-lived credentials: permission-checked loading, key files, token handling."""

@@ -1,0 +1,1 @@
+"""The internal API server: the only component with database access and signing keys."""
