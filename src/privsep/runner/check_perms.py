@@ -8,11 +8,14 @@ path. Both must pass. The server and the supervisor run the same check at start
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shlex
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from privsep.runner.config import Config
@@ -86,28 +89,50 @@ def targets(cfg: Config) -> list[Target]:
 
 def _static(target: Target, report: Report) -> list[str]:
     """Check one target; return the paths (it and, for a key ring, its keys) to probe."""
-    try:
-        if target.kind == "file":
-            report.findings += check_secret_file(target.path)
-            return [target.path]
-        report.findings += check_secret_dir(target.path, forbidden=target.forbidden)
-    except FileNotFoundError:
-        report.absent.append(target.path)
-        return []
-    except OSError as exc:
-        report.findings.append(
-            Finding(target.path, f"cannot open: {exc.strerror}", f"ls -ld {target.path}")
-        )
+    if target.kind == "file":
+        return [target.path] if _check_one(target.path, report, check_secret_file) else []
+    if not _check_one(
+        target.path, report, lambda p: check_secret_dir(p, forbidden=target.forbidden)
+    ):
         return []
     paths = [target.path]
     if target.kind == "dir" and os.path.isdir(target.path) and not os.path.islink(target.path):
-        for entry in sorted(os.scandir(target.path), key=lambda e: e.name):
+        try:
+            entries = sorted(os.scandir(target.path), key=lambda e: e.name)
+        except OSError as exc:
+            report.findings.append(
+                Finding(
+                    target.path,
+                    f"cannot list: {exc.strerror}",
+                    f"ls -ld {shlex.quote(target.path)}",
+                )
+            )
+            return paths
+        for entry in entries:
             if entry.name.endswith(".pub"):
                 continue  # public halves of key pairs are meant to be shared
             report.checked.append(entry.path)
-            report.findings += check_secret_file(entry.path)
-            paths.append(entry.path)
+            if _check_one(entry.path, report, check_secret_file):
+                paths.append(entry.path)
     return paths
+
+
+def _check_one(path: str, report: Report, check: Callable[[str], list[Finding]]) -> bool:
+    """Run one check; turn an unopenable path into a finding. False if nothing to probe."""
+    try:
+        report.findings += check(path)
+    except FileNotFoundError:
+        report.absent.append(path)
+        return False
+    except OSError as exc:
+        what = (
+            "is a socket or device, not a regular file"
+            if exc.errno == errno.ENXIO
+            else (f"cannot open: {exc.strerror}")
+        )
+        report.findings.append(Finding(path, what, f"ls -ld {shlex.quote(path)}"))
+        return False
+    return True
 
 
 def probe_as_sandbox(paths: list[str], uid: int) -> list[str]:
@@ -172,7 +197,11 @@ def check_permissions(cfg: Config) -> Report:
         for path in probe_as_sandbox(to_probe, uid):
             kind = "directory" if stat.S_ISDIR(os.stat(path).st_mode) else "file"
             report.findings.append(
-                Finding(path, f"the sandbox uid {uid} can open this {kind}", f"chmod go-rwx {path}")
+                Finding(
+                    path,
+                    f"the sandbox uid {uid} can open this {kind}",
+                    f"chmod go-rwx {shlex.quote(path)}",
+                )
             )
     return report
 

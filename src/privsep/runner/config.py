@@ -142,7 +142,9 @@ def load_config(
 
     for opt in OPTIONS:
         cfg.settings[opt.name] = _resolve(opt, file_values, env_values, path, timeout, env)
-        if opt.secret and cfg.settings[opt.name].origin == "file":
+        # The file is checked whenever it holds a secret, even one the environment overrides:
+        # the value is still sitting there for anyone who can read the file.
+        if opt.secret and opt.name in file_values:
             cfg.secrets_in_file.append(opt.name)
         value = cfg.settings[opt.name].value
         if isinstance(value, FileSecret):

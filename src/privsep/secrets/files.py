@@ -68,6 +68,11 @@ def _allowed_owners() -> tuple[int, int]:
     return (os.geteuid(), 0)
 
 
+def _expected_owner() -> str:
+    euid = os.geteuid()
+    return "root" if euid == 0 else f"{_user_name(euid)} or root"
+
+
 def check_parents(path: str) -> list[Finding]:
     """Check every directory above ``path`` up to ``/``.
 
@@ -104,7 +109,7 @@ def check_parents(path: str) -> list[Finding]:
                 Finding(
                     directory,
                     f"parent directory is owned by {_user_name(st.st_uid)}, not by "
-                    f"{_user_name(os.geteuid())} or root: that user could replace the secret",
+                    f"{_expected_owner()}: that user could replace the secret",
                     f"chown {_user_name(os.geteuid())} {_q(directory)}",
                 )
             )
@@ -142,7 +147,7 @@ def _check_fstat(path: str, st: os.stat_result) -> list[Finding]:
         findings.append(
             Finding(
                 path,
-                f"is owned by {_user_name(st.st_uid)}, not by {_user_name(os.geteuid())} or root",
+                f"is owned by {_user_name(st.st_uid)}, not by {_expected_owner()}",
                 f"chown {_user_name(os.geteuid())} {_q(path)}",
             )
         )
@@ -248,7 +253,7 @@ def check_secret_dir(path: str, *, forbidden: int = 0o077) -> list[Finding]:
         findings.append(
             Finding(
                 path,
-                f"is owned by {_user_name(st.st_uid)}, not by {_user_name(os.geteuid())} or root",
+                f"is owned by {_user_name(st.st_uid)}, not by {_expected_owner()}",
                 f"chown {_user_name(os.geteuid())} {_q(path)}",
             )
         )
