@@ -1,0 +1,98 @@
+"""The sandboxed child's main program, shared by both launch modes.
+
+Spawn mode execs ``python -I -m privsep.sandbox._child PLAN_FD STATUS_FD``: a fresh interpreter
+with an empty environment that reads its :class:`~privsep.sandbox._wire.Plan` from ``PLAN_FD``.
+Template mode reaches :func:`run` in a fork of the zygote. Either way the process holds no copy
+of the supervisor's memory.
+
+:func:`run` calls ``enter()``; what returns from it is the sandboxed user process, which loads
+the entry point (a function inside privsep that then loads user code), reports "ready" on the
+status pipe, closes it, and calls ``entry(argv, payload)``. The function's return value is the
+exit code; the interpreter then shuts down normally (atexit, non-daemon threads).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from privsep.sandbox import _libc as libc
+from privsep.sandbox._enter import describe_error, enter, enter_unsafe_inline, fail
+from privsep.sandbox._steps import SetupStep
+from privsep.sandbox._wire import READY, Plan, write_record
+
+EntryPoint = Callable[[list[str], bytes], "int | None"]
+
+
+def run(plan: Plan, status_fd: int) -> NoReturn:
+    """Bootstrap checks, ``enter()``, then the entry point. Never returns."""
+    try:
+        # Die with whoever launched us (the supervisor's launcher thread, or the zygote), and
+        # catch the race where it already died before the prctl.
+        libc.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != plan.parent_pid:
+            raise OSError(0, f"parent {plan.parent_pid} is gone (now {os.getppid()})")
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        os.umask(0o022)
+        libc.set_dumpable(False)
+    except OSError as exc:
+        fail(status_fd, SetupStep.BOOTSTRAP, describe_error(exc))
+
+    if plan.unsafe_inline:
+        enter_unsafe_inline(plan, status_fd)
+    else:
+        enter(plan, status_fd)
+
+    # From here on this is the sandboxed user process.
+    signal.signal(signal.SIGTERM, _terminate)
+    entry = _load_entry_point(plan, status_fd)
+    try:
+        write_record(status_fd, READY)
+    finally:
+        os.close(status_fd)
+    sys.argv = [plan.entry, *plan.argv]
+    sys.exit(entry(list(plan.argv), plan.payload))
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    """PID 1 ignores SIGTERM without a handler; turn it into a clean interpreter exit."""
+    raise SystemExit(128 + signum)
+
+
+def _load_entry_point(plan: Plan, status_fd: int) -> EntryPoint:
+    module_name, _, func_name = plan.entry.partition(":")
+    if not (module_name == "privsep" or module_name.startswith("privsep.")) or not func_name:
+        fail(status_fd, SetupStep.ENTRY_POINT, f"{plan.entry!r} is not a privsep entry point")
+    try:
+        __import__(module_name)
+        func = getattr(sys.modules[module_name], func_name)
+    except Exception as exc:  # any import-time error of the entry module is a setup failure
+        fail(status_fd, SetupStep.ENTRY_POINT, f"cannot load {plan.entry}: {exc!r}")
+    if not callable(func):
+        fail(status_fd, SetupStep.ENTRY_POINT, f"{plan.entry} is not callable")
+    return func  # type: ignore[no-any-return]
+
+
+def main(argv: list[str]) -> NoReturn:
+    """Spawn mode: ``python -I -m privsep.sandbox._child PLAN_FD STATUS_FD``."""
+    try:
+        plan_fd, status_fd = int(argv[1]), int(argv[2])
+    except (IndexError, ValueError):
+        os.write(2, b"privsep: usage: python -I -m privsep.sandbox._child PLAN_FD STATUS_FD\n")
+        os._exit(int(SetupStep.BOOTSTRAP))
+    try:
+        chunks = []
+        while chunk := os.read(plan_fd, 65536):
+            chunks.append(chunk)
+        os.close(plan_fd)
+        plan = Plan.from_wire(b"".join(chunks))
+    except (OSError, ValueError) as exc:
+        fail(status_fd, SetupStep.BOOTSTRAP, f"cannot read the launch plan: {describe_error(exc)}")
+    run(plan, status_fd)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,350 @@
+"""``enter()``: the one ordered sequence that turns a fresh process into a sandbox.
+
+Like bubblewrap's ``main()`` and OpenSSH's ``privsep_child_demote()``, the order lives in one
+function that reads top to bottom; each step has a named exit code (``_steps.SetupStep``) and a
+failure is reported on the status pipe with what was attempted, on what, and the OS reason.
+
+Process layout (bubblewrap's, minus its separate init)::
+
+    supervisor ── monitor (host PID namespace, root, waits, forwards SIGTERM, reports exit)
+                     └── user process (PID 1 of a new PID namespace, sandbox uid, seccomp)
+
+The PID namespace needs a fork after ``unshare`` (only children enter it). The user process is
+PID 1 of its namespace, so when it exits the kernel kills everything it left behind, double
+forked and ``setsid``'d or not, and when the monitor dies the user process gets ``SIGKILL``
+(``PR_SET_PDEATHSIG``). PID 1 ignores signals it has no handler for, so the user process gets a
+``SIGTERM`` handler that raises ``SystemExit(143)``; ``SIGKILL`` from outside always works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from privsep.sandbox import _libc as libc
+from privsep.sandbox._rootfs import build_root
+from privsep.sandbox._steps import SetupStep
+from privsep.sandbox._wire import (
+    CREDENTIAL_SOCKET_ENV,
+    EXITED,
+    FAILED,
+    Plan,
+    forbidden_env,
+    write_record,
+)
+from privsep.sandbox.privdrop import PrivilegeDropError, drop_privileges
+
+
+class _StepFailed(Exception):
+    """A check inside a step failed without an OS error."""
+
+
+def enter(plan: Plan, status_fd: int) -> None:
+    """Isolate the calling process; returns only in the sandboxed user process.
+
+    Runs as root (or, in user-namespace mode, as the supervisor's uid). On any failure the
+    process exits with the step's code after writing an ``F`` record; the parent half of the
+    PID-namespace fork never returns (it becomes the monitor).
+    """
+    step = SetupStep.SETSID
+    try:
+        # 1. New session and process group: no controlling terminal, own group to signal.
+        os.setsid()
+
+        # Join the sandbox's cgroups before anything forks, so every process is accounted.
+        step = SetupStep.CGROUP
+        for procs in plan.cgroup_procs:
+            _write_file(procs, "0")
+
+        # 2. Close every fd but stdio and the status pipe (the credential socket is a path).
+        step = SetupStep.CLOSE_FDS
+        _close_fds_except(0, 1, 2, status_fd)
+
+        # 3. Environment from the allow-list only.
+        step = SetupStep.ENVIRONMENT
+        _reset_environment(plan)
+
+        # 4. Namespaces: mount, PID, IPC, UTS, cgroup, and network when the policy is none.
+        step = SetupStep.NAMESPACES
+        _unshare_namespaces(plan)
+        step = SetupStep.PID_NAMESPACE
+        lifeline = _fork_into_pid_namespace(status_fd)  # the parent half never returns
+        step = SetupStep.FILESYSTEM
+        build_root(
+            system_paths=plan.system_paths,
+            ro_paths=plan.ro_paths + _runtime_paths(),
+            workdir=plan.workdir,
+            socket=plan.socket,
+            hidden_paths=plan.hidden_paths,
+            tmp_bytes=plan.limits["tmp_bytes"],
+        )
+        os.chdir(plan.workdir)
+
+        # 5. Resource limits (still privileged, so hard limits may be raised or lowered).
+        step = SetupStep.RLIMITS
+        _set_rlimits(plan.limits, privileged=not plan.userns)
+
+        # 6. setgroups([]), setgid, setuid to the pool uid (user-namespace mode: drop all caps).
+        step = SetupStep.DROP_PRIVILEGES
+        if plan.userns:
+            libc.drop_all_capabilities()
+        else:
+            drop_privileges(plan.uid, plan.gid)
+
+        # 7. Prove the drop holds: root must be out of reach, and so must CAP_SYS_ADMIN.
+        step = SetupStep.VERIFY_DROP
+        _verify_cannot_regain_root(plan)
+
+        # 8. No new privileges through execve, then die with the monitor (setuid cleared it).
+        step = SetupStep.NO_NEW_PRIVS
+        libc.set_no_new_privs()
+        step = SetupStep.PDEATHSIG
+        libc.set_pdeathsig(signal.SIGKILL)
+        _check_lifeline(lifeline)
+
+        # 9. The seccomp deny-list, last; then check it is really in force.
+        step = SetupStep.SECCOMP
+        libc.load_seccomp_bpf(plan.seccomp)
+        if libc.raw_syscall(libc.SYS_UNSHARE, 0) != -1:  # -EPERM
+            raise _StepFailed("unshare(0) was not refused after the seccomp filter was loaded")
+    except (OSError, PrivilegeDropError, _StepFailed, ValueError) as exc:
+        fail(status_fd, step, describe_error(exc))
+
+
+def describe_error(exc: BaseException) -> str:
+    """ "what: reason" without Python's ``[Errno N]`` noise; names the file when there is one."""
+    if isinstance(exc, OSError) and exc.strerror:
+        if exc.filename is not None:
+            return f"{exc.filename}: {exc.strerror}"
+        return exc.strerror
+    return str(exc)
+
+
+def fail(status_fd: int, step: SetupStep, detail: str) -> NoReturn:
+    """Report a failed step on the status pipe and in the log, then exit with its code."""
+    with contextlib.suppress(OSError):
+        write_record(status_fd, FAILED, (int(step), detail))
+    with contextlib.suppress(OSError):
+        os.write(2, f"privsep: {step.message}: {detail}\n".encode(errors="replace"))
+    os._exit(int(step))
+
+
+def _write_file(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    except OSError as exc:
+        raise OSError(exc.errno, f"write {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _close_fds_except(*keep: int) -> None:
+    previous = -1
+    for fd in [*sorted(set(keep)), _max_fd()]:
+        # Never an empty range: os.closerange(0, 0) becomes close_range(0, ~0) and closes all.
+        if fd > previous + 1:
+            os.closerange(previous + 1, fd)
+        previous = fd
+    stray = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in keep:
+            continue
+        try:
+            os.fstat(fd)  # the listing's own fd is closed again by now
+        except OSError:
+            continue
+        stray.append(fd)
+    if stray:
+        raise _StepFailed(f"file descriptors survived closing: {sorted(stray)}")
+
+
+def _max_fd() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def _reset_environment(plan: Plan) -> None:
+    os.environ.clear()
+    for name, value in plan.env.items():
+        if forbidden_env(name):
+            raise _StepFailed(f"refusing to pass {name} into a sandbox")
+        os.environ[name] = value
+    if plan.socket is not None:
+        os.environ[CREDENTIAL_SOCKET_ENV] = plan.socket
+
+
+def _unshare_namespaces(plan: Plan) -> None:
+    flags = (
+        libc.CLONE_NEWNS
+        | libc.CLONE_NEWPID
+        | libc.CLONE_NEWIPC
+        | libc.CLONE_NEWUTS
+        | libc.CLONE_NEWCGROUP
+    )
+    if plan.network == "none":
+        flags |= libc.CLONE_NEWNET
+    if plan.userns:
+        uid, gid = os.geteuid(), os.getegid()
+        try:
+            libc.unshare(flags | libc.CLONE_NEWUSER)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"cannot create user namespace for sandbox {plan.sandbox_id}: {exc.strerror} "
+                "(hint: user.max_user_namespaces, kernel.unprivileged_userns_clone or "
+                "kernel.apparmor_restrict_unprivileged_userns?)",
+            ) from None
+        _write_file("/proc/self/setgroups", "deny")
+        _write_file("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write_file("/proc/self/gid_map", f"{gid} {gid} 1")
+    else:
+        libc.unshare(flags)
+    libc.sethostname(plan.hostname)
+    if plan.network == "none":
+        libc.bring_up_loopback()
+
+
+def _fork_into_pid_namespace(status_fd: int) -> int:
+    """Fork; the child (PID 1 of the new namespace) gets the lifeline read end back."""
+    lifeline_r, lifeline_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(lifeline_w)
+        return lifeline_r
+    os.close(lifeline_r)
+    _monitor(pid, status_fd)
+
+
+def _monitor(pid: int, status_fd: int) -> NoReturn:
+    """The outer half: forward termination requests, wait, report the exact outcome."""
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    status: int | None = None
+    usage: tuple[float, float, int] = (0.0, 0.0, 0)
+    try:
+        _, status, ru = os.wait4(pid, 0)
+        usage = (ru.ru_utime, ru.ru_stime, ru.ru_maxrss)
+    except ChildProcessError:
+        pass
+    with contextlib.suppress(OSError):
+        write_record(status_fd, EXITED, (status, *usage))
+    if status is None:
+        os._exit(int(SetupStep.PID_NAMESPACE))
+    if os.WIFSIGNALED(status):
+        os._exit(128 + os.WTERMSIG(status))
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def _runtime_paths() -> list[str]:
+    """What this interpreter needs to keep importing: prefixes and absolute sys.path dirs."""
+    candidates = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    candidates += [p for p in sys.path if p.startswith("/")]
+    out = []
+    for path in candidates:
+        real = os.path.realpath(path)
+        if os.path.isdir(real):
+            out.append(real)
+    return out
+
+
+_RLIMITS = (
+    ("cpu_seconds", resource.RLIMIT_CPU),
+    ("memory_bytes", resource.RLIMIT_DATA),
+    ("pids", resource.RLIMIT_NPROC),
+    ("nofile", resource.RLIMIT_NOFILE),
+    ("fsize_bytes", resource.RLIMIT_FSIZE),
+)
+
+
+def _set_rlimits(limits: dict[str, int], *, privileged: bool) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    for key, which in _RLIMITS:
+        value = limits.get(key)
+        if value is None:
+            continue
+        # CPU: SIGXCPU at the soft limit (ignored by a PID 1 without a handler), SIGKILL a
+        # second later at the hard limit.
+        soft, hard = (value, value + 1) if which == resource.RLIMIT_CPU else (value, value)
+        if not privileged:
+            _, current_hard = resource.getrlimit(which)
+            if current_hard != resource.RLIM_INFINITY:
+                soft, hard = min(soft, current_hard), min(hard, current_hard)
+        try:
+            resource.setrlimit(which, (soft, hard))
+        except (OSError, ValueError) as exc:
+            raise OSError(0, f"setrlimit {key}={value}: {exc}") from None
+
+
+def _verify_cannot_regain_root(plan: Plan) -> None:
+    attempts: tuple[tuple[str, Callable[[], None]], ...] = (
+        ("setuid(0)", lambda: os.setuid(0)),
+        ("setresuid(0, 0, 0)", lambda: os.setresuid(0, 0, 0)),
+        ("setgid(0)", lambda: os.setgid(0)),
+        ("setgroups([0])", lambda: os.setgroups([0])),
+    )
+    for name, attempt in attempts:
+        try:
+            attempt()
+        except OSError:
+            continue
+        raise _StepFailed(f"{name} succeeded after the privilege drop")
+    if 0 in os.getresuid() or (not plan.userns and (0 in os.getresgid() or os.getgroups())):
+        raise _StepFailed(f"ids still privileged: {os.getresuid()} {os.getresgid()}")
+    try:
+        libc.sethostname(plan.hostname)
+    except OSError:
+        pass
+    else:
+        raise _StepFailed("sethostname succeeded: CAP_SYS_ADMIN was not dropped")
+
+
+def _check_lifeline(lifeline: int) -> None:
+    """Exit if the monitor died before PR_SET_PDEATHSIG was in place (the classic race)."""
+    os.set_blocking(lifeline, False)
+    try:
+        data = os.read(lifeline, 1)
+    except BlockingIOError:
+        data = None
+    finally:
+        os.close(lifeline)
+    if data is not None:
+        raise _StepFailed("the monitor process died during setup")
+
+
+UNSAFE_BANNER = (
+    "privsep: UNSAFE-INLINE MODE: this child runs WITHOUT namespaces, uid drop or seccomp, "
+    "with the supervisor's privileges. Debugging only; never use it for untrusted code.\n"
+)
+
+
+def enter_unsafe_inline(plan: Plan, status_fd: int) -> None:
+    """The explicit ``unsafe-inline`` debug mode: hygiene only, and a banner in the log.
+
+    Still a fresh interpreter or a zygote fork (no supervisor memory), still a new session,
+    closed fds, the allow-listed environment and rlimits; nothing else.
+    """
+    step = SetupStep.SETSID
+    try:
+        os.setsid()
+        step = SetupStep.CLOSE_FDS
+        _close_fds_except(0, 1, 2, status_fd)
+        step = SetupStep.ENVIRONMENT
+        _reset_environment(plan)
+        step = SetupStep.RLIMITS
+        _set_rlimits(plan.limits, privileged=False)
+        os.chdir(plan.workdir)
+        os.write(2, UNSAFE_BANNER.encode())
+    except (OSError, _StepFailed, ValueError) as exc:
+        fail(status_fd, step, describe_error(exc))

@@ -1,0 +1,282 @@
+"""Build the sandbox's filesystem view: an allow-list root, then ``pivot_root`` into it.
+
+Rather than hiding what must not be seen (a deny-list that misses whatever nobody thought of),
+the child starts from an empty tmpfs and bind-mounts in only what it needs, each at its own path:
+
+* system directories (``/usr``, ``/etc`` and the ``/bin``-style symlinks), read-only;
+* the interpreter, its site-packages and the privsep source (the child's own ``sys.path``),
+  and the spec's code and bundle paths, read-only, even when they live under a 0700 directory
+  such as ``/root``: the intermediate directories are created in the tmpfs with mode 0755;
+* the working directory, read-write; the credential socket, as a single file;
+* a minimal ``/dev``, a fresh ``/proc`` for the new PID namespace, a size-capped ``/tmp``.
+
+Paths the spec hides (state, config, credentials) that still fall inside a bound tree get an
+empty read-only tmpfs (directories) or ``/dev/null`` on a ``nodev`` mount (files) on top.
+Every bind is then remounted ``nosuid,nodev`` and, except the work dir and the scratch
+filesystems, read-only; the root tmpfs itself ends read-only.
+
+Sources are opened with ``O_PATH`` before the staging tmpfs goes up and bound through
+``/proc/self/fd``, so a source under ``/tmp`` (where the staging root is mounted) still works and
+nothing is resolved twice.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from privsep.sandbox import _libc as libc
+from privsep.sandbox._libc import (
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+)
+
+# The staging mount point: any existing directory works, since the mount namespace is private.
+STAGING = "/tmp"  # noqa: S108
+DEVICES = ("null", "zero", "full", "random", "urandom")
+_ATIME_FLAGS = {
+    "noatime": libc.MS_NOATIME,
+    "nodiratime": libc.MS_NODIRATIME,
+    "relatime": libc.MS_RELATIME,
+}
+_LOCKABLE = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
+
+RO, RW, SOCKET, DEVICE, LINK = "ro", "rw", "socket", "device", "link"
+
+
+def minimal_paths(paths: list[str]) -> list[str]:
+    """Drop every path that lies inside another one in the list (it is visible already)."""
+    out: list[str] = []
+    for path in sorted(set(paths), key=lambda p: p.split("/")):
+        if not any(path == kept or path.startswith(kept.rstrip("/") + "/") for kept in out):
+            out.append(path)
+    return out
+
+
+def _inside(path: str, parents: list[str]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
+
+
+def build_root(
+    *,
+    system_paths: list[str],
+    ro_paths: list[str],
+    workdir: str,
+    socket: str | None,
+    hidden_paths: list[str],
+    tmp_bytes: int,
+) -> None:
+    """Replace the root of this (private) mount namespace with the sandbox view.
+
+    Must run as root (real or user-namespace root) in a new mount namespace and, for ``/proc``,
+    inside the new PID namespace. Raises ``OSError`` naming the path that failed, as the
+    sandbox will see it.
+    """
+    try:
+        _build_root(system_paths, ro_paths, workdir, socket, hidden_paths, tmp_bytes)
+    except OSError as exc:
+        text = exc.strerror or str(exc)
+        raise OSError(exc.errno, text.replace(f" {STAGING}/", " /")) from None
+
+
+def _build_root(
+    system_paths: list[str],
+    ro_paths: list[str],
+    workdir: str,
+    socket: str | None,
+    hidden_paths: list[str],
+    tmp_bytes: int,
+) -> None:
+    libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+    # 1. Resolve and open every source while the host view is still there.
+    plan: list[tuple[str, str, int]] = []  # (path inside, kind, O_PATH fd)
+    devices: list[tuple[str, str, int]] = []
+    links: list[tuple[str, str]] = []
+    try:
+        for path in system_paths:
+            if os.path.islink(path):
+                links.append((path, os.readlink(path)))
+            elif os.path.isdir(path):
+                plan.append((path, RO, _open_path(path)))
+        system_dirs = [p for p, _, _ in plan]
+        for path in minimal_paths(ro_paths):
+            if _inside(path, system_dirs) or not os.path.exists(path):
+                continue
+            plan.append((path, RO, _open_path(path)))
+        plan.append((workdir, RW, _open_path(workdir)))
+        if socket is not None:
+            plan.append((socket, SOCKET, _open_path(socket)))
+        for name in DEVICES:
+            devices.append((f"/dev/{name}", DEVICE, _open_path(f"/dev/{name}")))
+
+        # 2. An empty tmpfs as the new root.
+        libc.mount("privsep-root", STAGING, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+        # The private /tmp goes first, so a bound path under the host's /tmp stays visible.
+        tmp = STAGING + "/tmp"  # noqa: S108 - the sandbox's own private /tmp
+        os.mkdir(tmp, 0o755)
+        libc.mount(
+            "tmpfs",
+            tmp,
+            "tmpfs",
+            MS_NOSUID | MS_NODEV,
+            f"mode=1777,size={tmp_bytes},nr_inodes=16384",
+        )
+        for path, target in links:
+            os.symlink(target, STAGING + path)
+        for path, kind, fd in sorted(plan, key=lambda item: item[0].split("/")):
+            _bind_fd(fd, STAGING + path, kind)
+        _build_dev(devices, tmp_bytes)
+    finally:
+        for _, _, fd in plan + devices:
+            os.close(fd)
+
+    # 3. A /proc that shows only this PID namespace.
+    os.makedirs(STAGING + "/proc", 0o755, exist_ok=True)
+    _mount_proc(STAGING + "/proc")
+
+    # 4. Hide what leaked in through a bound tree.
+    for path in hidden_paths:
+        _hide(STAGING + path)
+
+    # 5. Everything read-only, nosuid, nodev, except the writable places.
+    scratch = {tmp, STAGING + "/dev/" + "shm", STAGING + "/proc"}
+    devices_set = {STAGING + f"/dev/{name}" for name in DEVICES}
+    _lock_down({STAGING + workdir}, scratch, devices_set)
+
+    # 6. Swap roots and drop the host's tree.
+    os.chdir(STAGING)
+    libc.pivot_root(".", ".")
+    libc.umount2(".", MNT_DETACH)
+    os.chdir("/")
+
+
+def _open_path(path: str) -> int:
+    try:
+        return os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot open {path} to bind it: {exc.strerror}") from None
+
+
+def _bind_fd(fd: int, target: str, kind: str) -> None:
+    mode = os.fstat(fd).st_mode
+    if not os.path.lexists(target):
+        os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+        if stat.S_ISDIR(mode):
+            os.mkdir(target, 0o755)
+        else:
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+    flags = MS_BIND | (MS_REC if kind in (RO, RW) else 0)
+    libc.mount(f"/proc/self/fd/{fd}", target, None, flags)
+
+
+def _build_dev(devices: list[tuple[str, str, int]], tmp_bytes: int) -> None:
+    dev = STAGING + "/dev"
+    os.mkdir(dev, 0o755)
+    libc.mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=64")
+    for path, kind, fd in devices:
+        _bind_fd(fd, STAGING + path, kind)
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
+        os.symlink(target, f"{dev}/{name}")
+    os.mkdir(dev + "/shm", 0o755)
+    libc.mount(
+        "tmpfs",
+        dev + "/shm",
+        "tmpfs",
+        MS_NOSUID | MS_NODEV | MS_NOEXEC,
+        f"mode=1777,size={min(tmp_bytes, 64 << 20)},nr_inodes=4096",
+    )
+
+
+def _mount_proc(target: str) -> None:
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    for options in ("hidepid=invisible", "hidepid=2", None):
+        try:
+            libc.mount("proc", target, "proc", flags, options)
+            return
+        except OSError as exc:
+            if options is None or "Invalid argument" not in str(exc):
+                raise
+
+
+def _hide(target: str) -> None:
+    if not os.path.lexists(target):
+        return
+    if os.path.isdir(target) and not os.path.islink(target):
+        libc.mount(
+            "hidden",
+            target,
+            "tmpfs",
+            MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+            "mode=000,size=4k,nr_inodes=1",
+        )
+    elif os.path.isfile(target) and not os.path.islink(target):
+        libc.mount("/dev/null", target, None, MS_BIND)
+    else:
+        raise OSError(0, f"cannot hide {target}: neither a plain file nor a directory")
+
+
+def _mountinfo() -> list[tuple[str, int]]:
+    """(mount point, per-mount flags) for each line of /proc/self/mountinfo."""
+    out: list[tuple[str, int]] = []
+    with open("/proc/self/mountinfo", "rb") as fh:
+        for line in fh:
+            fields = line.split(b" ")
+            point = _unescape(fields[4])
+            flags = 0
+            for option in fields[5].decode().split(","):
+                flags |= _LOCKABLE.get(option, 0) | _ATIME_FLAGS.get(option, 0)
+            out.append((point, flags))
+    return out
+
+
+def _unescape(raw: bytes) -> str:
+    text = raw.decode("utf-8", "surrogateescape")
+    if "\\" not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1 : i + 4].isdigit() and i + 4 <= len(text):
+            out.append(chr(int(text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _lock_down(writable: set[str], scratch: set[str], devices: set[str]) -> None:
+    """Remount every mount under the staging root with the flags it should end with.
+
+    Flags already set on the source mount (``ro``, ``noexec``, atime) are kept: in a user
+    namespace they are locked, and dropping one would fail with EPERM.
+    """
+    for point, current in _mountinfo():
+        if point != STAGING and not point.startswith(STAGING + "/"):
+            continue
+        if point in scratch:
+            continue  # mounted above with exactly the flags they need
+        if point in writable:
+            wanted = current | MS_NOSUID | MS_NODEV
+        elif point in devices:
+            wanted = current | MS_RDONLY | MS_NOSUID | MS_NOEXEC
+        elif point == STAGING + "/dev":
+            wanted = current | MS_RDONLY | MS_NOSUID | MS_NOEXEC
+        else:
+            wanted = current | MS_RDONLY | MS_NOSUID | MS_NODEV
+        libc.mount(None, point, None, MS_BIND | MS_REMOUNT | wanted)
+    # The root tmpfs last: nothing below needs creating any more.
+    root_flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+    libc.mount(None, STAGING, None, root_flags)
