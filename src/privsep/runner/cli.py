@@ -11,14 +11,18 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from privsep import __version__
 from privsep.runner.errors import EXIT_OK, EXIT_USAGE, CommandError
 
+if TYPE_CHECKING:
+    from privsep.runner.config import Config
+
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _load(args: argparse.Namespace) -> Config:
     from privsep.runner.config import load_config
 
     return load_config(args.config)
@@ -85,6 +89,42 @@ def cmd_credentials_create(args: argparse.Namespace) -> int:
     return create_credential(args.out)
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from privsep.runner.server_cmd import run_server
+
+    return run_server(_load(args))
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from privsep.runner.server_cmd import db_upgrade
+
+    return db_upgrade(_load(args))
+
+
+def cmd_db_check(args: argparse.Namespace) -> int:
+    from privsep.runner.server_cmd import db_check
+
+    return db_check(_load(args))
+
+
+def cmd_supervisors_register(args: argparse.Namespace) -> int:
+    from privsep.runner.server_cmd import supervisors_register
+
+    return supervisors_register(_load(args), args.name, args.public_key, args.replace)
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from privsep.runner.server_cmd import keys_rotate
+
+    return keys_rotate(_load(args))
+
+
+def _subcommands(parent: argparse.ArgumentParser, dest: str) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    sub = parent.add_subparsers(dest=dest, metavar="ACTION")
+    sub.required = True
+    return sub
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runner",
@@ -127,6 +167,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the private key (PATH.pub gets the public key)",
     )
     p.set_defaults(handler=cmd_credentials_create)
+
+    p = sub.add_parser("server", help="serve the internal API (TCP and unix socket)")
+    p.set_defaults(handler=cmd_server)
+
+    db_sub = _subcommands(sub.add_parser("db", help="the metadata database"), "db_command")
+    p = db_sub.add_parser("upgrade", help="apply migrations (idempotent)")
+    p.set_defaults(handler=cmd_db_upgrade)
+    p = db_sub.add_parser("check", help="current vs head revision; exit 1 if they differ")
+    p.set_defaults(handler=cmd_db_check)
+
+    sup_sub = _subcommands(
+        sub.add_parser("supervisors", help="registered supervisors"), "supervisors_command"
+    )
+    p = sup_sub.add_parser("register", help="register a supervisor's Ed25519 public key")
+    p.add_argument("name")
+    p.add_argument(
+        "--public-key",
+        required=True,
+        metavar="FILE",
+        help="the PATH.pub that `runner credentials create` wrote",
+    )
+    p.add_argument("--replace", action="store_true", help="re-key an existing supervisor")
+    p.set_defaults(handler=cmd_supervisors_register)
+
+    keys_sub = _subcommands(
+        sub.add_parser("keys", help="the token-signing key ring"), "keys_command"
+    )
+    p = keys_sub.add_parser("rotate", help="add a signing key (creates the ring if absent)")
+    p.set_defaults(handler=cmd_keys_rotate)
     return parser
 
 
@@ -137,6 +206,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
+    except ModuleNotFoundError as exc:
+        if not exc.name or exc.name.split(".")[0] == "privsep":
+            raise
+        print(
+            f"runner: this command needs {exc.name}, which is not installed: "
+            "pip install 'privsep[all]'",
+            file=sys.stderr,
+        )
+        return 1
     except ConfigError as exc:
         print(f"runner: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

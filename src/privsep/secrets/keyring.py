@@ -34,7 +34,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -339,7 +339,11 @@ def public_jwks(directory: PathArg) -> dict[str, Any]:
 
     Keys are listed newest first, so the current signer comes first.
     """
-    verifiers = load_verifiers(directory)
+    return jwks_of(dict(reversed(load_verifiers(directory).items())))
+
+
+def jwks_of(verifiers: Mapping[str, Ed25519PublicKey]) -> dict[str, Any]:
+    """A JWKS of already-loaded public keys, in the order given."""
     return {
         "keys": [
             {
@@ -350,7 +354,7 @@ def public_jwks(directory: PathArg) -> dict[str, Any]:
                 "alg": "EdDSA",
                 "use": "sig",
             }
-            for kid, key in reversed(verifiers.items())
+            for kid, key in verifiers.items()
         ]
     }
 

@@ -1,0 +1,117 @@
+"""The server-host commands: ``runner server``, ``runner db``, ``runner supervisors``,
+``runner keys``. They turn configuration into plain values for :mod:`privsep.server`."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from privsep.runner.check_perms import PermissionViolation, enforce_at_start
+from privsep.runner.config import Config
+from privsep.runner.errors import EXIT_FAILURE, CommandError
+from privsep.secrets.files import InsecureFileError, make_private_dir
+
+if TYPE_CHECKING:
+    from privsep.server.settings import ServerSettings
+
+
+def database_url(cfg: Config) -> str:
+    """``database.url``, or SQLite in the state directory when it is empty."""
+    from privsep.server.db.engine import sqlite_url_for
+
+    url = str(cfg.get("database.url"))
+    if url:
+        return url
+    state_dir = cfg.path_of("core.state_dir")
+    make_private_dir(str(state_dir))
+    return sqlite_url_for(state_dir / "privsep.db")
+
+
+def server_settings(cfg: Config) -> ServerSettings:
+    from privsep.server.settings import ServerSettings
+
+    fernet = str(cfg.get("server.fernet_key"))
+    return ServerSettings(
+        database_url=database_url(cfg),
+        signing_keyring=str(cfg.path_of("server.signing_keyring")),
+        bind=str(cfg.get("server.bind")),
+        socket_path=str(cfg.path_of("server.socket")),
+        issuer=str(cfg.get("server.issuer")),
+        audience=str(cfg.get("server.url")),
+        max_request_bytes=int(cfg.get("server.max_request_bytes")),
+        fernet_keys=(fernet,) if fernet else (),
+        work_token_ttl=int(cfg.get("server.work_token_ttl")),
+        work_token_max_lifetime=int(cfg.get("server.work_token_max_lifetime")),
+        session_token_ttl=int(cfg.get("server.session_token_ttl")),
+        supervisor_heartbeat_timeout=int(cfg.get("server.supervisor_heartbeat_timeout")),
+        operator_public_key=str(cfg.path_of("server.operator_public_key")),
+        workers=int(cfg.get("server.workers")),
+    )
+
+
+def run_server(cfg: Config) -> int:
+    """Check permissions (strict by default), then serve until stopped."""
+    from privsep.server.listen import ListenError
+    from privsep.server.serve import serve
+
+    try:
+        enforce_at_start(cfg, "server")
+    except PermissionViolation as exc:
+        print(
+            f"{exc}\nrunner: refusing to start the server: fix the permissions above "
+            "(runner check-perms shows them)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    settings = server_settings(cfg)
+    try:
+        return serve(settings)
+    except ListenError as exc:
+        raise CommandError(str(exc)) from None
+    except InsecureFileError as exc:
+        raise CommandError(f"refusing the signing key ring: {exc}") from None
+    except KeyboardInterrupt:
+        return 0
+
+
+def db_upgrade(cfg: Config) -> int:
+    from privsep.server.db.migrate import main_upgrade
+
+    return main_upgrade(database_url(cfg), sys.stdout, sys.stderr)
+
+
+def db_check(cfg: Config) -> int:
+    from privsep.server.db.migrate import main_check
+
+    return main_check(database_url(cfg), sys.stdout, sys.stderr)
+
+
+def supervisors_register(cfg: Config, name: str, public_key: str, replace: bool) -> int:
+    from privsep.server.admin import AdminError, register_supervisor
+
+    try:
+        sup_id = register_supervisor(database_url(cfg), name, public_key, replace=replace)
+    except AdminError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"registered supervisor {name} (id {sup_id})")
+    return 0
+
+
+def keys_rotate(cfg: Config) -> int:
+    """Add a signing key (creating the ring on first use); old keys keep verifying."""
+    import os
+
+    from privsep.secrets.keyring import create_keyring, rotate
+
+    ring = str(cfg.path_of("server.signing_keyring"))
+    try:
+        if os.path.exists(os.path.join(ring, "ring.json")):
+            kid = rotate(ring)
+            print(f"added signing key {kid} to {ring}; it signs from now on")
+        else:
+            make_private_dir(ring)
+            kid = create_keyring(ring)
+            print(f"created key ring {ring} with signing key {kid}")
+    except InsecureFileError as exc:
+        raise CommandError(f"refusing the key ring: {exc}") from None
+    return 0

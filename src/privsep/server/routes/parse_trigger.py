@@ -1,0 +1,194 @@
+"""Parse and trigger endpoints: each token touches only its own job or its own triggers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from fastapi import APIRouter, Request
+from sqlalchemy import select
+
+from privsep.server.auth import (
+    Parse_,
+    ParsePrincipal,
+    State_,
+    Trigger_,
+    TriggerPrincipal,
+    require_trigger,
+)
+from privsep.server.db.models import (
+    AttemptState,
+    ParseError,
+    ParseJob,
+    ParseJobState,
+    TaskAttempt,
+    Trigger,
+    TriggerState,
+    Workflow,
+    WorkflowVersion,
+    utcnow,
+)
+from privsep.server.errors import ERROR_RESPONSES, bad_request, conflict
+from privsep.server.runs import fail_or_retry
+from privsep.server.schemas import (
+    AssignedTrigger,
+    AssignedTriggers,
+    Ok,
+    ParseResultRequest,
+    TriggerEventRequest,
+    TriggerFailureRequest,
+    WorkflowDefinition,
+)
+from privsep.server.state import ServerState
+
+parse_router = APIRouter(prefix="/v1/parse", tags=["parse"], responses=ERROR_RESPONSES)
+trigger_router = APIRouter(prefix="/v1/trigger", tags=["trigger"], responses=ERROR_RESPONSES)
+
+
+def _check_graph(wf: WorkflowDefinition) -> None:
+    ids = [t.task_id for t in wf.tasks]
+    if len(ids) != len(set(ids)):
+        raise bad_request("invalid_definition", f"workflow {wf.workflow_id!r} repeats a task id")
+    known = set(ids)
+    for task in wf.tasks:
+        missing = [u for u in task.upstream if u not in known]
+        if missing:
+            raise bad_request(
+                "invalid_definition", f"task {task.task_id!r} names unknown upstream {missing}"
+            )
+    # Kahn's algorithm: every task must be reachable in a topological order, or there is a cycle.
+    pending = {t.task_id: set(t.upstream) for t in wf.tasks}
+    while pending:
+        ready = [t for t, ups in pending.items() if not ups]
+        if not ready:
+            raise bad_request(
+                "invalid_definition", f"workflow {wf.workflow_id!r} has a dependency cycle"
+            )
+        for t in ready:
+            del pending[t]
+        for ups in pending.values():
+            ups.difference_update(ready)
+
+
+@parse_router.post("/result", response_model=Ok)
+def submit_result(
+    body: ParseResultRequest, me: ParsePrincipal = Parse_, state: ServerState = State_
+) -> Ok:
+    """Store what the parse sandbox found in its one file: definitions, or an import error."""
+    for wf in body.workflows:
+        _check_graph(wf)
+    with state.db.write_session() as session:
+        job = session.get(ParseJob, me.job_id, with_for_update=True)
+        if (
+            job is None
+            or job.state != ParseJobState.RUNNING
+            or job.supervisor_id != me.supervisor_id
+        ):
+            raise conflict("this parse job is no longer running", "not_running")
+        job.finished_at = utcnow()
+        if body.error is not None:
+            job.state = ParseJobState.FAILED
+            session.add(
+                ParseError(file_path=job.uri, message=body.error, bundle_version=job.bundle_version)
+            )
+            return Ok()
+        job.state = ParseJobState.SUCCESS
+        for wf in body.workflows:
+            text = json.dumps(wf.model_dump(), sort_keys=True, separators=(",", ":"))
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            workflow = session.get(Workflow, wf.workflow_id)
+            if workflow is None:
+                workflow = Workflow(id=wf.workflow_id)
+                session.add(workflow)
+                session.flush()
+            version = session.scalars(
+                select(WorkflowVersion).where(
+                    WorkflowVersion.workflow_id == wf.workflow_id,
+                    WorkflowVersion.bundle_version == job.bundle_version,
+                    WorkflowVersion.content_hash == digest,
+                )
+            ).first()
+            if version is None:
+                version = WorkflowVersion(
+                    workflow_id=wf.workflow_id,
+                    definition=text,
+                    bundle_version=job.bundle_version,
+                    content_hash=digest,
+                    source_uri=job.uri,
+                )
+                session.add(version)
+                session.flush()
+            workflow.current_version_id = version.id
+            workflow.source_uri = job.uri
+            workflow.active = True
+    return Ok()
+
+
+@trigger_router.get("/assigned", response_model=AssignedTriggers)
+def assigned(me: TriggerPrincipal = Trigger_, state: ServerState = State_) -> AssignedTriggers:
+    with state.db.read_session() as session:
+        rows = session.scalars(select(Trigger).where(Trigger.id.in_(me.trigger_ids)))
+        return AssignedTriggers(
+            triggers=[
+                AssignedTrigger(
+                    id=t.id,
+                    module=str(t.serialized.get("module", "")),
+                    qualname=str(t.serialized.get("qualname", "")),
+                    kwargs=dict(t.serialized.get("kwargs", {})),
+                )
+                for t in rows
+            ]
+        )
+
+
+def _live_trigger(session_trigger: Trigger | None, me: TriggerPrincipal) -> Trigger:
+    if (
+        session_trigger is None
+        or session_trigger.state != TriggerState.RUNNING
+        or session_trigger.supervisor_id != me.supervisor_id
+    ):
+        raise conflict("this trigger is no longer running", "not_running")
+    return session_trigger
+
+
+@trigger_router.post("/{trigger_id}/event", response_model=Ok)
+def fire(
+    trigger_id: str,
+    body: TriggerEventRequest,
+    request: Request,
+    me: TriggerPrincipal = Trigger_,
+    state: ServerState = State_,
+) -> Ok:
+    """The trigger fired: resume its deferred attempt (same try, queued again)."""
+    require_trigger(me, trigger_id, request)
+    with state.db.write_session() as session:
+        trigger = _live_trigger(session.get(Trigger, trigger_id, with_for_update=True), me)
+        trigger.state = TriggerState.FIRED
+        trigger.event = {"payload": body.payload}
+        trigger.finished_at = utcnow()
+        attempt = session.get(TaskAttempt, trigger.attempt_id)
+        if attempt is not None and attempt.state == AttemptState.DEFERRED:
+            attempt.state = AttemptState.QUEUED
+            attempt.trigger_event = {"payload": body.payload}
+            attempt.next_try_at = None
+    return Ok()
+
+
+@trigger_router.post("/{trigger_id}/failure", response_model=Ok)
+def trigger_failed(
+    trigger_id: str,
+    body: TriggerFailureRequest,
+    request: Request,
+    me: TriggerPrincipal = Trigger_,
+    state: ServerState = State_,
+) -> Ok:
+    """The trigger raised: its deferred attempt fails (or retries, per the task)."""
+    require_trigger(me, trigger_id, request)
+    with state.db.write_session() as session:
+        trigger = _live_trigger(session.get(Trigger, trigger_id, with_for_update=True), me)
+        trigger.state = TriggerState.FAILED
+        trigger.finished_at = utcnow()
+        attempt = session.get(TaskAttempt, trigger.attempt_id)
+        if attempt is not None and attempt.state == AttemptState.DEFERRED:
+            fail_or_retry(session, attempt, f"trigger failed: {body.error}")
+    return Ok()

@@ -1,0 +1,402 @@
+"""Supervisor endpoints: open a session, heartbeat, claim work, refresh a work token, report
+an outcome. The supervisor is trusted to run work, never to choose whose work it is: every
+claim and refresh is checked against the rows it owns."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from fastapi import APIRouter, Request
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from privsep.secrets.tokens import Token, TokenRejected, issue_token, unverified_issuer
+from privsep.secrets.tokens import verify_assertion as check_assertion
+from privsep.server.auth import (
+    DatabaseReplayGuard,
+    State_,
+    Supervisor_,
+    SupervisorPrincipal,
+    audit,
+)
+from privsep.server.db.models import (
+    AttemptState,
+    ParseJob,
+    ParseJobState,
+    Run,
+    Supervisor,
+    TaskAttempt,
+    Trigger,
+    TriggerState,
+    Workflow,
+    WorkflowVersion,
+    utcnow,
+)
+from privsep.server.errors import ERROR_RESPONSES, conflict, not_found, unauthorized
+from privsep.server.routes._sql import affected
+from privsep.server.runs import fail_or_retry, task_definition
+from privsep.server.schemas import (
+    ClaimRequest,
+    ClaimResponse,
+    DeletedFilesRequest,
+    Ok,
+    OutcomeRequest,
+    ParseJobRequest,
+    ParseJobResponse,
+    ParseWork,
+    RefreshRequest,
+    SessionRequest,
+    SessionResponse,
+    TaskWork,
+    TokenResponse,
+    TriggerWork,
+)
+from privsep.server.state import ServerState
+
+router = APIRouter(prefix="/v1/supervisor", tags=["supervisor"], responses=ERROR_RESPONSES)
+
+
+def _public_key(pem: str) -> Ed25519PublicKey:
+    key = serialization.load_pem_public_key(pem.encode())
+    if not isinstance(key, Ed25519PublicKey):
+        raise unauthorized("unknown_key", "the registered key is not Ed25519")
+    return key
+
+
+@router.post("/session", response_model=SessionResponse)
+def open_session(
+    body: SessionRequest, request: Request, state: ServerState = State_
+) -> SessionResponse:
+    """Exchange a single-use assertion, signed by the supervisor's own key, for a session."""
+    try:
+        name = unverified_issuer(body.assertion)
+    except TokenRejected as exc:
+        audit(state, "request_denied", detail={"path": request.url.path, "code": exc.code})
+        raise unauthorized(exc.code, exc.message) from None
+    with state.db.read_session() as session:
+        sup = session.scalars(select(Supervisor).where(Supervisor.name == name)).first()
+        found = (sup.id, sup.public_key_pem, sup.active) if sup else None
+    if found is None or not found[2]:
+        audit(
+            state,
+            "request_denied",
+            actor=name,
+            detail={"path": request.url.path, "code": "unknown_supervisor"},
+        )
+        raise unauthorized("unknown_supervisor", "no active supervisor is registered by that name")
+    sup_id, pem, _ = found
+    try:
+        check_assertion(
+            body.assertion,
+            _public_key(pem),
+            audience=state.settings.audience,
+            replay_guard=DatabaseReplayGuard(state),
+            supervisor_name=name,
+            max_ttl=state.settings.assertion_max_ttl,
+        )
+    except TokenRejected as exc:
+        audit(
+            state, "request_denied", actor=name, detail={"path": request.url.path, "code": exc.code}
+        )
+        raise unauthorized(exc.code, exc.message) from None
+    token = _issue(state, "supervisor", sup_id, state.settings.session_token_ttl)
+    with state.db.write_session() as session:
+        session.execute(
+            update(Supervisor).where(Supervisor.id == sup_id).values(last_heartbeat_at=utcnow())
+        )
+    audit(state, "session_opened", actor=name, subject=sup_id, detail={"jti": token.jti})
+    return SessionResponse(token=token.reveal(), expires_at=token.exp, subject=sup_id)
+
+
+def _issue(
+    state: ServerState, scope: str, subject: str, ttl: int, extra: dict[str, object] | None = None
+) -> Token:
+    settings = state.settings
+    return issue_token(
+        state.signer,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        subject=subject,
+        scope=scope,  # type: ignore[arg-type]
+        ttl_seconds=ttl,
+        extra=extra,
+    )
+
+
+@router.post("/heartbeat", response_model=Ok)
+def heartbeat(me: SupervisorPrincipal = Supervisor_, state: ServerState = State_) -> Ok:
+    """Record that this supervisor is alive, and keep its running attempts alive."""
+    now = utcnow()
+    with state.db.write_session() as session:
+        session.execute(
+            update(Supervisor)
+            .where(Supervisor.id == me.supervisor_id)
+            .values(last_heartbeat_at=now)
+        )
+        session.execute(
+            update(TaskAttempt)
+            .where(
+                TaskAttempt.supervisor_id == me.supervisor_id,
+                TaskAttempt.state == AttemptState.RUNNING,
+            )
+            .values(heartbeat_at=now)
+        )
+    return Ok()
+
+
+@router.post("/claim", response_model=ClaimResponse)
+def claim(
+    body: ClaimRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
+) -> ClaimResponse:
+    """Take up to ``max_items`` queued items. Each row moves queued → running in one
+    conditional UPDATE, so two supervisors racing for it cannot both win."""
+    items: list[TaskWork | ParseWork | TriggerWork] = []
+    with state.db.write_session() as session:
+        if "task" in body.kinds:
+            items += _claim_tasks(session, state, me, body.max_items)
+        if "parse" in body.kinds and len(items) < body.max_items:
+            items += _claim_parse(session, state, me, body.max_items - len(items))
+        if "trigger" in body.kinds and len(items) < body.max_items:
+            items += _claim_triggers(session, state, me)
+    for item in items:
+        audit(state, "token_issued", actor=me.name, subject=item.id, detail={"scope": item.kind})
+    return ClaimResponse(items=items)
+
+
+def _claim_tasks(
+    session: Session, state: ServerState, me: SupervisorPrincipal, limit: int
+) -> list[TaskWork | ParseWork | TriggerWork]:
+    now = utcnow()
+    candidates = session.scalars(
+        select(TaskAttempt.id)
+        .where(
+            TaskAttempt.state == AttemptState.QUEUED,
+            or_(TaskAttempt.next_try_at.is_(None), TaskAttempt.next_try_at <= now),
+        )
+        .order_by(TaskAttempt.created_at)
+        .limit(limit * 4)
+    ).all()
+    out: list[TaskWork | ParseWork | TriggerWork] = []
+    for attempt_id in candidates:
+        if len(out) >= limit:
+            break
+        won = affected(
+            session,
+            update(TaskAttempt)
+            .where(TaskAttempt.id == attempt_id, TaskAttempt.state == AttemptState.QUEUED)
+            .values(
+                state=AttemptState.RUNNING,
+                supervisor_id=me.supervisor_id,
+                started_at=now,
+                heartbeat_at=now,
+            ),
+        )
+        if not won:
+            continue
+        attempt = session.get(TaskAttempt, attempt_id)
+        if attempt is None:
+            continue
+        run = session.get(Run, attempt.run_id)
+        if run is None:
+            continue
+        version = session.get(WorkflowVersion, run.workflow_version_id)
+        task = task_definition(session, run, attempt.task_id)
+        token = _issue(
+            state,
+            "task",
+            attempt.id,
+            state.settings.work_token_ttl,
+            {"try": attempt.try_number, "sup": me.supervisor_id},
+        )
+        out.append(
+            TaskWork(
+                id=attempt.id,
+                token=token.reveal(),
+                expires_at=token.exp,
+                run_id=run.id,
+                workflow_id=run.workflow_id,
+                task_id=attempt.task_id,
+                try_number=attempt.try_number,
+                callable={"module": task.module, "qualname": task.qualname},
+                timeout=task.timeout,
+                bundle_version=version.bundle_version if version else "",
+            )
+        )
+    return out
+
+
+def _claim_parse(
+    session: Session, state: ServerState, me: SupervisorPrincipal, limit: int
+) -> list[TaskWork | ParseWork | TriggerWork]:
+    now = utcnow()
+    candidates = session.scalars(
+        select(ParseJob.id)
+        .where(ParseJob.state == ParseJobState.QUEUED)
+        .order_by(ParseJob.created_at)
+        .limit(limit * 4)
+    ).all()
+    out: list[TaskWork | ParseWork | TriggerWork] = []
+    for job_id in candidates:
+        if len(out) >= limit:
+            break
+        won = affected(
+            session,
+            update(ParseJob)
+            .where(ParseJob.id == job_id, ParseJob.state == ParseJobState.QUEUED)
+            .values(state=ParseJobState.RUNNING, supervisor_id=me.supervisor_id, claimed_at=now),
+        )
+        job = session.get(ParseJob, job_id) if won else None
+        if job is None:
+            continue
+        token = _issue(
+            state, "parse", job.id, state.settings.work_token_ttl, {"sup": me.supervisor_id}
+        )
+        out.append(
+            ParseWork(
+                id=job.id,
+                token=token.reveal(),
+                expires_at=token.exp,
+                uri=job.uri,
+                bundle_version=job.bundle_version,
+            )
+        )
+    return out
+
+
+def _claim_triggers(
+    session: Session, state: ServerState, me: SupervisorPrincipal
+) -> list[TaskWork | ParseWork | TriggerWork]:
+    """All queued triggers go to one batch: one sandbox, one event loop, one token."""
+    now = utcnow()
+    ids = session.scalars(
+        select(Trigger.id)
+        .where(Trigger.state == TriggerState.QUEUED)
+        .order_by(Trigger.created_at)
+        .limit(100)
+    ).all()
+    won: list[str] = []
+    for trigger_id in ids:
+        if affected(
+            session,
+            update(Trigger)
+            .where(Trigger.id == trigger_id, Trigger.state == TriggerState.QUEUED)
+            .values(state=TriggerState.RUNNING, supervisor_id=me.supervisor_id, claimed_at=now),
+        ):
+            won.append(trigger_id)
+    if not won:
+        return []
+    batch = f"batch-{uuid.uuid4()}"
+    token = _issue(
+        state,
+        "trigger",
+        batch,
+        state.settings.work_token_ttl,
+        {"sup": me.supervisor_id, "triggers": won},
+    )
+    return [TriggerWork(id=batch, token=token.reveal(), expires_at=token.exp, trigger_ids=won)]
+
+
+@router.post("/refresh", response_model=TokenResponse)
+def refresh(
+    body: RefreshRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
+) -> TokenResponse:
+    """A fresh work token, only for the claiming supervisor, only while the item runs, and
+    never past ``work_token_max_lifetime`` from the claim."""
+    cap = timedelta(seconds=state.settings.work_token_max_lifetime)
+    now = utcnow()
+    with state.db.read_session() as session:
+        if body.kind == "task":
+            attempt = session.get(TaskAttempt, body.id)
+            if attempt is None:
+                raise not_found("no such attempt")
+            if attempt.supervisor_id != me.supervisor_id or attempt.state != AttemptState.RUNNING:
+                raise conflict("the attempt is not running under this supervisor", "not_running")
+            if attempt.started_at and now - attempt.started_at > cap:
+                raise conflict("the attempt's token lifetime cap is reached", "lifetime_exceeded")
+            token = _issue(
+                state,
+                "task",
+                attempt.id,
+                state.settings.work_token_ttl,
+                {"try": attempt.try_number, "sup": me.supervisor_id},
+            )
+        elif body.kind == "parse":
+            job = session.get(ParseJob, body.id)
+            if job is None:
+                raise not_found("no such parse job")
+            if job.supervisor_id != me.supervisor_id or job.state != ParseJobState.RUNNING:
+                raise conflict("the parse job is not running under this supervisor", "not_running")
+            if job.claimed_at and now - job.claimed_at > cap:
+                raise conflict("the parse job's token lifetime cap is reached", "lifetime_exceeded")
+            token = _issue(
+                state, "parse", job.id, state.settings.work_token_ttl, {"sup": me.supervisor_id}
+            )
+        else:
+            raise conflict("trigger batches are re-claimed, not refreshed", "not_refreshable")
+    audit(state, "token_refreshed", actor=me.name, subject=body.id)
+    return TokenResponse(token=token.reveal(), expires_at=token.exp)
+
+
+@router.post("/outcome", response_model=Ok)
+def outcome(
+    body: OutcomeRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
+) -> Ok:
+    """The sandbox ended without reporting (crash, kill, timeout): end the item for it."""
+    reason = body.reason or f"sandbox exited with status {body.exit_code}"
+    with state.db.write_session() as session:
+        if body.kind == "task":
+            attempt = session.get(TaskAttempt, body.id)
+            if attempt is None:
+                raise not_found("no such attempt")
+            if attempt.supervisor_id != me.supervisor_id:
+                raise conflict("the attempt is not owned by this supervisor", "not_owner")
+            attempt.exit_code = body.exit_code
+            if attempt.state == AttemptState.RUNNING:
+                fail_or_retry(session, attempt, reason)
+        elif body.kind == "parse":
+            job = session.get(ParseJob, body.id)
+            if job is None:
+                raise not_found("no such parse job")
+            if job.supervisor_id != me.supervisor_id:
+                raise conflict("the parse job is not owned by this supervisor", "not_owner")
+            if job.state == ParseJobState.RUNNING:
+                job.state = ParseJobState.FAILED
+                job.finished_at = utcnow()
+        else:
+            for trigger in session.scalars(
+                select(Trigger).where(
+                    Trigger.supervisor_id == me.supervisor_id, Trigger.state == TriggerState.RUNNING
+                )
+            ):
+                trigger.state = TriggerState.QUEUED  # re-run by the next trigger sandbox
+                trigger.supervisor_id = None
+    return Ok()
+
+
+@router.post("/parse-jobs", response_model=ParseJobResponse)
+def submit_parse_job(
+    body: ParseJobRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
+) -> ParseJobResponse:
+    """Discovery found a new or changed definition file: queue a parse of it."""
+    with state.db.write_session() as session:
+        job = ParseJob(
+            uri=body.uri, content_hash=body.content_hash or None, bundle_version=body.bundle_version
+        )
+        session.add(job)
+        session.flush()
+        return ParseJobResponse(id=job.id)
+
+
+@router.post("/deleted-files", response_model=Ok)
+def deleted_files(
+    body: DeletedFilesRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
+) -> Ok:
+    """Discovery saw definition files disappear: deactivate the workflows parsed from them."""
+    with state.db.write_session() as session:
+        session.execute(
+            update(Workflow).where(Workflow.source_uri.in_(body.uris)).values(active=False)
+        )
+    return Ok()

@@ -1,0 +1,320 @@
+"""Request and response bodies of the internal API.
+
+Request models are strict and closed (``extra="forbid"``, strict types): a field the server
+does not know is an error, never silently ignored, and ``"1"`` is not an integer. Nothing in a
+request body ever names *who* is asking; that comes from the token alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# A JSON value as user code may send it (XCom values, trigger payloads, run conf).
+JSONValue = Any
+
+WorkKind = Literal["task", "parse", "trigger"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Open(BaseModel):
+    """Responses: closed too, so the OpenAPI document says exactly what is sent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- sessions --------------------------------------------------------------------------------
+
+
+class SessionRequest(Strict):
+    assertion: str = Field(min_length=1, max_length=8192)
+
+
+class SessionResponse(Open):
+    token: str
+    expires_at: int
+    subject: str
+
+
+class Ok(Open):
+    ok: bool = True
+
+
+# --- supervisor ------------------------------------------------------------------------------
+
+
+def _all_kinds() -> list[WorkKind]:
+    return ["task", "parse", "trigger"]
+
+
+class ClaimRequest(Strict):
+    kinds: list[WorkKind] = Field(default_factory=_all_kinds, min_length=1, max_length=3)
+    max_items: int = Field(default=1, ge=1, le=100)
+
+
+class TaskWork(Open):
+    kind: Literal["task"] = "task"
+    id: str
+    token: str
+    expires_at: int
+    run_id: str
+    workflow_id: str
+    task_id: str
+    try_number: int
+    callable: dict[str, str]
+    timeout: float | None
+    bundle_version: str
+
+
+class ParseWork(Open):
+    kind: Literal["parse"] = "parse"
+    id: str
+    token: str
+    expires_at: int
+    uri: str
+    bundle_version: str
+
+
+class TriggerWork(Open):
+    kind: Literal["trigger"] = "trigger"
+    id: str
+    token: str
+    expires_at: int
+    trigger_ids: list[str]
+
+
+class ClaimResponse(Open):
+    items: list[TaskWork | ParseWork | TriggerWork]
+
+
+class RefreshRequest(Strict):
+    kind: WorkKind
+    id: str = Field(min_length=1, max_length=250)
+
+
+class TokenResponse(Open):
+    token: str
+    expires_at: int
+
+
+class OutcomeRequest(Strict):
+    kind: WorkKind
+    id: str = Field(min_length=1, max_length=250)
+    exit_code: int | None = None
+    reason: str = Field(default="", max_length=4096)
+
+
+class ParseJobRequest(Strict):
+    uri: str = Field(min_length=1, max_length=1024)
+    content_hash: str = Field(default="", max_length=128)
+    bundle_version: str = Field(default="", max_length=250)
+
+
+class ParseJobResponse(Open):
+    id: str
+
+
+class DeletedFilesRequest(Strict):
+    uris: list[str] = Field(max_length=10_000)
+
+
+# --- task ------------------------------------------------------------------------------------
+
+
+class TaskContext(Open):
+    attempt_id: str
+    run_id: str
+    workflow_id: str
+    task_id: str
+    try_number: int
+    params: dict[str, JSONValue]
+    trigger_event: JSONValue | None
+
+
+class SucceedRequest(Strict):
+    return_value: JSONValue | None = None
+
+
+class FailRequest(Strict):
+    error: str = Field(default="", max_length=65536)
+
+
+class SerializedTrigger(Strict):
+    module: str = Field(min_length=1, max_length=250)
+    qualname: str = Field(min_length=1, max_length=250)
+    kwargs: dict[str, JSONValue] = Field(default_factory=dict)
+
+
+class DeferRequest(Strict):
+    trigger: SerializedTrigger
+    timeout: float | None = Field(default=None, gt=0)
+
+
+class AttemptStateResponse(Open):
+    state: str
+
+
+class VariableBody(Strict):
+    value: str = Field(max_length=1_000_000)
+
+
+class VariableResponse(Open):
+    key: str
+    value: str
+
+
+class ConnectionResponse(Open):
+    conn_id: str
+    conn_type: str
+    host: str | None
+    port: int | None
+    login: str | None
+    password: str | None
+    schema_: str | None = Field(alias="schema", serialization_alias="schema")
+    extra: str | None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class XComBody(Strict):
+    value: JSONValue
+
+
+class XComResponse(Open):
+    task_id: str
+    key: str
+    value: JSONValue
+
+
+# --- parse -----------------------------------------------------------------------------------
+
+
+class TaskDefinition(Strict):
+    task_id: str = Field(min_length=1, max_length=250, pattern=r"^[A-Za-z0-9_.\-]+$")
+    upstream: list[str] = Field(default_factory=list)
+    retries: int = Field(default=0, ge=0, le=100)
+    retry_delay: float = Field(default=0, ge=0)
+    timeout: float | None = Field(default=None, gt=0)
+    module: str = Field(min_length=1, max_length=250)
+    qualname: str = Field(min_length=1, max_length=250)
+
+
+class WorkflowDefinition(Strict):
+    workflow_id: str = Field(min_length=1, max_length=250, pattern=r"^[A-Za-z0-9_.\-]+$")
+    schedule: str | float | None = None
+    tasks: list[TaskDefinition] = Field(max_length=10_000)
+
+
+class ParseResultRequest(Strict):
+    workflows: list[WorkflowDefinition] = Field(default_factory=list, max_length=1000)
+    error: str | None = Field(default=None, max_length=65536)
+
+
+# --- trigger ---------------------------------------------------------------------------------
+
+
+class AssignedTrigger(Open):
+    id: str
+    module: str
+    qualname: str
+    kwargs: dict[str, JSONValue]
+
+
+class AssignedTriggers(Open):
+    triggers: list[AssignedTrigger]
+
+
+class TriggerEventRequest(Strict):
+    payload: JSONValue = None
+
+
+class TriggerFailureRequest(Strict):
+    error: str = Field(default="", max_length=65536)
+
+
+# --- operator --------------------------------------------------------------------------------
+
+
+class TriggerRunRequest(Strict):
+    conf: dict[str, JSONValue] = Field(default_factory=dict)
+
+
+class RunResponse(Open):
+    id: str
+    workflow_id: str
+    state: str
+    created_at: str
+    ended_at: str | None
+
+
+class RunsResponse(Open):
+    runs: list[RunResponse]
+
+
+class AttemptResponse(Open):
+    id: str
+    task_id: str
+    try_number: int
+    state: str
+    supervisor_id: str | None
+    started_at: str | None
+    ended_at: str | None
+    error: str | None
+
+
+class AttemptsResponse(Open):
+    attempts: list[AttemptResponse]
+
+
+class OperatorVariableBody(Strict):
+    value: str = Field(max_length=1_000_000)
+    description: str | None = None
+
+
+class ConnectionBody(Strict):
+    conn_type: str = Field(min_length=1, max_length=250)
+    host: str | None = None
+    port: int | None = Field(default=None, ge=0, le=65535)
+    login: str | None = None
+    password: str | None = None
+    schema_: str | None = Field(default=None, alias="schema")
+    extra: str | None = None
+    description: str | None = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+
+class GrantBody(Strict):
+    workflow_pattern: str = Field(min_length=1, max_length=250)
+    kind: Literal["variable", "connection"]
+    name_pattern: str = Field(min_length=1, max_length=250)
+
+
+class GrantResponse(Open):
+    id: int
+    workflow_pattern: str
+    kind: str
+    name_pattern: str
+
+
+class GrantsResponse(Open):
+    grants: list[GrantResponse]
+
+
+# --- health ----------------------------------------------------------------------------------
+
+
+class SupervisorHealth(Open):
+    name: str
+    heartbeat_age_seconds: float | None
+    healthy: bool
+
+
+class HealthResponse(Open):
+    status: Literal["ok", "degraded"]
+    database: Literal["ok", "unreachable"]
+    supervisors: list[SupervisorHealth]

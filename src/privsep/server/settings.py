@@ -1,0 +1,29 @@
+"""What the server needs to run, as plain values.
+
+The server may not import the runner (where configuration is loaded), so ``runner server``
+resolves the configuration and hands over this object. Secret values arrive here already read
+through the permission-checked loaders and are never logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    database_url: str = field(repr=False)
+    signing_keyring: str
+    bind: str = "127.0.0.1:8780"
+    socket_path: str = ""
+    issuer: str = "privsep"
+    audience: str = "http://127.0.0.1:8780"
+    max_request_bytes: int = 1_048_576
+    fernet_keys: tuple[str, ...] = field(default=(), repr=False)
+    work_token_ttl: int = 600
+    work_token_max_lifetime: int = 86_400
+    session_token_ttl: int = 900
+    assertion_max_ttl: int = 60
+    supervisor_heartbeat_timeout: int = 120
+    operator_public_key: str = ""
+    workers: int = 1
