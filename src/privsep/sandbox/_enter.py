@@ -89,11 +89,13 @@ def enter(plan: Plan, status_fd: int) -> None:
         step = SetupStep.RLIMITS
         _set_rlimits(plan.limits, privileged=not plan.userns)
 
-        # 6. setgroups([]), setgid, setuid to the pool uid (user-namespace mode: drop all caps).
+        # 6. setgroups([]), setgid, setuid to the pool uid, with an empty capability bounding
+        #    set (user-namespace mode: same uid, but every capability dropped).
         step = SetupStep.DROP_PRIVILEGES
         if plan.userns:
             libc.drop_all_capabilities()
         else:
+            libc.drop_bounding_set()
             drop_privileges(plan.uid, plan.gid)
 
         # 7. Prove the drop holds: root must be out of reach, and so must CAP_SYS_ADMIN.
@@ -106,6 +108,9 @@ def enter(plan: Plan, status_fd: int) -> None:
         step = SetupStep.PDEATHSIG
         libc.set_pdeathsig(signal.SIGKILL)
         _check_lifeline(lifeline)
+        # The uid change made us non-dumpable, which also hides /proc/self/{environ,mem,fd}
+        # from user code itself; nothing else runs as this uid, so give them back.
+        libc.set_dumpable(True)
 
         # 9. The seccomp deny-list, last; then check it is really in force.
         step = SetupStep.SECCOMP

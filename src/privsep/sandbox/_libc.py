@@ -157,20 +157,31 @@ def is_dumpable() -> bool:
     return prctl(PR_GET_DUMPABLE) == 1
 
 
+def drop_bounding_set() -> None:
+    """Empty the capability bounding set and the ambient set (needs CAP_SETPCAP).
+
+    Nothing this process or its descendants execute can then gain a capability, whatever
+    file capabilities or setuid bits it meets.
+    """
+    cap = 0
+    while True:
+        try:
+            prctl(PR_CAPBSET_DROP, cap)
+        except OSError as exc:
+            if exc.errno == 22:  # EINVAL: past the last capability the kernel knows
+                break
+            raise
+        cap += 1
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+
+
 def drop_all_capabilities() -> None:
     """Clear the bounding, ambient, effective, permitted and inheritable capability sets.
 
     Needed in the user-namespace mode, where the process keeps full capabilities inside its
     namespace after ``unshare(CLONE_NEWUSER)`` even though its uid is not 0.
     """
-    cap = 0
-    while True:
-        try:
-            prctl(PR_CAPBSET_DROP, cap)
-        except OSError:
-            break  # EINVAL: past the last capability the kernel knows
-        cap += 1
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    drop_bounding_set()
     # struct __user_cap_header_struct {u32 version; int pid;} with _LINUX_CAPABILITY_VERSION_3,
     # followed by two zeroed struct __user_cap_data_struct {u32 effective, permitted, inh;}.
     header = ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0))

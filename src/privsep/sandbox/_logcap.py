@@ -48,6 +48,7 @@ class LogCapture:
         self.written = 0
         self.received = 0
         self.full = False
+        self.truncated = False
 
     def feed(self, data: bytes) -> None:
         """Process one chunk read from the child."""
@@ -81,6 +82,7 @@ class LogCapture:
             if len(raw) > room:
                 raw = raw[:room].decode("utf-8", "ignore").encode() + self.LINE_MARK.encode()
                 self._line_cut = True
+                self.truncated = True
             if len(raw) > budget:
                 out.append(raw[: max(budget, 0)].decode("utf-8", "ignore").encode())
                 self._stop(out, f"byte cap of {self._max_bytes} bytes reached")
@@ -94,6 +96,7 @@ class LogCapture:
         out.append(f"\n[privsep: output truncated: {why}]\n".encode())
         self._write(b"".join(out))
         self.full = True
+        self.truncated = True
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)

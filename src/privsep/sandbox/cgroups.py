@@ -132,6 +132,16 @@ class CgroupManager:
             self._hierarchies = []
 
     @property
+    def controllers(self) -> frozenset[str]:
+        """Controllers in force for sandboxes (``memory``, ``pids``, ``freezer``, ``kill``)."""
+        out: set[str] = set()
+        for h in self._hierarchies:
+            out |= h.controllers
+            if h.version == 2:
+                out.add("kill")
+        return frozenset(out)
+
+    @property
     def available(self) -> bool:
         """Whether any hierarchy is usable."""
         return bool(self._hierarchies)

@@ -179,6 +179,13 @@ class ProcessBackend:
         return f"process backend ({self.launch_mode}): {who}; {cg}"
 
     @property
+    def cgroup_controllers(self) -> frozenset[str]:
+        """What per-sandbox cgroup control is in force: memory, pids, freezer, kill."""
+        if self._cgroups is None or self.unsafe_inline:
+            return frozenset()
+        return self._cgroups.controllers
+
+    @property
     def uid_pool(self) -> UidPool:
         """The pool sandboxes draw their uids from."""
         return self._pool
@@ -462,7 +469,7 @@ class ProcessHandle(SandboxHandle):
             path=self._log_path,
             data=data,
             bytes_received=self._capture.received,
-            truncated=self._capture.full,
+            truncated=self._capture.truncated,
         )
 
     def __repr__(self) -> str:

@@ -76,7 +76,8 @@ class SandboxOutput:
     """The captured stdout+stderr of one sandbox.
 
     ``data`` is what the log file holds: control characters escaped, at most the byte and line
-    caps; ``bytes_received`` counts everything the child wrote, kept or not.
+    caps; ``bytes_received`` counts everything the child wrote, kept or not; ``truncated`` is
+    set when any of it was dropped (an overlong line or a cap).
     """
 
     path: str
