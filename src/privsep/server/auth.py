@@ -96,9 +96,12 @@ def bearer_token(request: Request) -> str:
 def verified_claims(request: Request, scopes: frozenset[str]) -> Claims:
     state = get_state(request)
     token = bearer_token(request)
+    cached = state.token_cache.get(token, scopes)
+    if cached is not None:
+        return cached
     settings = state.settings
     try:
-        return verify_token(
+        claims = verify_token(
             token,
             state.verifiers,
             issuer=settings.issuer,
@@ -108,7 +111,7 @@ def verified_claims(request: Request, scopes: frozenset[str]) -> Claims:
     except TokenRejected as exc:
         if exc.code == "unknown_key" and state.reload_verifiers():
             try:  # another replica may have rotated its key since we last looked
-                return verify_token(
+                claims = verify_token(
                     token,
                     state.verifiers,
                     issuer=settings.issuer,
@@ -116,8 +119,11 @@ def verified_claims(request: Request, scopes: frozenset[str]) -> Claims:
                     scopes=scopes,
                 )
             except TokenRejected as again:
-                exc = again
-        raise _deny(state, request, unauthorized(exc.code, exc.message)) from None
+                raise _deny(state, request, unauthorized(again.code, again.message)) from None
+        else:
+            raise _deny(state, request, unauthorized(exc.code, exc.message)) from None
+    state.token_cache.put(token, claims)
+    return claims
 
 
 # --- principals ------------------------------------------------------------------------------

@@ -7,14 +7,29 @@ request body ever names *who* is asking; that comes from the token alone.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 # A JSON value as user code may send it (XCom values, trigger payloads, run conf).
 JSONValue = Any
 
 WorkKind = Literal["task", "parse", "trigger"]
+
+# Durations in seconds are bounded: a year is more than any wait means, and an unbounded float
+# overflows the datetime arithmetic it feeds.
+MAX_SECONDS = 366 * 86_400
+
+
+def _json_integer(value: object) -> object:
+    """JSON Schema counts ``2.0`` as an integer; strings and booleans stay refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer as JSON Schema means it: strict (no "2", no true), but 2.0 is 2.
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 
 
 class Strict(BaseModel):
@@ -53,7 +68,7 @@ def _all_kinds() -> list[WorkKind]:
 
 class ClaimRequest(Strict):
     kinds: list[WorkKind] = Field(default_factory=_all_kinds, min_length=1, max_length=3)
-    max_items: int = Field(default=1, ge=1, le=100)
+    max_items: JsonInt = Field(default=1, ge=1, le=100)
 
 
 class TaskWork(Open):
@@ -104,7 +119,7 @@ class TokenResponse(Open):
 class OutcomeRequest(Strict):
     kind: WorkKind
     id: str = Field(min_length=1, max_length=250)
-    exit_code: int | None = None
+    exit_code: JsonInt | None = None
     reason: str = Field(default="", max_length=4096)
 
 
@@ -151,7 +166,7 @@ class SerializedTrigger(Strict):
 
 class DeferRequest(Strict):
     trigger: SerializedTrigger
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
 
 
 class AttemptStateResponse(Open):
@@ -196,9 +211,9 @@ class XComResponse(Open):
 class TaskDefinition(Strict):
     task_id: str = Field(min_length=1, max_length=250, pattern=r"^[A-Za-z0-9_.\-]+$")
     upstream: list[str] = Field(default_factory=list)
-    retries: int = Field(default=0, ge=0, le=100)
-    retry_delay: float = Field(default=0, ge=0)
-    timeout: float | None = Field(default=None, gt=0)
+    retries: JsonInt = Field(default=0, ge=0, le=100)
+    retry_delay: float = Field(default=0, ge=0, le=MAX_SECONDS)
+    timeout: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     module: str = Field(min_length=1, max_length=250)
     qualname: str = Field(min_length=1, max_length=250)
 
@@ -278,7 +293,7 @@ class OperatorVariableBody(Strict):
 class ConnectionBody(Strict):
     conn_type: str = Field(min_length=1, max_length=250)
     host: str | None = None
-    port: int | None = Field(default=None, ge=0, le=65535)
+    port: JsonInt | None = Field(default=None, ge=0, le=65535)
     login: str | None = None
     password: str | None = None
     schema_: str | None = Field(default=None, alias="schema")

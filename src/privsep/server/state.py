@@ -20,6 +20,7 @@ from privsep.secrets.keyring import SigningKey, load_signer, load_verifiers
 from privsep.server.db.engine import Database
 from privsep.server.db.models import SigningKey as SigningKeyRow
 from privsep.server.settings import ServerSettings
+from privsep.server.token_cache import VerifiedTokenCache
 
 # An unknown kid makes us look in the database again, but not more often than this: a flood
 # of tokens with made-up kids must not become a flood of queries.
@@ -33,6 +34,7 @@ class ServerState:
     signer: SigningKey
     cipher: FieldCipher | None
     operator_key: Ed25519PublicKey | None
+    token_cache: VerifiedTokenCache = field(default_factory=VerifiedTokenCache)
     _verifiers: dict[str, Ed25519PublicKey] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _loaded_at: float = 0.0

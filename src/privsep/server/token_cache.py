@@ -1,0 +1,47 @@
+"""Remember tokens whose signature already verified, until they expire.
+
+An Ed25519 check costs a few hundred microseconds, more than the rest of a small API call.
+Caching the *signature and claims* check is safe because nothing about it can change before
+``exp``; what can change (the attempt ended, the supervisor was deactivated) is checked
+against the database on every request, cached or not.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from privsep.secrets.tokens import Claims
+
+DEFAULT_MAX_ENTRIES = 50_000
+
+
+class VerifiedTokenCache:
+    """Raw token → verified claims, bounded, with expiry checked on every hit."""
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        self._entries: dict[str, Claims] = {}
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def get(self, token: str, scopes: frozenset[str], now: float | None = None) -> Claims | None:
+        claims = self._entries.get(token)
+        if claims is None:
+            return None
+        t = time.time() if now is None else now
+        if claims.exp <= t or claims.nbf > t + 5 or claims.scope not in scopes:
+            return None  # the full check runs again and raises the right error
+        return claims
+
+    def put(self, token: str, claims: Claims) -> None:
+        with self._lock:
+            if len(self._entries) >= self._max:
+                now = time.time()
+                for key in [k for k, c in self._entries.items() if c.exp <= now]:
+                    del self._entries[key]
+                while len(self._entries) >= self._max:
+                    del self._entries[next(iter(self._entries))]
+            self._entries[token] = claims
+
+    def __len__(self) -> int:
+        return len(self._entries)
