@@ -1,0 +1,76 @@
+"""The parse component: import one definition file and submit what it declares.
+
+Runs inside a parse sandbox (no network, read-only code, short timeout). Payload:
+``{"path": "/bundle/etl.py"}`` (a ``file://`` URI is accepted too).
+
+Every :class:`~privsep.client.Workflow` the file creates is serialized to the API's plain
+``WorkflowDefinition`` JSON (module and qualname of each callable; no pickles, no code
+objects) and submitted with ``POST /v1/parse/result``. If importing the file raises anything,
+``SyntaxError`` and ``SystemExit`` included, or the definitions are invalid (a cycle, a
+duplicate workflow id), the traceback is submitted as the file's parse error instead: that is
+data about the file, and the entry point still exits 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from privsep.client._client import Client
+from privsep.client._components import (
+    ExitCode,
+    bytes_entry,
+    configure_logging,
+    fatal,
+    format_user_error,
+)
+from privsep.client._exceptions import BadRequest, NotInSandbox, PrivsepError
+from privsep.client._loader import serialize_module
+
+__all__ = ["main", "run", "serialize_module"]
+
+
+def _path_of(payload: Mapping[str, Any]) -> str | None:
+    path = payload.get("path")
+    if not isinstance(path, str) or not path:
+        return None
+    if path.startswith("file://"):
+        return unquote(urlsplit(path).path)
+    return path
+
+
+def run(payload: Mapping[str, Any]) -> int:
+    """Parse ``payload["path"]`` and submit the result; see the module docstring."""
+    configure_logging()
+    path = _path_of(payload)
+    if path is None:
+        fatal("parse", 'the payload needs "path": the definition file to parse')
+        return ExitCode.BAD_PAYLOAD
+    try:
+        client = Client()
+    except NotInSandbox as exc:
+        fatal("parse", str(exc))
+        return ExitCode.NOT_IN_SANDBOX
+    with client:
+        workflows: list[dict[str, Any]] = []
+        error: str | None = None
+        try:
+            workflows = serialize_module(path)
+        except (Exception, SystemExit) as exc:  # user code: its failure is the parse result
+            error = format_user_error(exc)
+        try:
+            try:
+                client.submit_parse_result(workflows, error=error)
+            except BadRequest as exc:
+                # Definitions the server refuses are this file's error, not a crash.
+                client.submit_parse_result(
+                    [], error=f"the server refused the definitions in {path}: {exc.message}"
+                )
+        except PrivsepError as exc:
+            fatal("parse", f"cannot submit the parse result of {path}: {exc}")
+            return ExitCode.API_FAILED
+    return ExitCode.OK
+
+
+main = bytes_entry(run, "parse")
