@@ -442,3 +442,35 @@ def test_health_reports_database_and_heartbeats(api: ApiHarness) -> None:
     ages = {s["name"]: s for s in body["supervisors"]}
     assert ages["sup-a"]["healthy"] and ages["sup-a"]["heartbeat_age_seconds"] < 60
     assert ages["sup-b"]["heartbeat_age_seconds"] is None and not ages["sup-b"]["healthy"]
+
+
+def test_work_of_a_lost_supervisor_is_taken_back(api: ApiHarness) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from privsep.server.db.models import Supervisor, TaskAttempt, utcnow
+    from privsep.server.reaper import reap_lost_work
+
+    sess = api.supervisor_session("sup-a")
+    op = api.operator_session()
+    api.define_workflow(sess, workflow("wf_l", task("t", retries=1)))
+    api.trigger_run(op, "wf_l")
+    (item,) = api.claim(sess, ["task"])
+    assert reap_lost_work(api.state.db, 60).attempts == 0  # sup-a is fresh: nothing to take
+    with api.state.db.write_session() as session:
+        session.execute(
+            update(Supervisor)
+            .where(Supervisor.name == "sup-a")
+            .values(last_heartbeat_at=utcnow() - timedelta(seconds=120))
+        )
+    assert reap_lost_work(api.state.db, 60).attempts == 1
+    assert reap_lost_work(api.state.db, 60).attempts == 0  # a second replica's pass: no-op
+    with api.state.db.read_session() as session:
+        old = session.get(TaskAttempt, item.id)
+        assert old is not None and old.state.value == "up_for_retry"
+    # The old token is dead; the retry is claimable by anyone.
+    resp = api.client.get("/v1/task/context", headers=bearer(item.token))
+    assert resp.status_code == 401 and error_code(resp) == "revoked"
+    (retry,) = api.claim(api.supervisor_session("sup-b"), ["task"])
+    assert retry.body["try_number"] == 2

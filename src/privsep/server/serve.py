@@ -20,6 +20,7 @@ import uvicorn
 
 from privsep.server.app import create_app
 from privsep.server.listen import tcp_socket, unix_socket
+from privsep.server.reaper import ReaperThread
 from privsep.server.settings import ServerSettings
 from privsep.server.state import build_state
 
@@ -33,9 +34,16 @@ def _run_worker(settings: ServerSettings, sockets: list[socket.socket]) -> None:
         app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10
     )
     server = uvicorn.Server(config)
+    reaper = ReaperThread(
+        state.db,
+        settings.supervisor_heartbeat_timeout,
+        interval=max(1.0, settings.supervisor_heartbeat_timeout / 4),
+    )
+    reaper.start()
     try:
         asyncio.run(server.serve(sockets=sockets))
     finally:
+        reaper.stop()
         state.db.dispose()
 
 

@@ -1,0 +1,116 @@
+"""Take work back from supervisors that stopped heartbeating.
+
+A supervisor that dies (kill -9, lost host) leaves attempts "running" that nobody runs. After
+``supervisor_heartbeat_timeout`` they are failed or put up for retry per their task's
+retries, exactly as if their sandbox had crashed; parse jobs and triggers go back to the
+queue. Every change is a conditional write on "still running under that supervisor", so
+several server replicas can run the reaper at once without double-counting a try.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import and_, or_, select, update
+
+from privsep.server.db.engine import Database
+from privsep.server.db.models import (
+    AttemptState,
+    AuditLog,
+    ParseJob,
+    ParseJobState,
+    Supervisor,
+    TaskAttempt,
+    Trigger,
+    TriggerState,
+    utcnow,
+)
+from privsep.server.routes._sql import affected
+from privsep.server.runs import fail_or_retry
+
+log = logging.getLogger("privsep.server.reaper")
+
+
+@dataclass(frozen=True)
+class Reaped:
+    attempts: int = 0
+    parse_jobs: int = 0
+    triggers: int = 0
+
+
+def reap_lost_work(db: Database, timeout_seconds: float) -> Reaped:
+    """One pass: end what lost supervisors were running. Returns what was taken back."""
+    cutoff = utcnow() - timedelta(seconds=timeout_seconds)
+    lost_supervisor = or_(
+        Supervisor.last_heartbeat_at.is_(None), Supervisor.last_heartbeat_at < cutoff
+    )
+    attempts = parse_jobs = triggers = 0
+    with db.write_session() as session:
+        lost = set(session.scalars(select(Supervisor.id).where(lost_supervisor)))
+        stale = session.scalars(
+            select(TaskAttempt)
+            .where(
+                TaskAttempt.state == AttemptState.RUNNING,
+                or_(
+                    TaskAttempt.supervisor_id.in_(lost),
+                    and_(TaskAttempt.heartbeat_at.is_not(None), TaskAttempt.heartbeat_at < cutoff),
+                ),
+            )
+            .with_for_update()
+        ).all()
+        for attempt in stale:
+            owner = attempt.supervisor_id
+            fail_or_retry(
+                session,
+                attempt,
+                f"supervisor {owner} stopped heartbeating for more than {timeout_seconds:g} s",
+            )
+            session.add(
+                AuditLog(event="attempt_reaped", subject=attempt.id, detail={"supervisor": owner})
+            )
+            attempts += 1
+        if lost:
+            parse_jobs = affected(
+                session,
+                update(ParseJob)
+                .where(ParseJob.state == ParseJobState.RUNNING, ParseJob.supervisor_id.in_(lost))
+                .values(state=ParseJobState.QUEUED, supervisor_id=None),
+            )
+            triggers = affected(
+                session,
+                update(Trigger)
+                .where(Trigger.state == TriggerState.RUNNING, Trigger.supervisor_id.in_(lost))
+                .values(state=TriggerState.QUEUED, supervisor_id=None),
+            )
+    if attempts or parse_jobs or triggers:
+        log.warning(
+            "took back %d attempts, %d parse jobs, %d triggers from lost supervisors",
+            attempts,
+            parse_jobs,
+            triggers,
+        )
+    return Reaped(attempts, parse_jobs, triggers)
+
+
+class ReaperThread(threading.Thread):
+    """Runs :func:`reap_lost_work` every ``interval`` seconds until stopped."""
+
+    def __init__(self, db: Database, timeout_seconds: float, interval: float) -> None:
+        super().__init__(name="privsep-reaper", daemon=True)
+        self.db = db
+        self.timeout_seconds = timeout_seconds
+        self.interval = interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                reap_lost_work(self.db, self.timeout_seconds)
+            except Exception:  # a database hiccup must not kill the thread
+                log.exception("reaper pass failed; trying again in %.0f s", self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
