@@ -15,11 +15,20 @@ import pytest
 from privsep.sandbox import ProcessBackend, UidPool
 
 
-@pytest.fixture(scope="session", params=["spawn", "template"])
+@pytest.fixture(scope="session", params=["spawn", "template", "template-cold"])
 def backend(request: pytest.FixtureRequest) -> Iterator[ProcessBackend]:
-    """A real process backend in each launch mode, with its own uid range."""
-    first = 200_000 if request.param == "spawn" else 201_000
-    with ProcessBackend(launch_mode=request.param, uid_pool=UidPool(first, 64)) as b:
+    """A real process backend in each launch mode, with its own uid range.
+
+    ``template`` hands most launches to pre-warmed sandboxes; ``template-cold`` has no
+    pre-warmed pool, so every launch forks from the zygote and runs ``enter()`` from the top.
+    """
+    mode, _, cold = request.param.partition("-")
+    first = {"spawn": 200_000, "template": 201_000, "template-cold": 202_000}[request.param]
+    with ProcessBackend(
+        launch_mode=mode,  # type: ignore[arg-type]
+        uid_pool=UidPool(first, 64),
+        prewarm=0 if cold else 4,
+    ) as b:
         yield b
 
 

@@ -27,7 +27,7 @@ from privsep.sandbox._wire import READY, Plan, write_record
 EntryPoint = Callable[[list[str], bytes], "int | None"]
 
 
-def run(plan: Plan, status_fd: int) -> NoReturn:
+def run(plan: Plan, status_fd: int, request_fd: int = -1) -> NoReturn:
     """Bootstrap checks, ``enter()``, then the entry point. Never returns."""
     try:
         # Die with whoever launched us (the supervisor's launcher thread, or the zygote), and
@@ -38,13 +38,17 @@ def run(plan: Plan, status_fd: int) -> NoReturn:
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.umask(0o022)
         libc.set_dumpable(False)
+        if request_fd >= 0 and not plan.userns:
+            # Pre-warming must not compete with sandboxes being launched right now; the user
+            # process returns to nice 0 when its request arrives (the monitor stays at 10).
+            os.nice(10)
     except OSError as exc:
         fail(status_fd, SetupStep.BOOTSTRAP, describe_error(exc))
 
     if plan.unsafe_inline:
         enter_unsafe_inline(plan, status_fd)
     else:
-        enter(plan, status_fd)
+        plan = enter(plan, status_fd, request_fd)
 
     # From here on this is the sandboxed user process.
     signal.signal(signal.SIGTERM, _terminate)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from privsep.sandbox import _libc as libc
-from privsep.sandbox._rootfs import build_root
+from privsep.sandbox._rootfs import finish_root, prepare_root
 from privsep.sandbox._steps import SetupStep
 from privsep.sandbox._wire import (
     CREDENTIAL_SOCKET_ENV,
@@ -44,12 +44,17 @@ class _StepFailed(Exception):
     """A check inside a step failed without an OS error."""
 
 
-def enter(plan: Plan, status_fd: int) -> None:
-    """Isolate the calling process; returns only in the sandboxed user process.
+def enter(plan: Plan, status_fd: int, request_fd: int = -1) -> Plan:
+    """Isolate the calling process; returns the final plan, only in the sandboxed user process.
 
     Runs as root (or, in user-namespace mode, as the supervisor's uid). On any failure the
     process exits with the step's code after writing an ``F`` record; the parent half of the
     PID-namespace fork never returns (it becomes the monitor).
+
+    ``request_fd`` >= 0 makes a *pre-warmed* sandbox: ``plan`` then only carries what the
+    spec-independent steps need, and the process waits on ``request_fd`` for the real plan
+    once its root skeleton is built (marked ``REQUEST`` below). That keeps the fork, the
+    cgroup migration and most mounts off the launch path; the order of the steps is the same.
     """
     step = SetupStep.SETSID
     try:
@@ -63,21 +68,36 @@ def enter(plan: Plan, status_fd: int) -> None:
 
         # 2. Close every fd but stdio and the status pipe (the credential socket is a path).
         step = SetupStep.CLOSE_FDS
-        _close_fds_except(0, 1, 2, status_fd)
+        _close_fds_except(0, 1, 2, status_fd, *([request_fd] if request_fd >= 0 else []))
 
-        # 3. Environment from the allow-list only.
+        # 3. Environment: nothing inherited (the allow-list is applied once the plan is final).
         step = SetupStep.ENVIRONMENT
-        _reset_environment(plan)
+        os.environ.clear()
 
-        # 4. Namespaces: mount, PID, IPC, UTS, cgroup, and network when the policy is none.
+        # 4. Namespaces: mount, PID, IPC, UTS, cgroup (network below, once the policy is known),
+        #    then a fork so the user process is PID 1 of the new PID namespace.
         step = SetupStep.NAMESPACES
         _unshare_namespaces(plan)
         step = SetupStep.PID_NAMESPACE
         lifeline = _fork_into_pid_namespace(status_fd)  # the parent half never returns
         step = SetupStep.FILESYSTEM
-        build_root(
-            system_paths=plan.system_paths,
-            ro_paths=plan.ro_paths + _runtime_paths(),
+        bound = prepare_root(system_paths=plan.system_paths, runtime_paths=_runtime_paths())
+
+        # Pre-warmed sandboxes wait here for the launch request (having made the likely
+        # network namespace already); the others have their plan.
+        step = SetupStep.NAMESPACES
+        host_net = _prewarm_network(plan) if request_fd >= 0 else -1
+        step = SetupStep.REQUEST
+        plan = _receive_request(request_fd, plan)
+
+        step = SetupStep.ENVIRONMENT
+        _apply_environment(plan)
+        step = SetupStep.NAMESPACES
+        _network_and_hostname(plan, host_net)
+        step = SetupStep.FILESYSTEM
+        finish_root(
+            bound=bound,
+            ro_paths=plan.ro_paths,
             workdir=plan.workdir,
             socket=plan.socket,
             hidden_paths=plan.hidden_paths,
@@ -108,6 +128,7 @@ def enter(plan: Plan, status_fd: int) -> None:
         step = SetupStep.PDEATHSIG
         libc.set_pdeathsig(signal.SIGKILL)
         _check_lifeline(lifeline)
+        os.close(lifeline)
         # The uid change made us non-dumpable, which also hides /proc/self/{environ,mem,fd}
         # from user code itself; nothing else runs as this uid, so give them back.
         libc.set_dumpable(True)
@@ -119,6 +140,7 @@ def enter(plan: Plan, status_fd: int) -> None:
             raise _StepFailed("unshare(0) was not refused after the seccomp filter was loaded")
     except (OSError, PrivilegeDropError, _StepFailed, ValueError) as exc:
         fail(status_fd, step, describe_error(exc))
+    return plan
 
 
 def describe_error(exc: BaseException) -> str:
@@ -175,7 +197,7 @@ def _max_fd() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
-def _reset_environment(plan: Plan) -> None:
+def _apply_environment(plan: Plan) -> None:
     os.environ.clear()
     for name, value in plan.env.items():
         if forbidden_env(name):
@@ -193,27 +215,67 @@ def _unshare_namespaces(plan: Plan) -> None:
         | libc.CLONE_NEWUTS
         | libc.CLONE_NEWCGROUP
     )
-    if plan.network == "none":
-        flags |= libc.CLONE_NEWNET
-    if plan.userns:
-        uid, gid = os.geteuid(), os.getegid()
-        try:
-            libc.unshare(flags | libc.CLONE_NEWUSER)
-        except OSError as exc:
-            raise OSError(
-                exc.errno,
-                f"cannot create user namespace for sandbox {plan.sandbox_id}: {exc.strerror} "
-                "(hint: user.max_user_namespaces, kernel.unprivileged_userns_clone or "
-                "kernel.apparmor_restrict_unprivileged_userns?)",
-            ) from None
-        _write_file("/proc/self/setgroups", "deny")
-        _write_file("/proc/self/uid_map", f"{uid} {uid} 1")
-        _write_file("/proc/self/gid_map", f"{gid} {gid} 1")
-    else:
+    if not plan.userns:
         libc.unshare(flags)
-    libc.sethostname(plan.hostname)
-    if plan.network == "none":
+        return
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        libc.unshare(flags | libc.CLONE_NEWUSER)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot create user namespace for sandbox {plan.sandbox_id}: "
+            f"{os.strerror(exc.errno or 0)}"
+            " (hint: user.max_user_namespaces, kernel.unprivileged_userns_clone or "
+            "kernel.apparmor_restrict_unprivileged_userns?)",
+        ) from None
+    _write_file("/proc/self/setgroups", "deny")
+    _write_file("/proc/self/uid_map", f"{uid} {uid} 1")
+    _write_file("/proc/self/gid_map", f"{gid} {gid} 1")
+
+
+def _prewarm_network(plan: Plan) -> int:
+    """Pre-warmed, as root: make the (usual) empty network namespace now, off the launch path.
+
+    Returns an fd on the host's network namespace so a ``host`` plan can go back to it; -1
+    when nothing was done (user-namespace mode cannot re-enter the host's namespace).
+    """
+    if plan.userns:
+        return -1
+    host_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    libc.unshare(libc.CLONE_NEWNET)
+    libc.bring_up_loopback()
+    return host_net
+
+
+def _network_and_hostname(plan: Plan, host_net: int) -> None:
+    """The network namespace (policy ``none``) and the host name, once the plan is final."""
+    if host_net >= 0:  # already in a fresh network namespace
+        if plan.network == "host":
+            libc.setns(host_net, libc.CLONE_NEWNET)
+        os.close(host_net)
+    elif plan.network == "none":
+        libc.unshare(libc.CLONE_NEWNET)
         libc.bring_up_loopback()
+    libc.sethostname(plan.hostname)
+
+
+def _receive_request(request_fd: int, warm: Plan) -> Plan:
+    """The real plan of a pre-warmed sandbox (EOF first: the supervisor discarded us)."""
+    if request_fd < 0:
+        return warm
+    chunks = []
+    while chunk := os.read(request_fd, 65536):
+        chunks.append(chunk)
+    os.close(request_fd)
+    if not chunks:
+        os._exit(0)  # discarded before use: nothing to report
+    if not warm.userns:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)  # warmed up at nice 10 (see _child.run)
+    plan = Plan.from_wire(b"".join(chunks))
+    if plan.userns != warm.userns or plan.cgroup_procs != warm.cgroup_procs:
+        raise _StepFailed("launch request does not match the pre-warmed sandbox")
+    return plan
 
 
 def _fork_into_pid_namespace(status_fd: int) -> int:
@@ -222,6 +284,9 @@ def _fork_into_pid_namespace(status_fd: int) -> int:
     pid = os.fork()
     if pid == 0:
         os.close(lifeline_w)
+        # Die with the monitor even while still privileged (set again after the uid drop).
+        libc.set_pdeathsig(signal.SIGKILL)
+        _check_lifeline(lifeline_r)
         return lifeline_r
     os.close(lifeline_r)
     _monitor(pid, status_fd)
@@ -316,16 +381,13 @@ def _verify_cannot_regain_root(plan: Plan) -> None:
 
 
 def _check_lifeline(lifeline: int) -> None:
-    """Exit if the monitor died before PR_SET_PDEATHSIG was in place (the classic race)."""
+    """Fail if the monitor died before PR_SET_PDEATHSIG was in place (the classic race)."""
     os.set_blocking(lifeline, False)
     try:
         data = os.read(lifeline, 1)
     except BlockingIOError:
-        data = None
-    finally:
-        os.close(lifeline)
-    if data is not None:
-        raise _StepFailed("the monitor process died during setup")
+        return
+    raise _StepFailed(f"the monitor process died during setup ({data!r})")
 
 
 UNSAFE_BANNER = (
@@ -346,7 +408,7 @@ def enter_unsafe_inline(plan: Plan, status_fd: int) -> None:
         step = SetupStep.CLOSE_FDS
         _close_fds_except(0, 1, 2, status_fd)
         step = SetupStep.ENVIRONMENT
-        _reset_environment(plan)
+        _apply_environment(plan)
         step = SetupStep.RLIMITS
         _set_rlimits(plan.limits, privileged=False)
         os.chdir(plan.workdir)

@@ -106,6 +106,11 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), f"unshare({describe_clone_flags(flags)})")
 
 
+def setns(fd: int, nstype: int) -> None:
+    """``setns(2)``: join the namespace ``fd`` refers to."""
+    _check(_libc.setns(fd, nstype), f"setns({describe_clone_flags(nstype)})")
+
+
 def mount(
     source: str | None,
     target: str,

@@ -22,8 +22,11 @@ nothing is resolved twice.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
+from collections.abc import Iterator
 
 from privsep.sandbox import _libc as libc
 from privsep.sandbox._libc import (
@@ -40,6 +43,8 @@ from privsep.sandbox._libc import (
 
 # The staging mount point: any existing directory works, since the mount namespace is private.
 STAGING = "/tmp"  # noqa: S108
+TMP = STAGING + "/tmp"  # noqa: S108 - the sandbox's own private /tmp
+SHM = "/dev/shm"  # noqa: S108 - likewise private
 DEVICES = ("null", "zero", "full", "random", "urandom")
 _ATIME_FLAGS = {
     "noatime": libc.MS_NOATIME,
@@ -64,98 +69,140 @@ def _inside(path: str, parents: list[str]) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
 
 
-def build_root(
+def prepare_root(*, system_paths: list[str], runtime_paths: list[str]) -> list[str]:
+    """Build the spec-independent part of the view in a staging tmpfs.
+
+    System directories, the interpreter's own paths, a minimal ``/dev``, a ``/proc`` for the new
+    PID namespace and the private ``/tmp``. A pre-warmed sandbox stops here until its launch
+    request says what else to bind (:func:`finish_root`). Must run as root (real or
+    user-namespace root) in a new mount namespace, inside the new PID namespace. Returns the
+    host trees now bound (for :func:`finish_root`).
+    """
+    with _sandbox_paths_in_errors():
+        libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
+        plan: list[tuple[str, str, int]] = []  # (path inside, kind, O_PATH fd)
+        links: list[tuple[str, str]] = []
+        try:
+            # Resolve and open every source while the host view is still there.
+            for path in system_paths:
+                if os.path.islink(path):
+                    links.append((path, os.readlink(path)))
+                elif os.path.isdir(path):
+                    plan.append((path, RO, _open_path(path)))
+            system_dirs = [p for p, _, _ in plan]
+            for path in minimal_paths(runtime_paths):
+                if not _inside(path, system_dirs) and os.path.exists(path):
+                    plan.append((path, RO, _open_path(path)))
+            for name in DEVICES:
+                plan.append((f"/dev/{name}", DEVICE, _open_path(f"/dev/{name}")))
+
+            # The host's STAGING directory, kept before the staging root hides it: spec paths
+            # under it are opened through this fd once the request arrives (finish_root).
+            global _host_staging_fd
+            _host_staging_fd = os.open(STAGING, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            libc.mount("privsep-root", STAGING, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+            # The private /tmp goes first, so a bound path under the host's /tmp stays visible.
+            os.mkdir(TMP, 0o755)
+            libc.mount("tmpfs", TMP, "tmpfs", MS_NOSUID | MS_NODEV, _tmpfs_options(1777, 64 << 20))
+            _build_dev()
+            for path, target in links:
+                os.symlink(target, STAGING + path)
+            for path, kind, fd in sorted(plan, key=lambda item: item[0].split("/")):
+                _bind_fd(fd, STAGING + path, kind)
+        finally:
+            for _, _, fd in plan:
+                os.close(fd)
+        os.mkdir(STAGING + "/proc", 0o755)
+        _mount_proc(STAGING + "/proc")
+    return [path for path, kind, _ in plan if kind == RO]
+
+
+def finish_root(
     *,
-    system_paths: list[str],
+    bound: list[str],
     ro_paths: list[str],
     workdir: str,
     socket: str | None,
     hidden_paths: list[str],
     tmp_bytes: int,
 ) -> None:
-    """Replace the root of this (private) mount namespace with the sandbox view.
+    """Add the spec's paths to the prepared view, lock it down and ``pivot_root`` into it.
 
-    Must run as root (real or user-namespace root) in a new mount namespace and, for ``/proc``,
-    inside the new PID namespace. Raises ``OSError`` naming the path that failed, as the
-    sandbox will see it.
+    Raises ``OSError`` naming the path that failed, as the sandbox would see it.
     """
+    with _sandbox_paths_in_errors():
+        plan: list[tuple[str, str, int]] = []
+        try:
+            for path in minimal_paths(ro_paths):
+                if not _inside(path, bound):
+                    fd = _open_host_path(path, missing_ok=True)
+                    if fd >= 0:
+                        plan.append((path, RO, fd))
+            plan.append((workdir, RW, _open_host_path(workdir)))
+            if socket is not None:
+                plan.append((socket, SOCKET, _open_host_path(socket)))
+            for path, kind, fd in sorted(plan, key=lambda item: item[0].split("/")):
+                _bind_fd(fd, STAGING + path, kind)
+        finally:
+            for _, _, fd in plan:
+                os.close(fd)
+        for target in (TMP, STAGING + SHM):
+            flags = MS_REMOUNT | MS_NOSUID | MS_NODEV | (MS_NOEXEC if target != TMP else 0)
+            libc.mount(None, target, None, flags, _tmpfs_size(tmp_bytes))
+
+        # Hide what leaked in through a bound tree.
+        for path in hidden_paths:
+            _hide(STAGING + path)
+
+        # Everything read-only, nosuid, nodev, except the writable places.
+        devices = {STAGING + f"/dev/{name}" for name in DEVICES}
+        _lock_down({STAGING + workdir}, {TMP, STAGING + SHM, STAGING + "/proc"}, devices)
+
+        # Swap roots and drop the host's tree.
+        global _host_staging_fd
+        if _host_staging_fd >= 0:
+            os.close(_host_staging_fd)
+            _host_staging_fd = -1
+        os.chdir(STAGING)
+        libc.pivot_root(".", ".")
+        libc.umount2(".", MNT_DETACH)
+        os.chdir("/")
+
+
+@contextlib.contextmanager
+def _sandbox_paths_in_errors() -> Iterator[None]:
+    """Report staging paths (``/tmp/usr``) as the sandbox sees them (``/usr``)."""
     try:
-        _build_root(system_paths, ro_paths, workdir, socket, hidden_paths, tmp_bytes)
+        yield
     except OSError as exc:
         text = exc.strerror or str(exc)
         raise OSError(exc.errno, text.replace(f" {STAGING}/", " /")) from None
 
 
-def _build_root(
-    system_paths: list[str],
-    ro_paths: list[str],
-    workdir: str,
-    socket: str | None,
-    hidden_paths: list[str],
-    tmp_bytes: int,
-) -> None:
-    libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
+def _tmpfs_size(size: int) -> str:
+    return f"size={size},nr_inodes={max(1024, min(size // 4096, 1 << 20))}"
 
-    # 1. Resolve and open every source while the host view is still there.
-    plan: list[tuple[str, str, int]] = []  # (path inside, kind, O_PATH fd)
-    devices: list[tuple[str, str, int]] = []
-    links: list[tuple[str, str]] = []
+
+def _tmpfs_options(mode: int, size: int) -> str:
+    return f"mode={mode},{_tmpfs_size(size)}"
+
+
+_host_staging_fd = -1
+
+
+def _open_host_path(path: str, *, missing_ok: bool = False) -> int:
+    """O_PATH fd on a host path, also under STAGING (hidden by the staging root by now)."""
     try:
-        for path in system_paths:
-            if os.path.islink(path):
-                links.append((path, os.readlink(path)))
-            elif os.path.isdir(path):
-                plan.append((path, RO, _open_path(path)))
-        system_dirs = [p for p, _, _ in plan]
-        for path in minimal_paths(ro_paths):
-            if _inside(path, system_dirs) or not os.path.exists(path):
-                continue
-            plan.append((path, RO, _open_path(path)))
-        plan.append((workdir, RW, _open_path(workdir)))
-        if socket is not None:
-            plan.append((socket, SOCKET, _open_path(socket)))
-        for name in DEVICES:
-            devices.append((f"/dev/{name}", DEVICE, _open_path(f"/dev/{name}")))
-
-        # 2. An empty tmpfs as the new root.
-        libc.mount("privsep-root", STAGING, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-        # The private /tmp goes first, so a bound path under the host's /tmp stays visible.
-        tmp = STAGING + "/tmp"  # noqa: S108 - the sandbox's own private /tmp
-        os.mkdir(tmp, 0o755)
-        libc.mount(
-            "tmpfs",
-            tmp,
-            "tmpfs",
-            MS_NOSUID | MS_NODEV,
-            f"mode=1777,size={tmp_bytes},nr_inodes=16384",
-        )
-        for path, target in links:
-            os.symlink(target, STAGING + path)
-        for path, kind, fd in sorted(plan, key=lambda item: item[0].split("/")):
-            _bind_fd(fd, STAGING + path, kind)
-        _build_dev(devices, tmp_bytes)
-    finally:
-        for _, _, fd in plan + devices:
-            os.close(fd)
-
-    # 3. A /proc that shows only this PID namespace.
-    os.makedirs(STAGING + "/proc", 0o755, exist_ok=True)
-    _mount_proc(STAGING + "/proc")
-
-    # 4. Hide what leaked in through a bound tree.
-    for path in hidden_paths:
-        _hide(STAGING + path)
-
-    # 5. Everything read-only, nosuid, nodev, except the writable places.
-    scratch = {tmp, STAGING + "/dev/" + "shm", STAGING + "/proc"}
-    devices_set = {STAGING + f"/dev/{name}" for name in DEVICES}
-    _lock_down({STAGING + workdir}, scratch, devices_set)
-
-    # 6. Swap roots and drop the host's tree.
-    os.chdir(STAGING)
-    libc.pivot_root(".", ".")
-    libc.umount2(".", MNT_DETACH)
-    os.chdir("/")
+        if _host_staging_fd >= 0 and path.startswith(STAGING + "/"):
+            rel = path[len(STAGING) + 1 :]
+            return os.open(rel, os.O_PATH | os.O_CLOEXEC, dir_fd=_host_staging_fd)
+        return os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if missing_ok:
+            return -1
+        raise OSError(errno.ENOENT, f"cannot open {path} to bind it: not found") from None
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot open {path} to bind it: {exc.strerror}") from None
 
 
 def _open_path(path: str) -> int:
@@ -167,7 +214,7 @@ def _open_path(path: str) -> int:
 
 def _bind_fd(fd: int, target: str, kind: str) -> None:
     mode = os.fstat(fd).st_mode
-    if not os.path.lexists(target):
+    if not os.path.lexists(target):  # else: visible through a bound tree, mount on top
         os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
         if stat.S_ISDIR(mode):
             os.mkdir(target, 0o755)
@@ -177,12 +224,10 @@ def _bind_fd(fd: int, target: str, kind: str) -> None:
     libc.mount(f"/proc/self/fd/{fd}", target, None, flags)
 
 
-def _build_dev(devices: list[tuple[str, str, int]], tmp_bytes: int) -> None:
+def _build_dev() -> None:
     dev = STAGING + "/dev"
     os.mkdir(dev, 0o755)
     libc.mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=64")
-    for path, kind, fd in devices:
-        _bind_fd(fd, STAGING + path, kind)
     for name, target in (
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -190,14 +235,9 @@ def _build_dev(devices: list[tuple[str, str, int]], tmp_bytes: int) -> None:
         ("stderr", "/proc/self/fd/2"),
     ):
         os.symlink(target, f"{dev}/{name}")
-    os.mkdir(dev + "/shm", 0o755)
-    libc.mount(
-        "tmpfs",
-        dev + "/shm",
-        "tmpfs",
-        MS_NOSUID | MS_NODEV | MS_NOEXEC,
-        f"mode=1777,size={min(tmp_bytes, 64 << 20)},nr_inodes=4096",
-    )
+    os.mkdir(STAGING + SHM, 0o755)
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    libc.mount("tmpfs", STAGING + SHM, "tmpfs", flags, _tmpfs_options(1777, 64 << 20))
 
 
 def _mount_proc(target: str) -> None:

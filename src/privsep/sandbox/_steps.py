@@ -30,6 +30,7 @@ class SetupStep(IntEnum):
     PDEATHSIG = 82
     SECCOMP = 83
     ENTRY_POINT = 84
+    REQUEST = 85
 
     @property
     def message(self) -> str:
@@ -53,6 +54,7 @@ _MESSAGES: dict[SetupStep, str] = {
     SetupStep.PDEATHSIG: "PR_SET_PDEATHSIG failed (or the parent already died)",
     SetupStep.SECCOMP: "seccomp install failed",
     SetupStep.ENTRY_POINT: "entry point could not be loaded",
+    SetupStep.REQUEST: "pre-warmed sandbox got no valid launch request",
 }
 
 SETUP_CODES = frozenset(int(s) for s in SetupStep)

@@ -60,13 +60,13 @@ class ZygoteClient:
         with self._lock:
             self._ensure_started()
 
-    def launch(self, plan_bytes: bytes, out_w: int, status_w: int) -> tuple[int, int]:
-        """Fork one child; returns its pid and a pidfd the caller must close."""
+    def launch(self, plan_bytes: bytes, fds: list[int]) -> tuple[int, int]:
+        """Fork one child with ``fds`` (output, status[, request]); returns pid and a pidfd."""
         with self._lock:
             for attempt in (1, 2):
                 self._ensure_started()
                 try:
-                    return self._request(plan_bytes, out_w, status_w)
+                    return self._request(plan_bytes, fds)
                 except (OSError, EOFError, ZygoteError) as exc:
                     if isinstance(exc, ZygoteError) and "refused" in str(exc):
                         raise
@@ -85,28 +85,28 @@ class ZygoteClient:
         if pid is not None:
             _reap(pid, timeout)
 
-    def _request(self, plan_bytes: bytes, out_w: int, status_w: int) -> tuple[int, int]:
+    def _request(self, plan_bytes: bytes, fds: list[int]) -> tuple[int, int]:
         if self._sock is None:
             raise ZygoteError("zygote not started")
         self._seq += 1
         request_id = self._seq
         self._sock.sendmsg(
             [marshal.dumps((request_id, plan_bytes))],
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [out_w, status_w]))],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
         )
         msg, ancdata, _, _ = self._sock.recvmsg(4096, _REPLY_SPACE)
-        fds = array.array("i")
+        got = array.array("i")
         for level, kind, data in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+                got.frombytes(data[: len(data) - (len(data) % got.itemsize)])
         if not msg:
             raise EOFError("zygote closed its control socket")
         reply_id, pid, error = marshal.loads(msg)  # noqa: S302 - our own zygote
-        if error or reply_id != request_id or len(fds) != 1:
-            for fd in fds:
+        if error or reply_id != request_id or len(got) != 1:
+            for fd in got:
                 os.close(fd)
             raise ZygoteError(f"zygote refused the request: {error or 'mismatched reply'}")
-        return int(pid), fds[0]
+        return int(pid), got[0]
 
     def _ensure_started(self) -> None:
         if self._sock is not None:

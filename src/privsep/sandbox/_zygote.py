@@ -9,8 +9,9 @@ dirty the shared pages by collecting them), and then forks.
 Protocol on the ``SOCK_SEQPACKET`` control socket (one message per datagram, marshal):
 
 * zygote → supervisor, once: ``("ready", pid)``;
-* supervisor → zygote: ``(request_id, plan_bytes)`` with two fds (SCM_RIGHTS): the child's
-  output pipe and its status pipe;
+* supervisor → zygote: ``(request_id, plan_bytes)`` with two or three fds (SCM_RIGHTS): the
+  child's output pipe, its status pipe and, for a pre-warmed child, the pipe its launch
+  request will arrive on;
 * zygote → supervisor: ``(request_id, pid, error)`` with the child's pidfd, opened before
   the child can be reaped, so the supervisor never holds a pidfd to a recycled pid.
 
@@ -37,6 +38,7 @@ from privsep.sandbox._wire import Plan
 
 DEFAULT_PRELOAD = (
     "privsep.client",
+    "privsep.sandbox.entrypoints",
     "asyncio",
     "base64",
     "collections",
@@ -55,7 +57,7 @@ DEFAULT_PRELOAD = (
     "uuid",
 )
 MAX_MESSAGE = 1 << 20
-_FD_SPACE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
+_FD_SPACE = socket.CMSG_SPACE(3 * array.array("i").itemsize)
 
 
 def main(argv: list[str]) -> NoReturn:
@@ -81,13 +83,13 @@ def main(argv: list[str]) -> NoReturn:
     gc.freeze()
     ctl = socket.socket(fileno=ctl_fd)
     ctl.send(marshal.dumps(("ready", os.getpid())))
-    plan, status_fd = _serve(ctl)
+    plan, status_fd, request_fd = _serve(ctl)
     gc.enable()
-    _child.run(plan, status_fd)
+    _child.run(plan, status_fd, request_fd)
 
 
-def _serve(ctl: socket.socket) -> tuple[Plan, int]:
-    """Fork per request. Returns only in a child, with its plan and status-pipe fd."""
+def _serve(ctl: socket.socket) -> tuple[Plan, int, int]:
+    """Fork per request. Returns only in a child: its plan, status fd and request fd (or -1)."""
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -110,8 +112,8 @@ def _serve(ctl: socket.socket) -> tuple[Plan, int]:
         try:
             request_id, plan_bytes = marshal.loads(msg)  # noqa: S302 - from the supervisor
             plan = Plan.from_wire(plan_bytes)
-            if len(fds) != 2 or flags & socket.MSG_CTRUNC:
-                raise ValueError(f"expected 2 fds, got {len(fds)}")
+            if len(fds) not in (2, 3) or flags & socket.MSG_CTRUNC:
+                raise ValueError(f"expected 2 or 3 fds, got {len(fds)}")
         except (ValueError, TypeError, EOFError) as exc:
             for fd in fds:
                 os.close(fd)
@@ -125,11 +127,11 @@ def _serve(ctl: socket.socket) -> tuple[Plan, int]:
             ctl.close()
             os.close(wake_r)
             os.close(wake_w)
-            out_w, status_w = fds
+            out_w, status_w = fds[:2]
             os.dup2(out_w, 1)
             os.dup2(out_w, 2)
             os.close(out_w)
-            return plan, status_w
+            return plan, status_w, fds[2] if len(fds) == 3 else -1
         children.add(pid)
         for fd in fds:
             os.close(fd)

@@ -130,6 +130,13 @@ class CgroupManager:
             self._hierarchies = _discover()
         except OSError:
             self._hierarchies = []
+        # With cgroup.kill (v2) the v1 freezer adds nothing but one more migration per launch.
+        self._v2_kill = any(
+            h.version == 2 and os.path.exists(os.path.join(h.base, "cgroup.kill"))
+            for h in self._hierarchies
+        )
+        if self._v2_kill:
+            self._hierarchies = [h for h in self._hierarchies if h.controllers != {"freezer"}]
 
     @property
     def controllers(self) -> frozenset[str]:
@@ -156,8 +163,10 @@ class CgroupManager:
         ]
         return "; ".join(parts)
 
-    def create(self, name: str, *, memory_bytes: int | None, pids: int | None) -> SandboxCgroup:
-        """Make the sandbox's cgroups and set their limits; raises ``OSError`` on failure."""
+    def create(
+        self, name: str, *, memory_bytes: int | None = None, pids: int | None = None
+    ) -> SandboxCgroup:
+        """Make the sandbox's cgroups (and set limits, if given); raises ``OSError``."""
         group = SandboxCgroup()
         try:
             for h in self._hierarchies:
@@ -165,26 +174,12 @@ class CgroupManager:
                 os.mkdir(path, 0o755)
                 group.dirs.append(path)
                 group.procs.append(os.path.join(path, "cgroup.procs"))
-                if h.version == 2:
-                    if os.path.exists(os.path.join(path, "cgroup.kill")):
-                        group.kill_file = os.path.join(path, "cgroup.kill")
-                    if "memory" in h.controllers and memory_bytes:
-                        _write(os.path.join(path, "memory.max"), str(memory_bytes))
-                        _write_if_exists(os.path.join(path, "memory.swap.max"), "0")
-                        group.oom_files.append(os.path.join(path, "memory.events"))
-                    if "pids" in h.controllers and pids:
-                        _write(os.path.join(path, "pids.max"), str(pids))
-                    continue
-                if "memory" in h.controllers and memory_bytes:
-                    _write(os.path.join(path, "memory.limit_in_bytes"), str(memory_bytes))
-                    _write_if_exists(
-                        os.path.join(path, "memory.memsw.limit_in_bytes"), str(memory_bytes)
-                    )
-                    group.oom_files.append(os.path.join(path, "memory.oom_control"))
-                if "pids" in h.controllers and pids:
-                    _write(os.path.join(path, "pids.max"), str(pids))
-                if "freezer" in h.controllers:
+                group.hierarchies.append((h.version, h.controllers, path))
+                if h.version == 2 and os.path.exists(os.path.join(path, "cgroup.kill")):
+                    group.kill_file = os.path.join(path, "cgroup.kill")
+                if h.version == 1 and "freezer" in h.controllers:
                     group.freezer = path
+            group.set_limits(memory_bytes=memory_bytes, pids=pids)
         except OSError:
             group.remove()
             raise
@@ -208,8 +203,25 @@ class SandboxCgroup:
     dirs: list[str] = field(default_factory=list)
     procs: list[str] = field(default_factory=list)
     oom_files: list[str] = field(default_factory=list)
+    hierarchies: list[tuple[int, frozenset[str], str]] = field(default_factory=list)
     kill_file: str | None = None
     freezer: str | None = None
+
+    def set_limits(self, *, memory_bytes: int | None, pids: int | None) -> None:
+        """Write the memory and pids limits (before user code runs; may follow the join)."""
+        for version, controllers, path in self.hierarchies:
+            if "memory" in controllers and memory_bytes:
+                if version == 2:
+                    _write(os.path.join(path, "memory.max"), str(memory_bytes))
+                    _write_if_exists(os.path.join(path, "memory.swap.max"), "0")
+                    self.oom_files.append(os.path.join(path, "memory.events"))
+                else:
+                    _write(os.path.join(path, "memory.limit_in_bytes"), str(memory_bytes))
+                    memsw = os.path.join(path, "memory.memsw.limit_in_bytes")
+                    _write_if_exists(memsw, str(memory_bytes))
+                    self.oom_files.append(os.path.join(path, "memory.oom_control"))
+            if "pids" in controllers and pids:
+                _write(os.path.join(path, "pids.max"), str(pids))
 
     def pids(self) -> set[int]:
         """Live pids in the sandbox's cgroups (host namespace)."""

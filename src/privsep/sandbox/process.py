@@ -20,17 +20,20 @@ namespace (same host uid, no capabilities), or the backend refuses to start. ``u
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
+import select
 import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from privsep.sandbox._logcap import LogCapture
 from privsep.sandbox._reactor import Reactor, Timer
@@ -125,6 +128,7 @@ class ProcessBackend:
         use_cgroups: bool = True,
         python: str = sys.executable,
         zygote_preload: Sequence[str] | None = None,
+        prewarm: int = 4,
         unsafe_inline: bool = False,
     ) -> None:
         if launch_mode not in ("spawn", "template"):
@@ -165,6 +169,14 @@ class ProcessBackend:
         self._handles: set[ProcessHandle] = set()
         self._lock = threading.Lock()
         self._closed = False
+        # Pre-warmed sandboxes (template mode): forked, in their cgroup, root skeleton built,
+        # waiting for a plan. Filled by their own thread, never on the launch path.
+        self._prewarm = prewarm if self._zygote is not None and not unsafe_inline else 0
+        self._warm: deque[_Warm] = deque()
+        self._warm_seq = itertools.count()
+        self._warm_failures = 0
+        self._prewarmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privsep-prewarm")
+        self._refill_warm()
 
     def describe(self) -> str:
         """One line for the supervisor's startup log: how children are isolated here."""
@@ -185,6 +197,11 @@ class ProcessBackend:
             return frozenset()
         return self._cgroups.controllers
 
+    def warm_pids(self) -> list[int]:
+        """Monitor pids of the pre-warmed sandboxes waiting for a request (diagnostics)."""
+        with self._lock:
+            return [w.pid for w in self._warm]
+
     @property
     def uid_pool(self) -> UidPool:
         """The pool sandboxes draw their uids from."""
@@ -198,8 +215,7 @@ class ProcessBackend:
         uses_pool = not (self.userns or self.unsafe_inline)
         uid = self._pool.acquire() if uses_pool else os.geteuid()
         gid = uid if uses_pool else os.getegid()
-        cleanup: list[int] = []
-        cgroup: SandboxCgroup | None = None
+        log_fd = -1
         try:
             workdir = _prepare_workdir(spec.workdir, uid, gid, chown=uses_pool)
             socket_path = _prepare_socket(spec.credential_socket, uid, gid, chown=uses_pool)
@@ -209,17 +225,6 @@ class ProcessBackend:
                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                 0o600,
             )
-            cleanup.append(log_fd)
-            if self._cgroups is not None and self._cgroups.available and not self.unsafe_inline:
-                lim = spec.limits
-                cgroup = self._cgroups.create(
-                    f"{spec.sandbox_id}-{os.getpid()}",
-                    memory_bytes=lim.memory_bytes,
-                    pids=None if lim.pids is None else lim.pids + 1,  # +1: the monitor
-                )
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            status_r, status_w = os.pipe2(os.O_CLOEXEC)
-            cleanup += [out_r, out_w, status_r, status_w]
             plan = Plan(
                 sandbox_id=spec.sandbox_id,
                 kind=spec.kind,
@@ -236,22 +241,17 @@ class ProcessBackend:
                 socket=socket_path,
                 uid=uid,
                 gid=gid,
-                cgroup_procs=cgroup.procs if cgroup else [],
+                cgroup_procs=[],
                 seccomp=self._seccomp,
                 parent_pid=os.getpid(),
                 hostname=f"privsep-{spec.kind}",
                 userns=self.userns,
                 unsafe_inline=self.unsafe_inline,
             )
-            pid, pidfd, is_child = self._start(plan, out_w, status_w)
-            for fd in (out_w, status_w):
-                os.close(fd)
-                cleanup.remove(fd)
+            started = self._start_warm(spec, plan) or self._start_cold(spec, plan)
         except Exception as exc:
-            for fd in cleanup:
-                os.close(fd)
-            if cgroup is not None:
-                cgroup.remove()
+            if log_fd >= 0:
+                os.close(log_fd)
             if uses_pool:
                 self._pool.release(uid)
             if isinstance(exc, (OSError, ValueError, RuntimeError)):
@@ -262,13 +262,13 @@ class ProcessBackend:
         handle = ProcessHandle(
             backend=self,
             spec=spec,
-            pid=pid,
-            pidfd=pidfd,
-            is_child=is_child,
+            pid=started.pid,
+            pidfd=started.pidfd,
+            is_child=started.is_child,
             uid=uid if uses_pool else None,
-            cgroup=cgroup,
-            out_r=out_r,
-            status_r=status_r,
+            cgroup=started.cgroup,
+            out_r=started.out_r,
+            status_r=started.status_r,
             log_fd=log_fd,
             log_path=log_path,
         )
@@ -277,15 +277,43 @@ class ProcessBackend:
         self._reactor.call_soon(handle._attach)
         return handle
 
-    def _start(self, plan: Plan, out_w: int, status_w: int) -> tuple[int, int, bool]:
-        if self._zygote is not None:
-            pid, pidfd = self._zygote.launch(plan.to_wire(), out_w, status_w)
-            return pid, pidfd, False
+    def _start_cold(self, spec: SandboxSpec, plan: Plan) -> _Started:
+        """Fork (template) or exec (spawn) a new child that runs ``enter()`` from the start."""
+        cgroup: SandboxCgroup | None = None
+        fds: list[int] = []
+        try:
+            if self._cgroups is not None and self._cgroups.available and not self.unsafe_inline:
+                cgroup = self._cgroups.create(
+                    f"{spec.sandbox_id}-{os.getpid()}",
+                    memory_bytes=spec.limits.memory_bytes,
+                    pids=_cgroup_pids(spec),
+                )
+                plan.cgroup_procs = cgroup.procs
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            fds += [out_r, out_w]
+            status_r, status_w = os.pipe2(os.O_CLOEXEC)
+            fds += [status_r, status_w]
+            if self._zygote is not None:
+                pid, pidfd = self._zygote.launch(plan.to_wire(), [out_w, status_w])
+                is_child = False
+            else:
+                pid, pidfd, is_child = self._spawn(plan, out_w, status_w)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        os.close(out_w)
+        os.close(status_w)
+        return _Started(pid, pidfd, is_child, cgroup, out_r, status_r)
+
+    def _spawn(self, plan: Plan, out_w: int, status_w: int) -> tuple[int, int, bool]:
         data = plan.to_wire()
+        if len(data) > 60_000:
+            raise SandboxLaunchError("launch plan too large for the pipe")
         plan_r, plan_w = os.pipe2(os.O_CLOEXEC)
         try:
-            if len(data) > 60_000:
-                raise SandboxLaunchError("launch plan too large for the pipe")
             os.write(plan_w, data)
             os.close(plan_w)
             plan_w = -1
@@ -301,6 +329,133 @@ class ProcessBackend:
             if plan_w >= 0:
                 os.close(plan_w)
         return pid, os.pidfd_open(pid), True
+
+    # -- pre-warmed sandboxes (template mode) ----------------------------------------------
+
+    def _start_warm(self, spec: SandboxSpec, plan: Plan) -> _Started | None:
+        """Hand ``plan`` to a pre-warmed sandbox, if one is ready; ``None`` otherwise."""
+        while (warm := self._take_warm()) is not None:
+            try:
+                if warm.cgroup is not None:
+                    warm.cgroup.set_limits(
+                        memory_bytes=spec.limits.memory_bytes, pids=_cgroup_pids(spec)
+                    )
+                plan.cgroup_procs = warm.procs
+                _write_all(warm.request_w, plan.to_wire())
+            except OSError as exc:
+                log.warning("privsep: pre-warmed sandbox %d unusable: %s", warm.pid, exc)
+                self._discard_warm(warm)
+                continue
+            os.close(warm.request_w)
+            # Refill a moment later, not while this sandbox is still starting up.
+            self._reactor.call_soon(self._refill_later)
+            return _Started(warm.pid, warm.pidfd, False, warm.cgroup, warm.out_r, warm.status_r)
+        plan.cgroup_procs = []
+        return None
+
+    def _take_warm(self) -> _Warm | None:
+        while True:
+            with self._lock:
+                if not self._warm:
+                    self._refill_warm()
+                    return None
+                warm = self._warm.popleft()
+            ready, _, _ = select.select([warm.pidfd, warm.status_r], [], [], 0)
+            if not ready:
+                return warm
+            why = _read_failure(warm.status_r) or "exited while waiting"
+            log.warning("privsep: pre-warmed sandbox %d failed: %s", warm.pid, why)
+            self._warm_failures += 1
+            self._discard_warm(warm)
+
+    def _refill_later(self) -> None:
+        self._reactor.call_later(0.05, self._refill_warm)
+
+    def _refill_warm(self) -> None:
+        if self._prewarm and not self._closed and self._warm_failures < _MAX_WARM_FAILURES:
+            with contextlib.suppress(RuntimeError):  # executor shut down: we are closing
+                self._prewarmer.submit(self._fill_warm)
+
+    def _fill_warm(self) -> None:
+        """Runs on the pre-warm thread: top the pool up to ``prewarm`` entries."""
+        while True:
+            with self._lock:
+                if self._closed or len(self._warm) >= self._prewarm:
+                    return
+            try:
+                warm = self._new_warm()
+            except (OSError, RuntimeError) as exc:
+                self._warm_failures += 1
+                log.warning("privsep: cannot pre-warm a sandbox: %s", exc)
+                return
+            with self._lock:
+                if not self._closed:
+                    self._warm.append(warm)
+                    continue
+            self._discard_warm(warm)
+            return
+
+    def _new_warm(self) -> _Warm:
+        if self._zygote is None:
+            raise RuntimeError("only template mode pre-warms sandboxes")
+        n = next(self._warm_seq)
+        cgroup: SandboxCgroup | None = None
+        fds: list[int] = []
+        try:
+            if self._cgroups is not None and self._cgroups.available:
+                cgroup = self._cgroups.create(f"warm{n}-{os.getpid()}")
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            fds += [out_r, out_w]
+            status_r, status_w = os.pipe2(os.O_CLOEXEC)
+            fds += [status_r, status_w]
+            request_r, request_w = os.pipe2(os.O_CLOEXEC)
+            fds += [request_r, request_w]
+            plan = self._warm_plan(n, cgroup.procs if cgroup else [])
+            pid, pidfd = self._zygote.launch(plan.to_wire(), [out_w, status_w, request_r])
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        for fd in (out_w, status_w, request_r):
+            os.close(fd)
+        self._warm_failures = 0
+        return _Warm(pid, pidfd, cgroup, out_r, status_r, request_w)
+
+    def _warm_plan(self, n: int, procs: list[str]) -> Plan:
+        """What a pre-warmed child needs before its request: no spec field that matters."""
+        return Plan(
+            sandbox_id=f"warm{n}",
+            kind="task",
+            entry="",
+            argv=[],
+            payload=b"",
+            workdir="/",
+            env={},
+            limits={"tmp_bytes": 64 << 20, "nofile": 1024},
+            network="none",
+            ro_paths=[],
+            hidden_paths=[],
+            system_paths=self._system_paths,
+            socket=None,
+            uid=-1,
+            gid=-1,
+            cgroup_procs=procs,
+            seccomp=b"",
+            parent_pid=0,
+            hostname="privsep-warm",
+            userns=self.userns,
+            unsafe_inline=False,
+        )
+
+    def _discard_warm(self, warm: _Warm) -> None:
+        for fd in (warm.request_w, warm.out_r, warm.status_r, warm.pidfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if warm.cgroup is not None:
+            warm.cgroup.kill()
+            warm.cgroup.remove(attempts=50, delay=0.01)
 
     def _finished(self, handle: ProcessHandle) -> None:
         if handle.uid is not None:
@@ -320,6 +475,11 @@ class ProcessBackend:
                 return
             self._closed = True
             handles = list(self._handles)
+        self._prewarmer.shutdown(wait=True)
+        with self._lock:
+            warm, self._warm = list(self._warm), deque()
+        for entry in warm:
+            self._discard_warm(entry)
         for handle in handles:
             handle.kill(grace=grace)
         for handle in handles:
@@ -334,6 +494,56 @@ class ProcessBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_MAX_WARM_FAILURES = 3
+
+
+class _Started(NamedTuple):
+    pid: int
+    pidfd: int
+    is_child: bool
+    cgroup: SandboxCgroup | None
+    out_r: int
+    status_r: int
+
+
+class _Warm(NamedTuple):
+    pid: int
+    pidfd: int
+    cgroup: SandboxCgroup | None
+    out_r: int
+    status_r: int
+    request_w: int
+
+    @property
+    def procs(self) -> list[str]:
+        return self.cgroup.procs if self.cgroup is not None else []
+
+
+def _cgroup_pids(spec: SandboxSpec) -> int | None:
+    return None if spec.limits.pids is None else spec.limits.pids + 1  # +1: the monitor
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_failure(status_r: int) -> str | None:
+    """The ``F`` record a failed pre-warmed child left, if any."""
+    os.set_blocking(status_r, False)
+    try:
+        data = os.read(status_r, 65536)
+    except OSError:
+        return None
+    for kind, payload in RecordParser().feed(data):
+        if kind == FAILED and isinstance(payload, tuple) and len(payload) == 2:
+            code, detail = payload
+            step = SetupStep(code) if code in SETUP_CODES else SetupStep.BOOTSTRAP
+            return f"{step.message}: {detail}"
+    return None
 
 
 def _prepare_workdir(path: str, uid: int, gid: int, *, chown: bool) -> str:
