@@ -83,6 +83,7 @@ class TaskWork(Open):
     callable: dict[str, str]
     timeout: float | None
     bundle_version: str
+    source_uri: str | None = None
 
 
 class ParseWork(Open):

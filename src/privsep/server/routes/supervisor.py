@@ -223,6 +223,7 @@ def _claim_tasks(
                 callable={"module": task.module, "qualname": task.qualname},
                 timeout=task.timeout,
                 bundle_version=version.bundle_version if version else "",
+                source_uri=version.source_uri if version else None,
             )
         )
     return out
