@@ -474,3 +474,16 @@ def test_work_of_a_lost_supervisor_is_taken_back(api: ApiHarness) -> None:
     assert resp.status_code == 401 and error_code(resp) == "revoked"
     (retry,) = api.claim(api.supervisor_session("sup-b"), ["task"])
     assert retry.body["try_number"] == 2
+
+
+def test_a_restarted_supervisor_ends_what_its_previous_process_ran(api: ApiHarness) -> None:
+    sess = api.supervisor_session("sup-a")
+    op = api.operator_session()
+    api.define_workflow(sess, workflow("wf_x", task("t")))
+    run_id = api.trigger_run(op, "wf_x")
+    (item,) = api.claim(sess, ["task"])
+    fresh = api.supervisor_session("sup-a")  # the new process opens a new session
+    assert api.client.post("/v1/supervisor/restarted", headers=bearer(fresh)).status_code == 200
+    resp = api.client.get(f"/v1/operator/runs/{run_id}/attempts", headers=bearer(op))
+    assert [a["state"] for a in resp.json()["attempts"]] == ["failed"]
+    assert api.client.get("/v1/task/context", headers=bearer(item.token)).status_code == 401

@@ -147,6 +147,43 @@ def heartbeat(me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
     return Ok()
 
 
+@router.post("/restarted", response_model=Ok)
+def restarted(me: SupervisorPrincipal = Supervisor_, state: ServerState = State_) -> Ok:
+    """The supervisor (re)started and runs nothing: whatever the server still thinks it runs
+    died with its previous process. End it now rather than after the heartbeat timeout (which
+    the new process's heartbeats would otherwise postpone forever)."""
+    with state.db.write_session() as session:
+        orphaned = session.scalars(
+            select(TaskAttempt)
+            .where(
+                TaskAttempt.supervisor_id == me.supervisor_id,
+                TaskAttempt.state == AttemptState.RUNNING,
+            )
+            .with_for_update()
+        ).all()
+        for attempt in orphaned:
+            fail_or_retry(
+                session, attempt, f"supervisor {me.name} restarted while this attempt was running"
+            )
+        session.execute(
+            update(ParseJob)
+            .where(
+                ParseJob.supervisor_id == me.supervisor_id, ParseJob.state == ParseJobState.RUNNING
+            )
+            .values(state=ParseJobState.QUEUED, supervisor_id=None)
+        )
+        session.execute(
+            update(Trigger)
+            .where(Trigger.supervisor_id == me.supervisor_id, Trigger.state == TriggerState.RUNNING)
+            .values(state=TriggerState.QUEUED, supervisor_id=None)
+        )
+    if orphaned:
+        audit(
+            state, "attempts_orphaned", actor=me.name, detail={"attempts": [a.id for a in orphaned]}
+        )
+    return Ok()
+
+
 @router.post("/claim", response_model=ClaimResponse)
 def claim(
     body: ClaimRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
