@@ -16,8 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from privsep.client import ConnectionLost, FrameTooLarge, ProtocolError
-from privsep.client import _wire
+from privsep.client import ConnectionLost, FrameTooLarge, ProtocolError, _wire
 
 
 @pytest.fixture
