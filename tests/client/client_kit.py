@@ -273,6 +273,9 @@ class StandInSupervisor:
     proxied: list[tuple[str, str]] = field(default_factory=list)
     closed_for: list[str] = field(default_factory=list)
     error_reply: _wire.ErrorReply | None = None
+    handed_out: list[_wire.TokenReply] = field(default_factory=list)
+    stale_first: list[_wire.TokenReply] = field(default_factory=list)
+    """Token replies to hand out before the real one (e.g. an expired token)."""
 
     def __post_init__(self) -> None:
         self.token = self.work.token
@@ -309,7 +312,9 @@ class StandInSupervisor:
             return self.error_reply
         if isinstance(request, _wire.TokenRequest):
             self.token_requests.append(time.time())
-            return self._current_token()
+            reply = self.stale_first.pop(0) if self.stale_first else self._current_token()
+            self.handed_out.append(reply)
+            return reply
         self.proxied.append((request.method, request.path))
         resp = self.server.http.request(
             request.method,

@@ -417,3 +417,25 @@ def test_trigger_payload_must_list_paths(capsys: pytest.CaptureFixture[str]) -> 
     assert _trigger.run({"paths": "etl.py"}) == ExitCode.BAD_PAYLOAD
     assert _task.run({"qualname": "x"}) == ExitCode.BAD_PAYLOAD
     assert "privsep trigger" in capsys.readouterr().err
+
+
+def test_an_async_task_is_run_to_completion(
+    live_server: LiveServer, credential_socket: Serve, tmp_path: Path
+) -> None:
+    path = write(
+        tmp_path,
+        "asyncwf.py",
+        """\
+        import asyncio
+        from privsep.client import Workflow
+        wf = Workflow("asyncwf")
+        @wf.task
+        async def fetch(ctx):
+            await asyncio.sleep(0)
+            return {"try": ctx.try_number}
+        """,
+    )
+    parse(live_server, credential_socket, path)
+    run_id = live_server.trigger_run("asyncwf")
+    run_task(credential_socket, live_server.claim("task"), path)
+    assert live_server.xcom(run_id, "fetch") == {"try": 1}

@@ -4,10 +4,15 @@ over the server's unix socket (with the token fetched from the credential socket
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import socket
+import struct
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +23,9 @@ from privsep.client import (
     Client,
     ClientClosed,
     Conflict,
+    ConnectionLost,
     Context,
+    FrameTooLarge,
     MockTransport,
     NotFound,
     NotInSandbox,
@@ -30,6 +37,7 @@ from privsep.client import (
     _wire,
     connect,
 )
+from privsep.secrets.tokens import issue_token
 
 MODES = [None, "tcp", "unix"]
 MODE_IDS = ["proxy", "direct-tcp", "direct-unix"]
@@ -200,6 +208,63 @@ def test_the_token_is_fetched_again_before_it_expires(
         assert stand_in.token_requests[1] < first_expiry
         assert stand_in.expires_at > first_expiry  # a refreshed token was handed out
         assert client.succeed() == "success"
+
+
+def test_an_expired_token_is_replaced_and_the_call_sent_again(
+    live_server: LiveServer, credential_socket: Serve
+) -> None:
+    _, work = start_attempt(live_server)
+    stand_in = credential_socket(work, api="unix")
+    claims = json.loads(base64.urlsafe_b64decode(work.token.split(".")[1] + "=="))
+    settings = live_server.state.settings
+    expired = issue_token(
+        live_server.state.signer,
+        issuer=settings.issuer,
+        audience=settings.audience,
+        subject=work.id,
+        scope="task",
+        ttl_seconds=10,
+        extra={"try": claims["try"], "sup": claims["sup"]},
+        now=time.time() - 60,  # well past the server's leeway
+    )
+    stand_in.stale_first.append(_wire.TokenReply(token=expired.reveal(), expires_at=expired.exp))
+    with connect() as client:
+        assert client.succeed("done") == "success"  # a 401 means the server did nothing
+    assert [reply.token for reply in stand_in.handed_out] == [expired.reveal(), work.token]
+
+
+def test_a_misbehaving_supervisor_is_a_typed_error_not_a_hang(tmp_path: Path) -> None:
+    path = str(tmp_path / "bad.sock")
+    replies = [
+        _wire.encode_frame({"type": "proxy_response", "status": 200, "body": None}),
+        struct.pack(">I", _wire.MAX_FRAME + 1),
+        struct.pack(">I", 50) + b'{"type":',
+        _wire.encode_frame({"type": "token", "token": "t", "expires_at": 1, "extra": 1}),
+    ]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen()
+
+        def answer() -> None:
+            for reply in replies:
+                conn, _ = listener.accept()
+                with conn:
+                    _wire.recv_frame(conn)
+                    conn.sendall(reply)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        with Client(socket_path=path, api_url="http://127.0.0.1:9", retries=0) as client:
+            # Each failure drops the connection; the next call connects afresh.
+            with pytest.raises(ProtocolError, match="expected a 'token' reply"):
+                client.get_variable("k")
+            with pytest.raises(FrameTooLarge):
+                client.get_variable("k")
+            with pytest.raises(ConnectionLost, match="closed after 8 of 50 bytes"):
+                client.get_variable("k")
+            with pytest.raises(ProtocolError, match="unknown fields"):
+                client.get_variable("k")
+        thread.join(5)
 
 
 def test_the_token_stays_out_of_reprs_errors_and_logs(

@@ -34,7 +34,7 @@ def raw(payload: bytes, length: int | None = None) -> bytes:
 
 def test_frames_round_trip(pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
-    messages = [
+    messages: list[_wire.ToSupervisor | _wire.ToSandbox] = [
         _wire.TokenRequest(),
         _wire.ProxyRequest(method="PUT", path="/v1/task/xcoms/k%20ey", body={"value": [1, "é"]}),
         _wire.TokenReply(token="tok", expires_at=1_900_000_000),
