@@ -101,6 +101,7 @@ class TriggerWork(Open):
     token: str
     expires_at: int
     trigger_ids: list[str]
+    source_uris: list[str] = Field(default_factory=list)
 
 
 class ClaimResponse(Open):

@@ -334,7 +334,23 @@ def _claim_triggers(
         state.settings.work_token_ttl,
         {"sup": me.supervisor_id, "triggers": won},
     )
-    return [TriggerWork(id=batch, token=token.reveal(), expires_at=token.exp, trigger_ids=won)]
+    uris = session.scalars(
+        select(WorkflowVersion.source_uri)
+        .distinct()
+        .join(Run, Run.workflow_version_id == WorkflowVersion.id)
+        .join(TaskAttempt, TaskAttempt.run_id == Run.id)
+        .join(Trigger, Trigger.attempt_id == TaskAttempt.id)
+        .where(Trigger.id.in_(won))
+    ).all()
+    return [
+        TriggerWork(
+            id=batch,
+            token=token.reveal(),
+            expires_at=token.exp,
+            trigger_ids=won,
+            source_uris=sorted(u for u in uris if u),
+        )
+    ]
 
 
 @router.post("/refresh", response_model=TokenResponse)
