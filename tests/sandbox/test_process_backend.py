@@ -212,3 +212,16 @@ def test_supervisor_can_make_itself_non_dumpable() -> None:
 
 def test_entry_point_runs_user_script_via_run_path(bundle: Path) -> None:
     assert RUN_PATH == "privsep.sandbox.entrypoints:run_path"
+
+
+def test_unsafe_inline_mode_is_loud_and_never_default(bundle: Path) -> None:
+    assert ProcessBackend.__init__.__kwdefaults__["unsafe_inline"] is False  # type: ignore[index]
+    with ProcessBackend(launch_mode="spawn", unsafe_inline=True) as backend:
+        assert backend.describe() == "process backend: UNSAFE-INLINE (no isolation)"
+        path = script(bundle, "inline.py", "import os\nprint('uid', os.getuid())")
+        handle = backend.launch(spec_for(bundle, path))
+        status = handle.wait(30)
+        assert status is not None and status.ok, handle.output().text
+        text = handle.output().text
+        assert text.startswith("privsep: UNSAFE-INLINE MODE: this child runs WITHOUT namespaces")
+        assert text.endswith(f"uid {os.getuid()}\n")

@@ -9,36 +9,28 @@ sandbox must still run normally.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hostile_kit import RUN_PATH, Hostile
+from hostile_kit import RUN_PATH, SECRET, Hostile
 
 from privsep.sandbox import ExitReason, ProcessBackend, SandboxSpec, UidPool
 
-SECRET = b"PRIVSEP-PLANTED-SECRET-" + secrets.token_hex(16).encode()
-SECRET_SHA256 = hashlib.sha256(SECRET).hexdigest()
-_KEEP_IN_MEMORY = [SECRET * 4]
+SUPERVISOR_ONLY_NAMES = (
+    "PRIVSEP_PLANTED_SECRET",
+    "PRIVSEP__SUPERVISOR__CREDENTIAL",
+    "NOTIFY_SOCKET",
+    "CREDENTIALS_DIRECTORY",
+    "LISTEN_FDS",
+    "WATCHDOG_USEC",
+)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def planted_secret(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """Put the secret in the supervisor's env and an inheritable fd, for the whole session."""
-    names = (
-        "PRIVSEP_PLANTED_SECRET",
-        "PRIVSEP__SUPERVISOR__CREDENTIAL",
-        "NOTIFY_SOCKET",
-        "CREDENTIALS_DIRECTORY",
-        "LISTEN_FDS",
-        "WATCHDOG_USEC",
-    )
-    saved = {n: os.environ.get(n) for n in names}
-    for name in names:
-        os.environ[name] = SECRET.decode()
+    """An inheritable fd on a secret file, open before any backend (or zygote) starts."""
     secret_file = tmp_path_factory.mktemp("supervisor") / "supervisor.key"
     secret_file.write_bytes(SECRET)
     secret_file.chmod(0o600)
@@ -46,11 +38,13 @@ def planted_secret(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     os.set_inheritable(fd, True)  # a careless supervisor: this fd survives exec
     yield fd
     os.close(fd)
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def planted_environment(monkeypatch: pytest.MonkeyPatch, planted_secret: int) -> None:
+    """The secret in the supervisor's environment while each attack runs (and only then)."""
+    for name in SUPERVISOR_ONLY_NAMES:
+        monkeypatch.setenv(name, SECRET.decode())
 
 
 @pytest.fixture(scope="session")

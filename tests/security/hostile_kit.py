@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from privsep.sandbox import ExitStatus, Limits, ProcessBackend, ProcessHandle, SandboxSpec
+
+# The supervisor's planted secret (see conftest): in this process's memory for the whole run.
+SECRET = b"PRIVSEP-PLANTED-SECRET-" + secrets.token_hex(16).encode()
+SECRET_SHA256 = hashlib.sha256(SECRET).hexdigest()
+_KEEP_IN_MEMORY = [SECRET * 4]
 
 ATTACKS = Path(__file__).resolve().parent / "attacks"
 PROBE = ATTACKS / "probe.py"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hostile_kit import ATTACKS, Hostile
+from hostile_kit import ATTACKS, SECRET, SECRET_SHA256, Hostile
 
-from conftest import SECRET, SECRET_SHA256
 from privsep.sandbox import ExitReason
 
 
@@ -88,3 +87,37 @@ def test_hidden_paths_inside_the_bundle_stay_hidden(hostile: Hostile, workroot: 
     for directory in hidden[:3]:
         assert out.report[directory] == "EACCES"  # an empty mode-000 tmpfs on top
     assert out.report[str(single)] == "EACCES"  # /dev/null on a nodev mount
+
+
+def _memory_has(pid: int, needle: bytes) -> bool:
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] == "[vvar]"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except (OSError, OverflowError, ValueError):
+                continue
+    return False
+
+
+def test_template_zygote_and_prewarmed_sandboxes_hold_no_secret(hostile: Hostile) -> None:
+    backend = hostile.backend
+    hostile.run("ids")  # make sure the zygote has served requests in this session
+    zygote = backend.zygote_pid
+    assert zygote is not None
+    with open(f"/proc/{zygote}/environ", "rb") as fh:
+        assert fh.read() == b""  # exec'd with an empty environment
+    # stdio, the control socket and the signal wake-up pipe: not the planted inheritable fd.
+    targets = [os.readlink(f"/proc/{zygote}/fd/{fd}") for fd in os.listdir(f"/proc/{zygote}/fd")]
+    assert len(targets) == 6, targets
+    assert not any("supervisor.key" in t for t in targets)
+    with open(f"/proc/{zygote}/cmdline", "rb") as fh:
+        assert SECRET not in fh.read()
+    assert not _memory_has(zygote, SECRET)
+    for pid in backend.warm_pids():
+        assert not _memory_has(pid, SECRET)

@@ -79,7 +79,7 @@ def enter(plan: Plan, status_fd: int, request_fd: int = -1) -> Plan:
         step = SetupStep.NAMESPACES
         _unshare_namespaces(plan)
         step = SetupStep.PID_NAMESPACE
-        lifeline = _fork_into_pid_namespace(status_fd)  # the parent half never returns
+        lifeline = _fork_monitor(status_fd)  # the parent half never returns
         step = SetupStep.FILESYSTEM
         bound = prepare_root(system_paths=plan.system_paths, runtime_paths=_runtime_paths())
 
@@ -229,9 +229,12 @@ def _unshare_namespaces(plan: Plan) -> None:
             " (hint: user.max_user_namespaces, kernel.unprivileged_userns_clone or "
             "kernel.apparmor_restrict_unprivileged_userns?)",
         ) from None
+    # Our own /proc/self files are root-owned while we are non-dumpable: lift it briefly.
+    libc.set_dumpable(True)
     _write_file("/proc/self/setgroups", "deny")
     _write_file("/proc/self/uid_map", f"{uid} {uid} 1")
     _write_file("/proc/self/gid_map", f"{gid} {gid} 1")
+    libc.set_dumpable(False)
 
 
 def _prewarm_network(plan: Plan) -> int:
@@ -278,8 +281,9 @@ def _receive_request(request_fd: int, warm: Plan) -> Plan:
     return plan
 
 
-def _fork_into_pid_namespace(status_fd: int) -> int:
-    """Fork; the child (PID 1 of the new namespace) gets the lifeline read end back."""
+def _fork_monitor(status_fd: int) -> int:
+    """Fork; the parent becomes the monitor, the child (PID 1 of the new PID namespace, if
+    one was unshared) continues setup with the lifeline's read end."""
     lifeline_r, lifeline_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -400,7 +404,7 @@ def enter_unsafe_inline(plan: Plan, status_fd: int) -> None:
     """The explicit ``unsafe-inline`` debug mode: hygiene only, and a banner in the log.
 
     Still a fresh interpreter or a zygote fork (no supervisor memory), still a new session,
-    closed fds, the allow-listed environment and rlimits; nothing else.
+    closed fds, the allow-listed environment, a monitor and rlimits; nothing else.
     """
     step = SetupStep.SETSID
     try:
@@ -409,6 +413,8 @@ def enter_unsafe_inline(plan: Plan, status_fd: int) -> None:
         _close_fds_except(0, 1, 2, status_fd)
         step = SetupStep.ENVIRONMENT
         _apply_environment(plan)
+        step = SetupStep.PID_NAMESPACE
+        os.close(_fork_monitor(status_fd))  # a monitor still reports the exact outcome
         step = SetupStep.RLIMITS
         _set_rlimits(plan.limits, privileged=False)
         os.chdir(plan.workdir)

@@ -197,6 +197,11 @@ class ProcessBackend:
             return frozenset()
         return self._cgroups.controllers
 
+    @property
+    def zygote_pid(self) -> int | None:
+        """The template zygote's pid (template mode, once started)."""
+        return self._zygote.pid if self._zygote is not None else None
+
     def warm_pids(self) -> list[int]:
         """Monitor pids of the pre-warmed sandboxes waiting for a request (diagnostics)."""
         with self._lock:
@@ -360,8 +365,7 @@ class ProcessBackend:
                     self._refill_warm()
                     return None
                 warm = self._warm.popleft()
-            ready, _, _ = select.select([warm.pidfd, warm.status_r], [], [], 0)
-            if not ready:
+            if not _readable(warm.pidfd, warm.status_r):
                 return warm
             why = _read_failure(warm.status_r) or "exited while waiting"
             log.warning("privsep: pre-warmed sandbox %d failed: %s", warm.pid, why)
@@ -523,6 +527,14 @@ class _Warm(NamedTuple):
 
 def _cgroup_pids(spec: SandboxSpec) -> int | None:
     return None if spec.limits.pids is None else spec.limits.pids + 1  # +1: the monitor
+
+
+def _readable(*fds: int) -> bool:
+    """Whether any of ``fds`` is readable now (poll, not select: fds may be above 1024)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _write_all(fd: int, data: bytes) -> None:
