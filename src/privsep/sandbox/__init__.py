@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from privsep.sandbox.spec import Kind, Limits, Network, SandboxSpec
     from privsep.sandbox.status import ExitReason, ExitStatus, SandboxOutput
     from privsep.sandbox.uidpool import UidPool, UidPoolExhausted
+    from privsep.sandbox.view import Unreadable, unreadable_by_sandbox
 
 _EXPORTS = {
     "SetupStep": "privsep.sandbox._steps",
@@ -58,6 +59,8 @@ _EXPORTS = {
     "SandboxOutput": "privsep.sandbox.status",
     "UidPool": "privsep.sandbox.uidpool",
     "UidPoolExhausted": "privsep.sandbox.uidpool",
+    "Unreadable": "privsep.sandbox.view",
+    "unreadable_by_sandbox": "privsep.sandbox.view",
 }
 
 __all__ = [
@@ -79,8 +82,10 @@ __all__ = [
     "SetupStep",
     "UidPool",
     "UidPoolExhausted",
+    "Unreadable",
     "drop_privileges",
     "set_non_dumpable",
+    "unreadable_by_sandbox",
     "userns_available",
 ]
 

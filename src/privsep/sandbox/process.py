@@ -461,8 +461,8 @@ class ProcessBackend:
             warm.cgroup.kill()
             warm.cgroup.remove(attempts=50, delay=0.01)
 
-    def _finished(self, handle: ProcessHandle) -> None:
-        if handle.uid is not None:
+    def _finished(self, handle: ProcessHandle, *, release_uid: bool) -> None:
+        if handle.uid is not None and release_uid:
             self._pool.release(handle.uid)
         with self._lock:
             self._handles.discard(handle)
@@ -813,11 +813,19 @@ class ProcessHandle(SandboxHandle):
         self._status = self._compute_status()
         with contextlib.suppress(OSError):
             os.close(self._log_fd)
+        clean = True
         if self._cgroup is not None and not self._cgroup.remove(attempts=20, delay=0.005):
-            log.warning("privsep: cgroup of sandbox %s is not empty yet", self.sandbox_id)
+            # Something of this sandbox outlived it: its uid must not go to the next one.
+            clean = False
+            log.error(
+                "privsep: sandbox %s left processes in its cgroups %s; uid %s is quarantined",
+                self.sandbox_id,
+                self._cgroup.dirs,
+                self.uid,
+            )
         if self.uid is not None:
             _release_workdir(self.spec.workdir)
-        self._backend._finished(self)
+        self._backend._finished(self, release_uid=clean)
         self._running.set()
         self._done.set()
 

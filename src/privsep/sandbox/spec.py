@@ -92,6 +92,9 @@ class SandboxSpec:
     """One child: what runs, where, with which limits, and what it may see.
 
     * ``kind``: ``parse``, ``trigger`` or ``task`` (``parse`` never gets the network);
+    * ``network``: ``none`` is a fresh network namespace with only loopback; ``host`` shares
+      the host's, including its *abstract* unix sockets, so the supervisor must not listen
+      on any;
     * ``entry_point``: ``"privsep.module:function"``, called as ``function(argv, payload)``
       inside the sandbox; it is trusted code that then loads user code;
     * ``workdir``: created (if missing) mode 0700 and owned by the sandbox uid, read-write;
