@@ -176,6 +176,7 @@ class ProcessBackend:
         self._warm_seq = itertools.count()
         self._warm_failures = 0
         self._prewarmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privsep-prewarm")
+        self._stale_cgroups: list[SandboxCgroup] = []
         self._refill_warm()
 
     def describe(self) -> str:
@@ -459,7 +460,9 @@ class ProcessBackend:
                 os.close(fd)
         if warm.cgroup is not None:
             warm.cgroup.kill()
-            warm.cgroup.remove(attempts=50, delay=0.01)
+            if not warm.cgroup.remove(attempts=50, delay=0.01):
+                with self._lock:
+                    self._stale_cgroups.append(warm.cgroup)  # retried at close()
 
     def _finished(self, handle: ProcessHandle, *, release_uid: bool) -> None:
         if handle.uid is not None and release_uid:
@@ -490,6 +493,9 @@ class ProcessBackend:
             handle.wait(timeout=grace + 10.0)
         if self._zygote is not None:
             self._zygote.close()
+        for cgroup in self._stale_cgroups:  # the zygote has reaped everything by now
+            if not cgroup.remove(attempts=100, delay=0.01):
+                log.error("privsep: cannot remove sandbox cgroups %s", cgroup.dirs)
         self._reactor.stop()
         self._launcher.shutdown(wait=True)
 
