@@ -119,6 +119,29 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return keys_rotate(_load(args))
 
 
+def cmd_supervisor(args: argparse.Namespace) -> int:
+    from privsep.runner.supervisor import run_supervisor
+
+    return run_supervisor(_load(args), config_path=args.config, daemon=args.daemon)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from privsep.runner.health import check_health
+
+    cfg = _load(args)
+    max_age = args.max_age or 3 * float(cfg.get("supervisor.heartbeat_interval")) + 10
+    result = check_health(str(cfg.path_of("core.state_dir")), max_age)
+    print(result.reason)
+    return 0 if result.ok else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from privsep.runner.logs_cmd import show_log
+
+    cfg = _load(args)
+    return show_log(cfg.path_of("core.state_dir"), args.attempt, follow=args.follow)
+
+
 def _subcommands(parent: argparse.ArgumentParser, dest: str) -> argparse._SubParsersAction:  # type: ignore[type-arg]
     sub = parent.add_subparsers(dest=dest, metavar="ACTION")
     sub.required = True
@@ -190,6 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--replace", action="store_true", help="re-key an existing supervisor")
     p.set_defaults(handler=cmd_supervisors_register)
+
+    p = sub.add_parser("supervisor", help="run the supervisor (claims and sandboxes work)")
+    p.add_argument(
+        "--daemon",
+        action="store_true",
+        help="detach (pid file and log in the state directory); without systemd",
+    )
+    p.set_defaults(handler=cmd_supervisor)
+
+    p = sub.add_parser("health", help="is the supervisor's loop turning? exit 0 or 1")
+    p.add_argument(
+        "--max-age",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="oldest acceptable heartbeat (default: 3 heartbeat intervals + 10 s)",
+    )
+    p.set_defaults(handler=cmd_health)
+
+    p = sub.add_parser("logs", help="show an attempt's log")
+    p.add_argument("attempt", metavar="ATTEMPT")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing while it runs")
+    p.set_defaults(handler=cmd_logs)
 
     keys_sub = _subcommands(
         sub.add_parser("keys", help="the token-signing key ring"), "keys_command"

@@ -310,11 +310,19 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "sandbox",
+        "prewarm",
+        "int",
+        4,
+        "Template mode: sandboxes kept half-built and waiting, so a launch skips setup.",
+        minimum=0,
+    ),
+    Option(
+        "sandbox",
         "uid_first",
         "int",
         100_000,
         "First uid (and gid) of the pool that sandboxes run as; never a real user's uid.",
-        minimum=1,
+        minimum=1000,
     ),
     Option(
         "sandbox",

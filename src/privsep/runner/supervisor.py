@@ -1,0 +1,642 @@
+"""``runner supervisor``: the trusted middle of the credential chain.
+
+It holds the one long-lived credential, claims work from the server, runs each item in a
+sandbox, hands the sandbox its short-lived token over a per-sandbox unix socket, refreshes that
+token while the item runs and reports the outcome. The loop is gunicorn's arbiter: signal
+handlers only enqueue; each pass drains signals, reaps finished sandboxes, refreshes tokens
+that are due, heartbeats, and claims work while there is room.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import random
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from privsep.runner.api_session import ApiRefused, ServerUnavailable, SupervisorApi
+from privsep.runner.check_perms import PermissionViolation, enforce_at_start
+from privsep.runner.config import Config, load_config
+from privsep.runner.errors import CommandError
+from privsep.runner.orphans import OrphanRecords
+from privsep.secrets.files import InsecureFileError, make_private_dir
+from privsep.secrets.keys import KeyFormatError, load_private_key
+
+log = logging.getLogger("privsep.supervisor")
+
+ENTRY_POINTS = {
+    "task": "privsep.client._task:main",
+    "parse": "privsep.client._parse:main",
+    "trigger": "privsep.client._trigger:main",
+}
+# Claim polling: fast while work flows, backing off to this when the queue is empty.
+POLL_MIN = 0.02
+POLL_MAX = 1.0
+LOOP_TICK = 0.02
+
+
+@dataclass
+class Active:
+    """One work item running in one sandbox."""
+
+    kind: str
+    item_id: str
+    sandbox_id: str
+    handle: Any  # privsep.sandbox.SandboxHandle
+    socket: Any  # privsep.runner.credsock entry
+    log_path: str
+    started: float
+    token_issued: float
+    token_expires: int
+    next_refresh: float
+    refreshable: bool = True
+
+
+def refresh_time(issued: float, expires: float, rng: random.Random) -> float:
+    """When to refresh a token: at 50-80% of its lifetime, jittered so a fleet of sandboxes
+    does not refresh in step."""
+    life = max(1.0, expires - issued)
+    return issued + life * rng.uniform(0.5, 0.8)
+
+
+@dataclass
+class SupervisorSettings:
+    name: str
+    server_url: str
+    credential: str
+    state_dir: Path
+    runtime_dir: Path
+    workflows_dir: Path
+    parallelism: int
+    heartbeat_interval: float
+    drain_grace: float
+    log_retention_days: float
+    discovery: bool
+    discovery_interval: float
+    task_timeout: float
+    parse_timeout: float
+    trigger_timeout: float
+    network: str
+    launch_mode: str
+    uid_first: int
+    uid_count: int
+    prewarm: int = 4
+    hidden_paths: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> SupervisorSettings:
+        executor = str(cfg.get("supervisor.executor"))
+        parallelism = int(cfg.get("supervisor.parallelism")) or (os.cpu_count() or 1)
+        if executor == "sequential":
+            parallelism = 1
+        hidden = {
+            str(cfg.home / "credentials"),
+            str(cfg.home / "keys"),
+            str(cfg.path_of("server.signing_keyring")),
+            str(cfg.path_of("core.state_dir")),
+            str(cfg.path_of("supervisor.credential")),
+            str(cfg.path_of("operator.credential")),
+        }
+        if cfg.file_exists:
+            hidden.add(str(cfg.path))
+        return cls(
+            name=str(cfg.get("supervisor.name")) or socket.gethostname(),
+            server_url=str(cfg.get("server.url")),
+            credential=str(cfg.path_of("supervisor.credential")),
+            state_dir=cfg.path_of("core.state_dir"),
+            runtime_dir=cfg.path_of("core.runtime_dir"),
+            workflows_dir=cfg.path_of("core.workflows_dir"),
+            parallelism=parallelism,
+            heartbeat_interval=float(cfg.get("supervisor.heartbeat_interval")),
+            drain_grace=float(cfg.get("supervisor.drain_grace")),
+            log_retention_days=float(cfg.get("supervisor.log_retention_days")),
+            discovery=bool(cfg.get("supervisor.discovery")),
+            discovery_interval=float(cfg.get("supervisor.discovery_interval")),
+            task_timeout=float(cfg.get("supervisor.task_timeout")),
+            parse_timeout=float(cfg.get("supervisor.parse_timeout")),
+            trigger_timeout=float(cfg.get("supervisor.trigger_timeout")),
+            network=str(cfg.get("sandbox.network")),
+            launch_mode=str(cfg.get("sandbox.launch_mode")),
+            uid_first=int(cfg.get("sandbox.uid_first")),
+            uid_count=int(cfg.get("sandbox.uid_count")),
+            prewarm=int(cfg.get("sandbox.prewarm")),
+            hidden_paths=tuple(sorted(hidden)),
+        )
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def work_dir(self) -> Path:
+        # Not under state_dir: the whole state directory is hidden from every sandbox.
+        return self.runtime_dir / "work"
+
+    @property
+    def sockets_dir(self) -> Path:
+        return self.runtime_dir / "sandboxes"
+
+
+class Supervisor:
+    """One supervisor process. Build it, then :meth:`run` until a signal stops it."""
+
+    def __init__(
+        self, cfg: Config, settings: SupervisorSettings, *, config_path: str | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.settings = settings
+        self.config_path = config_path
+        self.active: dict[str, Active] = {}
+        self.draining = False
+        self.stopped = False
+        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._rng = random.Random()  # noqa: S311 - jitter
+        self._poll = POLL_MIN
+        self._next_claim = 0.0
+        self._next_heartbeat = 0.0
+        self._next_discovery = 0.0
+        self._next_retention = 0.0
+        self._next_health = 0.0
+        self._drain_deadline = 0.0
+        self._stop_event = threading.Event()
+        self.api: SupervisorApi | None = None
+        self.backend: Any = None
+        self.creds: Any = None
+        self.notifier: Any = None
+        self.watchdog: Any = None
+        self.discovery: Any = None
+        self.records = OrphanRecords(settings.state_dir / "sandboxes")
+
+    # --- start-up -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The issue's order: check-perms (strict), load the credential, become
+        non-dumpable, then open a session with the server (retrying with backoff)."""
+        from privsep.runner import systemd
+        from privsep.runner.credsock import CredentialServer
+        from privsep.sandbox import ProcessBackend, UidPool, set_non_dumpable
+
+        enforce_at_start(self.cfg, "supervisor")
+        key = load_private_key(self.settings.credential)
+        set_non_dumpable()
+        self.notifier = systemd.Notifier.from_environ()
+        interval = systemd.watchdog_interval(os.environ)
+        systemd.scrub_environ(os.environ)
+        if self.notifier and interval:
+            self.watchdog = systemd.LoopWatchdog(self.notifier, interval)
+        for d in (self.settings.state_dir, self.settings.logs_dir):
+            make_private_dir(str(d))
+        # Search-only (no listing) for others: a sandbox uid must traverse to its own socket
+        # and work directories, which are 0700 and its own; it cannot see which others exist.
+        for d in (self.settings.runtime_dir, self.settings.sockets_dir, self.settings.work_dir):
+            make_private_dir(str(d))
+            os.chmod(d, 0o711)  # noqa: S103
+        killed = self.records.reap_orphans()
+        if killed:
+            log.warning("killed %d sandbox processes left over from an earlier run", killed)
+        self.api = SupervisorApi(self.settings.server_url, self.settings.name, key)
+        if self.notifier:
+            self.notifier.status("opening a session with the server")
+        if not self.api.open_session_with_backoff(self._stop_event):
+            raise CommandError("stopped before a session with the server could be opened")
+        # Anything the server still thinks we run died with our previous process.
+        self.api.call("POST", "/v1/supervisor/restarted", None)
+        self.backend = ProcessBackend(
+            launch_mode=self.settings.launch_mode,  # type: ignore[arg-type]
+            uid_pool=UidPool(self.settings.uid_first, self.settings.uid_count),
+            log_dir=str(self.settings.logs_dir),
+            prewarm=self.settings.prewarm,
+        )
+        self.creds = CredentialServer(proxy_handler=self._proxy, on_violation=self._on_violation)
+        self.creds.start()
+        if self.settings.discovery:
+            from privsep.runner.discovery import Discovery
+
+            self.discovery = Discovery(
+                self.settings.workflows_dir, self.settings.state_dir / "discovery.json"
+            )
+        log.info(
+            "supervisor %s started: %s, parallelism %d",
+            self.settings.name,
+            self.backend.describe(),
+            self.settings.parallelism,
+        )
+        if self.watchdog:
+            self.watchdog.start()
+        if self.notifier:
+            self.notifier.ready(status=f"running, parallelism {self.settings.parallelism}")
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signals.put_nowait(signum)  # no logging, no I/O, no locks
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.start()
+        try:
+            while not self.stopped:
+                self.run_once()
+        finally:
+            self.shutdown()
+        return 0
+
+    def run_once(self) -> None:
+        """One pass of the loop. Public so tests can turn it by hand."""
+        self._handle_signals()
+        self._reap()
+        now = time.monotonic()
+        self._refresh_due()
+        if now >= self._next_heartbeat:
+            self._heartbeat()
+        if self.discovery is not None and now >= self._next_discovery and not self.draining:
+            self._discover()
+        if now >= self._next_retention:
+            self._apply_retention()
+        if self.draining:
+            self._drain_step()
+        elif now >= self._next_claim and len(self.active) < self.settings.parallelism:
+            self._claim()
+        if self.watchdog:
+            self.watchdog.tick()
+        if now >= self._next_health:
+            self._next_health = now + 1.0
+            self._write_health()
+        time.sleep(LOOP_TICK)
+
+    def _write_health(self) -> None:
+        from privsep.runner.health import write_heartbeat
+
+        try:
+            write_heartbeat(
+                str(self.settings.state_dir),
+                pid=os.getpid(),
+                detail={"active": len(self.active), "draining": self.draining},
+            )
+        except OSError as exc:  # a full disk must not stop the loop; runner health will say
+            log.warning("cannot write the health record: %s", exc)
+
+    def _handle_signals(self) -> None:
+        while True:
+            try:
+                sig = self._signals.get_nowait()
+            except queue.Empty:
+                return
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                if not self.draining:
+                    log.info(
+                        "draining: no new claims; running work has %.0f s to finish",
+                        self.settings.drain_grace,
+                    )
+                    self.draining = True
+                    self._drain_deadline = time.monotonic() + self.settings.drain_grace
+                    if self.notifier:
+                        self.notifier.stopping()
+                elif sig == signal.SIGINT:
+                    self._drain_deadline = 0  # a second Ctrl-C: stop now
+            elif sig == signal.SIGHUP:
+                self._reload()
+
+    def _reload(self) -> None:
+        try:
+            cfg = load_config(self.config_path)
+            settings = SupervisorSettings.from_config(cfg)
+        except Exception as exc:  # keep running on the old configuration
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        self.cfg = cfg
+        for name in (
+            "parallelism",
+            "heartbeat_interval",
+            "drain_grace",
+            "log_retention_days",
+            "discovery_interval",
+            "task_timeout",
+            "parse_timeout",
+            "trigger_timeout",
+            "network",
+        ):
+            setattr(self.settings, name, getattr(settings, name))
+        log.info("SIGHUP: configuration reloaded (parallelism %d)", self.settings.parallelism)
+
+    def _drain_step(self) -> None:
+        if not self.active:
+            self.stopped = True
+            return
+        if time.monotonic() >= self._drain_deadline:
+            for item in list(self.active.values()):
+                item.handle.kill(grace=0)
+
+    # --- claiming and launching -----------------------------------------------------------------
+
+    def _claim(self) -> None:
+        assert self.api is not None  # noqa: S101 - set in start()
+        room = self.settings.parallelism - len(self.active)
+        try:
+            body = self.api.call(
+                "POST",
+                "/v1/supervisor/claim",
+                {"kinds": ["task", "parse", "trigger"], "max_items": room},
+            )
+        except (ServerUnavailable, ApiRefused) as exc:
+            log.warning("claim failed: %s", exc)
+            self._poll = min(POLL_MAX, self._poll * 2)
+            self._next_claim = time.monotonic() + self._poll
+            return
+        items = body.get("items", []) if isinstance(body, dict) else []
+        for item in items:
+            self._launch(item)
+        self._poll = POLL_MIN if items else min(POLL_MAX, self._poll * 1.5)
+        self._next_claim = time.monotonic() + (0 if items else self._poll)
+
+    def _payload(self, item: dict[str, Any]) -> tuple[bytes, float, str]:
+        kind = item["kind"]
+        if kind == "task":
+            source = _file_path(item.get("source_uri"))
+            payload = {
+                "module": item["callable"]["module"],
+                "qualname": item["callable"]["qualname"],
+                "path": source,
+            }
+            timeout = float(item.get("timeout") or self.settings.task_timeout)
+            return json.dumps(payload).encode(), timeout, self.settings.network
+        if kind == "parse":
+            payload = {"path": _file_path(item["uri"])}
+            return json.dumps(payload).encode(), self.settings.parse_timeout, "none"
+        paths = [_file_path(u) for u in item.get("source_uris", [])]
+        payload = {"paths": [p for p in paths if p]}
+        return json.dumps(payload).encode(), self.settings.trigger_timeout, self.settings.network
+
+    def _launch(self, item: dict[str, Any]) -> None:
+        from privsep.sandbox import Limits, SandboxSpec
+
+        kind, item_id = item["kind"], item["id"]
+        sandbox_id = uuid.uuid4().hex[:16]
+        log_path = str(self.settings.logs_dir / f"{kind}-{item_id}.log")
+        entry = None
+        try:
+            payload, timeout, network = self._payload(item)
+            entry = self.creds.open_socket(
+                sandbox_id, directory_root=str(self.settings.sockets_dir)
+            )
+            env = {"PRIVSEP_CREDENTIAL_SOCKET": entry.path}
+            if network == "host":
+                env["PRIVSEP_API_URL"] = self.settings.server_url
+            spec = SandboxSpec(
+                kind=kind,
+                entry_point=ENTRY_POINTS[kind],
+                workdir=str(self.settings.work_dir / sandbox_id),
+                payload=payload,
+                env=env,
+                limits=Limits(wall_seconds=timeout),
+                network=network,  # type: ignore[arg-type]
+                bundle_paths=(str(self.settings.workflows_dir),)
+                if self.settings.workflows_dir.is_dir()
+                else (),
+                hidden_paths=tuple(p for p in self.settings.hidden_paths if os.path.exists(p)),
+                credential_socket=entry.path,
+                log_path=log_path,
+                sandbox_id=sandbox_id,
+            )
+            handle = self.backend.launch(spec)
+        except Exception as exc:
+            log.error("cannot launch %s %s: %s", kind, item_id, exc)
+            if entry is not None:
+                self.creds.close_socket(sandbox_id)
+            self._report(kind, item_id, None, f"sandbox could not be launched: {exc}")
+            return
+        uid = getattr(handle, "uid", None)
+        entry.bind_process(handle.pid, os.geteuid() if uid is None else uid)
+        entry.set_token(item["token"], int(item["expires_at"]))
+        self.records.add(sandbox_id, pid=handle.pid, item=f"{kind}:{item_id}")
+        now = time.time()
+        self.active[sandbox_id] = Active(
+            kind=kind,
+            item_id=item_id,
+            sandbox_id=sandbox_id,
+            handle=handle,
+            socket=entry,
+            log_path=log_path,
+            started=now,
+            token_issued=now,
+            token_expires=int(item["expires_at"]),
+            next_refresh=refresh_time(now, int(item["expires_at"]), self._rng),
+            refreshable=kind != "trigger",
+        )
+
+    # --- running work -----------------------------------------------------------------------------
+
+    def _refresh_due(self) -> None:
+        assert self.api is not None  # noqa: S101
+        now = time.time()
+        for item in list(self.active.values()):
+            if not item.refreshable or now < item.next_refresh or item.handle.status is not None:
+                continue
+            try:
+                body = self.api.call(
+                    "POST", "/v1/supervisor/refresh", {"kind": item.kind, "id": item.item_id}
+                )
+            except ServerUnavailable as exc:
+                log.warning(
+                    "token refresh for %s %s failed (%s); retrying", item.kind, item.item_id, exc
+                )
+                item.next_refresh = now + 1.0
+                continue
+            except ApiRefused as exc:
+                log.info("token of %s %s not refreshed: %s", item.kind, item.item_id, exc.code)
+                item.refreshable = False
+                continue
+            item.socket.set_token(body["token"], int(body["expires_at"]))
+            item.token_issued = now
+            item.token_expires = int(body["expires_at"])
+            item.next_refresh = refresh_time(now, item.token_expires, self._rng)
+
+    def _reap(self) -> None:
+        """Finish every sandbox that ended: the socket stops answering, the outcome goes to
+        the server (which ends the attempt, so its token dies), the records go."""
+        for sandbox_id, item in list(self.active.items()):
+            status = item.handle.status
+            if status is None:
+                continue
+            del self.active[sandbox_id]
+            item.socket.end()
+            self.creds.close_socket(sandbox_id)
+            self.records.remove(sandbox_id)
+            code = getattr(status, "exit_code", None)
+            reason = "" if code == 0 else str(getattr(status, "detail", "") or status)
+            self._report(item.kind, item.item_id, code, reason)
+            shutil.rmtree(self.settings.work_dir / sandbox_id, ignore_errors=True)
+            self._poll = POLL_MIN  # a finished task may have made its downstream runnable
+            self._next_claim = 0.0
+
+    def _report(self, kind: str, item_id: str, exit_code: int | None, reason: str) -> None:
+        assert self.api is not None  # noqa: S101
+        body = {
+            "kind": kind,
+            "id": item_id,
+            "exit_code": exit_code,
+            "reason": reason[:4000] or ("" if exit_code == 0 else "sandbox failed"),
+        }
+        if exit_code == 0:
+            body["reason"] = "sandbox exited without reporting an outcome"
+        for attempt in range(5):
+            try:
+                self.api.call("POST", "/v1/supervisor/outcome", body)
+                return
+            except ServerUnavailable:
+                time.sleep(min(5.0, 0.2 * 2**attempt))
+            except ApiRefused as exc:
+                log.warning("outcome of %s %s refused: %s", kind, item_id, exc)
+                return
+        log.error("could not report the outcome of %s %s; the server will reap it", kind, item_id)
+
+    def _heartbeat(self) -> None:
+        assert self.api is not None  # noqa: S101
+        self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
+        try:
+            self.api.call("POST", "/v1/supervisor/heartbeat", None)
+        except (ServerUnavailable, ApiRefused) as exc:
+            log.warning("heartbeat failed: %s", exc)
+
+    def _discover(self) -> None:
+        assert self.api is not None  # noqa: S101
+        self._next_discovery = time.monotonic() + self.settings.discovery_interval
+        try:
+            changes = self.discovery.scan()
+            for path, digest in changes.changed:
+                self.api.call(
+                    "POST",
+                    "/v1/supervisor/parse-jobs",
+                    {"uri": Path(path).as_uri(), "content_hash": digest},
+                )
+            if changes.deleted:
+                self.api.call(
+                    "POST",
+                    "/v1/supervisor/deleted-files",
+                    {"uris": [Path(p).as_uri() for p in changes.deleted]},
+                )
+            self.discovery.commit(changes)
+        except (ServerUnavailable, ApiRefused) as exc:
+            log.warning("discovery could not reach the server (%s); will rescan", exc)
+
+    def _apply_retention(self) -> None:
+        self._next_retention = time.monotonic() + 3600
+        days = self.settings.log_retention_days
+        if days <= 0:
+            return
+        cutoff = time.time() - days * 86400
+        for entry in os.scandir(self.settings.logs_dir):
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except OSError:
+                continue
+
+    # --- callbacks from the credential server (its thread) -----------------------------------
+
+    def _proxy(self, method: str, path: str, body: Any, token: str) -> tuple[int, Any]:
+        import requests
+
+        resp = requests.request(
+            method,
+            self.settings.server_url.rstrip("/") + path,
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,  # under the client SDK's own 10 s + 5 s wait
+        )
+        try:
+            data = resp.json() if resp.content else None
+        except ValueError:
+            data = None
+        return resp.status_code, data
+
+    def _on_violation(self, sandbox_id: str, reason: str) -> None:
+        item = self.active.get(sandbox_id)
+        log.warning("sandbox %s broke the credential protocol (%s): killing it", sandbox_id, reason)
+        if item is not None:
+            item.handle.kill(grace=0)
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        for item in list(self.active.values()):
+            item.handle.kill(grace=0)
+        deadline = time.monotonic() + 10
+        while self.active and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.05)
+        if self.watchdog:
+            self.watchdog.stop()
+        if self.creds is not None:
+            self.creds.stop()
+        if self.backend is not None:
+            self.backend.close()
+        if self.api is not None:
+            self.api.close()
+
+
+def _file_path(uri: Any) -> str:
+    if not isinstance(uri, str) or not uri:
+        return ""
+    if uri.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return unquote(urlparse(uri).path)
+    return uri
+
+
+def run_supervisor(cfg: Config, *, config_path: str | None, daemon: bool = False) -> int:
+    """The ``runner supervisor`` command."""
+    settings = SupervisorSettings.from_config(cfg)
+    if daemon:
+        from privsep.runner.daemonize import daemonize
+
+        make_private_dir(str(settings.state_dir))
+        ctx = daemonize(
+            str(settings.state_dir / "supervisor.pid"), str(settings.state_dir / "supervisor.log")
+        )
+        with ctx:
+            return _run(cfg, settings, config_path)
+    return _run(cfg, settings, config_path)
+
+
+def _run(cfg: Config, settings: SupervisorSettings, config_path: str | None) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    sup = Supervisor(cfg, settings, config_path=config_path)
+    sup.install_signal_handlers()
+    try:
+        return sup.run()
+    except PermissionViolation as exc:
+        print(
+            f"{exc}\nrunner: refusing to start the supervisor: fix the permissions above "
+            "(runner check-perms shows them)",
+            file=sys.stderr,
+        )
+        return 1
+    except FileNotFoundError as exc:
+        raise CommandError(
+            f"supervisor credential {exc.filename} does not exist; create it "
+            "with `runner credentials create --out PATH`"
+        ) from None
+    except InsecureFileError as exc:
+        raise CommandError(f"refusing the supervisor credential: {exc}") from None
+    except KeyFormatError as exc:
+        raise CommandError(str(exc)) from None

@@ -1,0 +1,164 @@
+"""The supervisor end to end: discovery → parse sandbox → task sandboxes → outcomes.
+
+A real ``runner server`` and a real ``runner supervisor`` run as processes; every task runs in
+a real process sandbox as a pool uid. Nothing is stubbed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from stack import Stack
+
+CHAIN = textwrap.dedent("""
+    from privsep.client import Context, Workflow
+
+    wf = Workflow("chain", schedule=None)
+
+    @wf.task
+    def extract(ctx: Context) -> dict:
+        ctx.log.info("extracting for run %s", ctx.run_id)
+        print("hello from the sandbox, uid", __import__("os").getuid())
+        return {"rows": 3}
+
+    @wf.task(upstream=[extract])
+    def load(ctx: Context) -> int:
+        return ctx.xcom_pull("extract")["rows"] * 2
+""")
+
+FLAKY = textwrap.dedent("""
+    from privsep.client import Context, Workflow
+
+    wf = Workflow("flaky", schedule=None)
+
+    @wf.task(retries=1)
+    def boom(ctx: Context) -> None:
+        raise RuntimeError(f"try {ctx.try_number} failed on purpose")
+""")
+
+SLOW = textwrap.dedent("""
+    import time
+    from privsep.client import Context, Workflow
+
+    wf = Workflow("slow", schedule=None)
+
+    @wf.task
+    def nap(ctx: Context) -> str:
+        time.sleep(float(ctx.params.get("seconds", 30)))
+        return "rested"
+""")
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    # A short home: a unix socket address holds at most 107 bytes, and pytest's tmp_path
+    # is long enough to push the per-sandbox socket paths past it.
+    home = Path(tempfile.mkdtemp(prefix="ps-", dir="/tmp"))
+    home.chmod(0o700)
+    s = Stack(
+        home,
+        uid_first=140_000,
+        PRIVSEP__SUPERVISOR__DRAIN_GRACE="3",
+        PRIVSEP__SERVER__SUPERVISOR_HEARTBEAT_TIMEOUT="6",
+    )
+    s.setup()
+    for name, source in (("chain", CHAIN), ("flaky", FLAKY), ("slow", SLOW)):
+        (home / "workflows" / f"{name}.py").write_text(source)
+    s.start_server()
+    try:
+        yield s
+    finally:
+        s.stop_all()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_chain_runs_in_sandboxes_and_succeeds(stack: Stack) -> None:
+    stack.start("supervisor", "supervisor")
+    run_id = stack.trigger_when_parsed("chain")
+    stack.wait_for(lambda: stack.run_state(run_id) in ("success", "failed"), 90, "chain run")
+    attempts = stack.attempts(run_id)
+    assert stack.run_state(run_id) == "success", attempts
+    assert sorted(a["task_id"] for a in attempts) == ["extract", "load"]
+    extract = next(a for a in attempts if a["task_id"] == "extract")
+    logs = stack.runner("logs", extract["id"])
+    assert logs.returncode == 0
+    assert "hello from the sandbox, uid 1400" in logs.stdout  # a pool uid, not root
+    health = stack.runner("health")
+    assert health.returncode == 0, health.stdout
+    assert stack.stop("supervisor") == 0
+
+
+def test_a_failing_task_is_retried_then_fails(stack: Stack) -> None:
+    stack.start("supervisor", "supervisor")
+    run_id = stack.trigger_when_parsed("flaky")
+    stack.wait_for(lambda: stack.run_state(run_id) == "failed", 90, "flaky run to fail")
+    tries = sorted((a["try_number"], a["state"]) for a in stack.attempts(run_id))
+    assert tries == [(1, "up_for_retry"), (2, "failed")]
+    second = stack.attempts(run_id)[-1]
+    assert "try 2 failed on purpose" in (second["error"] or "")
+
+
+def _sandbox_processes(uid_first: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                uid = os.stat(f"/proc/{entry}").st_uid
+            except OSError:
+                continue
+            if uid_first <= uid < uid_first + 50:
+                found.append(int(entry))
+    return found
+
+
+def test_kill_9_then_restart_leaves_no_orphan_and_no_stuck_attempt(stack: Stack) -> None:
+    stack.start("supervisor", "supervisor")
+    run_id = stack.trigger_when_parsed("slow")
+    stack.wait_for(lambda: _sandbox_processes(140_000), 60, "the task's sandbox to start")
+    stack.procs["supervisor"].kill()  # SIGKILL: no cleanup of any kind
+    stack.procs["supervisor"].wait()
+    stack.retire("supervisor", "supervisor-crashed")
+    assert _sandbox_processes(140_000), "the sandbox should outlive a SIGKILLed supervisor"
+    stack.start("supervisor", "supervisor")
+    stack.wait_for(
+        lambda: not _sandbox_processes(140_000) or None,
+        30,
+        "the restarted supervisor to kill the orphaned sandbox",
+    )
+    # The server takes the attempt back once the old session's heartbeats stop, and the
+    # retry-less task fails; nothing stays "running".
+    stack.wait_for(lambda: stack.run_state(run_id) == "failed", 120, "the lost attempt to end")
+    states = [a["state"] for a in stack.attempts(run_id)]
+    assert "running" not in states
+
+
+def test_sigterm_drains_running_work(stack: Stack) -> None:
+    """SIGTERM: no new claims; the short task finishes inside the grace period, the long one
+    is killed at its end and reported; the supervisor exits 0 and leaves no sandbox."""
+    stack.start("supervisor", "supervisor")
+    long_run = stack.trigger_when_parsed("slow")
+    short = stack.operator("POST", "/v1/operator/workflows/slow/runs", {"conf": {"seconds": 1}})
+    short_run = short.json()["id"]
+    stack.wait_for(lambda: len(_sandbox_processes(140_000)) >= 2, 60, "both sandboxes")
+    started = time.monotonic()
+    assert stack.stop("supervisor", signal.SIGTERM, timeout=60) == 0
+    assert time.monotonic() - started < 20  # the 3 s grace, not the 30 s nap
+    leftover = _sandbox_processes(140_000)
+    if leftover:  # say what it is before failing
+        info = {
+            p: Path(f"/proc/{p}/cmdline").read_bytes()[:200]
+            for p in leftover
+            if Path(f"/proc/{p}").exists()
+        }
+        time.sleep(3)
+        assert not _sandbox_processes(140_000), info
+    assert stack.run_state(short_run) == "success"
+    assert stack.run_state(long_run) == "failed"
