@@ -487,3 +487,19 @@ def test_a_restarted_supervisor_ends_what_its_previous_process_ran(api: ApiHarne
     resp = api.client.get(f"/v1/operator/runs/{run_id}/attempts", headers=bearer(op))
     assert [a["state"] for a in resp.json()["attempts"]] == ["failed"]
     assert api.client.get("/v1/task/context", headers=bearer(item.token)).status_code == 401
+
+
+def test_trigger_batches_never_mix_workflows(api: ApiHarness) -> None:
+    sess = api.supervisor_session("sup-a")
+    op = api.operator_session()
+    trigger = {"module": "workflows.etl", "qualname": "Sleep", "kwargs": {"seconds": 1}}
+    for wf in ("wf_t1", "wf_t2"):
+        api.define_workflow(sess, workflow(wf, task("wait")))
+        api.trigger_run(op, wf)
+    for item in api.claim(sess, ["task"]):
+        api.client.post("/v1/task/defer", json={"trigger": trigger}, headers=bearer(item.token))
+    first = api.claim(sess, ["trigger"])
+    second = api.claim(sess, ["trigger"])
+    assert len(first) == 1 and len(second) == 1
+    assert len(first[0].body["trigger_ids"]) == 1 and len(second[0].body["trigger_ids"]) == 1
+    assert first[0].body["source_uris"] != second[0].body["source_uris"]

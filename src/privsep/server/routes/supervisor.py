@@ -307,14 +307,22 @@ def _claim_parse(
 def _claim_triggers(
     session: Session, state: ServerState, me: SupervisorPrincipal
 ) -> list[TaskWork | ParseWork | TriggerWork]:
-    """All queued triggers go to one batch: one sandbox, one event loop, one token."""
+    """The queued triggers of ONE workflow go to one batch: one sandbox, one event loop, one
+    token. Two workflows never share a trigger sandbox, so one workflow's trigger code cannot
+    see or disturb another's."""
     now = utcnow()
-    ids = session.scalars(
-        select(Trigger.id)
+    rows = session.execute(
+        select(Trigger.id, Run.workflow_id)
+        .join(TaskAttempt, TaskAttempt.id == Trigger.attempt_id)
+        .join(Run, Run.id == TaskAttempt.run_id)
         .where(Trigger.state == TriggerState.QUEUED)
         .order_by(Trigger.created_at)
-        .limit(100)
+        .limit(500)
     ).all()
+    if not rows:
+        return []
+    workflow = rows[0][1]
+    ids = [trigger_id for trigger_id, wf in rows if wf == workflow][:100]
     won: list[str] = []
     for trigger_id in ids:
         if affected(
