@@ -141,7 +141,7 @@ def load_config(
     timeout = _early_timeout(file_values, env_values)
 
     for opt in OPTIONS:
-        cfg.settings[opt.name] = _resolve(opt, file_values, env_values, path, timeout, env)
+        cfg.settings[opt.name] = _resolve(opt, file_values, env_values, path, timeout, env, home)
         # The file is checked whenever it holds a secret, even one the environment overrides:
         # the value is still sitting there for anyone who can read the file.
         if opt.secret and opt.name in file_values:
@@ -364,6 +364,7 @@ def _resolve(
     path: Path,
     timeout: float,
     env: Mapping[str, str],
+    home: Path,
 ) -> Setting:
     name = opt.name
     if name in env_values:
@@ -377,7 +378,8 @@ def _resolve(
         return Setting(opt, _from_text(opt, out, _env_where(opt, "_cmd")), f"env {var}", "env_cmd")
     if name + "_file" in env_values:
         var = _env_name(opt, "_file")
-        return Setting(opt, FileSecret(env_values[name + "_file"]), f"env {var}", "env_file")
+        secret_file = str(home / env_values[name + "_file"])  # relative: under the home
+        return Setting(opt, FileSecret(secret_file), f"env {var}", "env_file")
     if name in file_values:
         value, line = file_values[name]
         return Setting(opt, value, f"{path}:{line}", "file")
@@ -388,7 +390,8 @@ def _resolve(
         return Setting(opt, _from_text(opt, out, where), f"{path}:{line} (_cmd)", "file_cmd")
     if name + "_file" in file_values:
         secret_path, line = file_values[name + "_file"]
-        return Setting(opt, FileSecret(str(secret_path)), f"{path}:{line} (_file)", "file_file")
+        secret_file = str(home / str(secret_path))  # relative: under the home
+        return Setting(opt, FileSecret(secret_file), f"{path}:{line} (_file)", "file_file")
     return Setting(opt, opt.default, "default")
 
 

@@ -37,7 +37,7 @@ class Discovery:
             for root, dirs, files in os.walk(self.folder):
                 dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
                 for name in sorted(files):
-                    if not name.endswith(".py") or name.startswith("."):
+                    if not name.endswith(".py") or name.startswith((".", "_")):
                         continue
                     path = os.path.join(root, name)
                     try:
