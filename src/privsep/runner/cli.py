@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -142,6 +143,27 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return show_log(cfg.path_of("core.state_dir"), args.attempt, follow=args.follow)
 
 
+def cmd_standalone(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from privsep.runner.config import default_home
+    from privsep.runner.standalone import Options, bundled_examples, run_standalone
+
+    home = Path(args.home).expanduser().resolve() if args.home else default_home(os.environ)
+    workflows = Path(args.workflows).expanduser() if args.workflows else bundled_examples()
+    if args.parallelism is not None and args.parallelism < 1:
+        raise CommandError("--parallelism must be at least 1", EXIT_USAGE)
+    return run_standalone(
+        Options(
+            home=home,
+            workflows=workflows,
+            once=args.once,
+            parallelism=args.parallelism,
+            as_json=args.json,
+        )
+    )
+
+
 def _subcommands(parent: argparse.ArgumentParser, dest: str) -> argparse._SubParsersAction:  # type: ignore[type-arg]
     sub = parent.add_subparsers(dest=dest, metavar="ACTION")
     sub.required = True
@@ -221,6 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="detach (pid file and log in the state directory); without systemd",
     )
     p.set_defaults(handler=cmd_supervisor)
+
+    p = sub.add_parser("standalone", help="server + supervisor on this host, in one command")
+    p.add_argument("--home", metavar="DIR", help="PRIVSEP_HOME to use (created on first run)")
+    p.add_argument(
+        "--workflows",
+        metavar="DIR",
+        help="folder of workflow definition files (default: the bundled examples)",
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="run every workflow once, print a summary, exit 0 if all succeeded",
+    )
+    p.add_argument("--parallelism", type=int, metavar="N", help="tasks run at once")
+    p.add_argument("--json", action="store_true", help="with --once: the summary as JSON")
+    p.set_defaults(handler=cmd_standalone)
 
     p = sub.add_parser("health", help="is the supervisor's loop turning? exit 0 or 1")
     p.add_argument(
