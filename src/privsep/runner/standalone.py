@@ -31,6 +31,7 @@ from privsep.secrets.files import make_private_dir, write_private_file
 SUPERVISOR_NAME = "standalone"
 PARSE_WAIT = 120.0
 RUN_WAIT = 600.0
+MAX_SUPERVISOR_RESTARTS = 5
 
 # What the bundled examples need, granted on the first run (operator policy, never workflow
 # code, decides what a workflow may read).
@@ -213,6 +214,7 @@ class Standalone:
         self.url = url
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.log_dir = opts.home / "state" / "standalone"
+        self.restarts = 0
 
     def progress(self, message: str) -> None:
         if not self.opts.as_json:
@@ -231,13 +233,24 @@ class Standalone:
         )
 
     def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")
-                lines = [ln for ln in tail.strip().splitlines() if ln][-5:]
-                raise CommandError(
-                    f"the {name} exited with status {proc.returncode}:\n  " + "\n  ".join(lines)
+        """A dead server ends standalone; a dead supervisor is restarted (a few times), and
+        its restart hands back whatever it was running, so those attempts are rescheduled."""
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                continue
+            log_path = self.log_dir / f"{name}.log"
+            lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln][-5:]
+            if name == "supervisor" and self.restarts < MAX_SUPERVISOR_RESTARTS:
+                self.restarts += 1
+                self.progress(
+                    f"the supervisor exited with status {proc.returncode}; "
+                    f"restarting it ({self.restarts}/{MAX_SUPERVISOR_RESTARTS})"
                 )
+                self.start("supervisor")
+                continue
+            raise CommandError(
+                f"the {name} exited with status {proc.returncode}:\n  " + "\n  ".join(lines)
+            )
 
     def wait_for_server(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
