@@ -550,3 +550,22 @@ def test_probe_fix_quotes_a_path_with_spaces(world_home: Path) -> None:
     extra = {"PRIVSEP__SUPERVISOR__CREDENTIAL": str(key)}
     result = check_perms(world_home, extra=extra)
     assert_violation(result, key, "can open this file", fix=f"chmod go-rwx {shlex.quote(str(key))}")
+
+
+def test_a_workflow_file_the_sandbox_cannot_read_is_reported(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    flows = tmp_path / "flows"
+    flows.mkdir(mode=0o755)
+    good = flows / "good.py"
+    good.write_text("x = 1\n")
+    good.chmod(0o644)
+    env = clean_env(home, {"PRIVSEP__CORE__WORKFLOWS_DIR": str(flows)})
+    assert run_runner("check-perms", env=env).returncode == 0
+    secret = flows / "private.py"
+    secret.write_text("x = 2\n")
+    secret.chmod(0o600)
+    result = run_runner("check-perms", env=env)
+    assert result.returncode == 1
+    line = finding_line(result.stdout, secret, "sandboxes cannot read this workflow path")
+    assert "chmod" in line

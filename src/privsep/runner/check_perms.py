@@ -203,7 +203,26 @@ def check_permissions(cfg: Config) -> Report:
                     f"chmod go-rwx {shlex.quote(path)}",
                 )
             )
+    _check_bundle(cfg, report)
     return report
+
+
+def _check_bundle(cfg: Config, report: Report) -> None:
+    """The other direction: what sandboxes must read (the workflow files), they can read.
+
+    A definition file the sandbox uid cannot read would fail every parse with a confusing
+    import error; say so here, with the fix.
+    """
+    from privsep.sandbox.view import unreadable_by_sandbox
+
+    bundle = cfg.path_of("core.workflows_dir")
+    if not bundle.is_dir():
+        return
+    report.checked.append(str(bundle))
+    for item in unreadable_by_sandbox([str(bundle)]):
+        report.findings.append(
+            Finding(item.path, f"sandboxes cannot read this workflow path ({item.why})", item.fix)
+        )
 
 
 def format_text(report: Report) -> str:
