@@ -1,0 +1,765 @@
+"""The scheduler against a real database (SQLite and PostgreSQL), under a controlled clock.
+
+Every scheduler function takes ``now``, so these tests walk schedules tick by tick without
+sleeping. Races between replicas are real: several threads, each with its own engine (its own
+connections, as separate server processes would have), released together by a barrier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from privsep.server.db import Database, upgrade
+from privsep.server.db.models import (
+    AttemptState,
+    AuditLog,
+    Run,
+    RunState,
+    RunTriggerKind,
+    TaskAttempt,
+    Trigger,
+    TriggerState,
+    Workflow,
+    WorkflowVersion,
+)
+from privsep.server.routes._sql import affected
+from privsep.server.runs import start_run
+from privsep.server.scheduler import (
+    CronSchedule,
+    DueRun,
+    IntervalSchedule,
+    InvalidSchedule,
+    SchedulerThread,
+    _expire_running,
+    _facts,
+    admit,
+    claim_candidates,
+    create_scheduled_run,
+    create_scheduled_runs,
+    due_runs,
+    expire_deferrals,
+    expire_running,
+    parse_schedule,
+    scheduler_pass,
+)
+
+from .api import ApiHarness, task, workflow
+
+R = TypeVar("R")
+T0 = datetime(2024, 3, 5, 10, 17, 23, 500_000, tzinfo=UTC)  # a Tuesday, off any tick
+
+
+def at(hour: int, minute: int = 0, second: int = 0, microsecond: int = 0) -> datetime:
+    return T0.replace(hour=hour, minute=minute, second=second, microsecond=microsecond)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_version_cache() -> None:
+    """The parsed-version cache is per process; start each test without it, so a warning
+    logged when a version is first parsed shows up in every test that expects it."""
+    _facts.clear()
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def definition(
+    workflow_id: str, schedule: str | float | None, *tasks: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "workflow_id": workflow_id,
+        "schedule": schedule,
+        "tasks": list(tasks) or [task("only")],
+    }
+
+
+def add_version(db: Database, wf: dict[str, Any], bundle_version: str = "") -> int:
+    """Store ``wf`` as its workflow's current version, exactly as the parse route would."""
+    text = json.dumps(wf, sort_keys=True, separators=(",", ":"))
+    with db.write_session() as session:
+        version = WorkflowVersion(
+            workflow_id=wf["workflow_id"],
+            definition=text,
+            bundle_version=bundle_version,
+            content_hash=hashlib.sha256(text.encode()).hexdigest(),
+        )
+        session.add(version)
+        session.flush()
+        session.execute(
+            update(Workflow)
+            .where(Workflow.id == wf["workflow_id"])
+            .values(current_version_id=version.id)
+        )
+        return version.id
+
+
+def make_workflow(
+    db: Database,
+    workflow_id: str,
+    schedule: str | float | None,
+    *tasks: dict[str, Any],
+    created_at: datetime = T0,
+    active: bool = True,
+) -> int:
+    with db.write_session() as session:
+        session.add(Workflow(id=workflow_id, created_at=created_at, active=active))
+    return add_version(db, definition(workflow_id, schedule, *tasks))
+
+
+def detached(session: Session, rows: list[R]) -> list[R]:
+    """``rows``, usable after the read session ends (its rollback would expire them)."""
+    session.expunge_all()
+    return rows
+
+
+def scheduled_runs(db: Database, workflow_id: str | None = None) -> list[Run]:
+    with db.read_session() as session:
+        query = select(Run).where(Run.trigger_kind == RunTriggerKind.SCHEDULE)
+        if workflow_id is not None:
+            query = query.where(Run.workflow_id == workflow_id)
+        return detached(session, list(session.scalars(query.order_by(Run.logical_date))))
+
+
+def logical_dates(db: Database, workflow_id: str | None = None) -> list[datetime]:
+    return [run.logical_date for run in scheduled_runs(db, workflow_id) if run.logical_date]
+
+
+def attempts(db: Database, run_id: str | None = None) -> list[TaskAttempt]:
+    with db.read_session() as session:
+        query = select(TaskAttempt).order_by(TaskAttempt.task_id, TaskAttempt.try_number)
+        if run_id is not None:
+            query = query.where(TaskAttempt.run_id == run_id)
+        return detached(session, list(session.scalars(query)))
+
+
+def manual_run(db: Database, workflow_id: str) -> str:
+    """A run started the way the operator route starts one."""
+    with db.write_session() as session:
+        wf = session.get(Workflow, workflow_id)
+        assert wf is not None and wf.current_version_id is not None
+        run = Run(workflow_id=workflow_id, workflow_version_id=wf.current_version_id)
+        session.add(run)
+        session.flush()
+        start_run(session, run)
+        return run.id
+
+
+def set_attempt(db: Database, attempt_id: str, **values: Any) -> None:
+    with db.write_session() as session:
+        session.execute(update(TaskAttempt).where(TaskAttempt.id == attempt_id).values(**values))
+
+
+def defer(db: Database, attempt_id: str, deadline: datetime | None) -> str:
+    """Park an attempt on a trigger the way the defer route does; returns the trigger id."""
+    with db.write_session() as session:
+        attempt = session.get(TaskAttempt, attempt_id)
+        assert attempt is not None
+        trigger = Trigger(attempt_id=attempt_id, serialized={"module": "m", "qualname": "q"})
+        session.add(trigger)
+        session.flush()
+        attempt.state = AttemptState.DEFERRED
+        attempt.trigger_id = trigger.id
+        attempt.supervisor_id = None
+        attempt.next_try_at = deadline
+        return trigger.id
+
+
+def race(url: str, threads: int, body: Callable[[Database], Any]) -> list[Any]:
+    """Run ``body`` in ``threads`` threads at once, each with its own engine; their results."""
+    barrier = threading.Barrier(threads)
+    results: list[Any] = [None] * threads
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        database = Database.from_url(url)
+        try:
+            barrier.wait(timeout=30)
+            results[index] = body(database)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            database.dispose()
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(timeout=120)
+    assert not errors, errors
+    return results
+
+
+# --- schedules, without a database -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "after", "expected"),
+    [
+        ("@hourly", at(10, 17), at(11)),
+        ("@daily", at(10, 17), datetime(2024, 3, 6, tzinfo=UTC)),
+        ("@midnight", at(10, 17), datetime(2024, 3, 6, tzinfo=UTC)),
+        ("@weekly", at(10, 17), datetime(2024, 3, 10, tzinfo=UTC)),  # the next Sunday
+        ("@monthly", at(10, 17), datetime(2024, 4, 1, tzinfo=UTC)),
+        ("@yearly", at(10, 17), datetime(2025, 1, 1, tzinfo=UTC)),
+        ("@annually", at(10, 17), datetime(2025, 1, 1, tzinfo=UTC)),
+        ("@HOURLY", at(10, 17), at(11)),
+        ("*/15 * * * *", at(10, 17), at(10, 30)),
+        ("*/15  *  * * *", at(10, 30), at(10, 45)),  # strictly after, extra spaces fine
+        ("30 * * * * 15", at(10, 17), at(10, 30, 15)),  # six fields: seconds
+        (90, at(10, 17), at(10, 18, 30)),
+        (0.5, at(10, 17), at(10, 17, 0, 500_000)),
+    ],
+)
+def test_schedules_name_their_next_tick(
+    value: str | float, after: datetime, expected: datetime
+) -> None:
+    schedule = parse_schedule(value)
+    assert schedule is not None
+    assert schedule.next_after(after) == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["@reboot", "@every_minute", "not cron", "61 * * * *", "", 0, -5.0, float("inf"), True]
+)
+def test_invalid_schedules_are_refused(value: Any) -> None:
+    with pytest.raises(InvalidSchedule):
+        parse_schedule(value)
+
+
+def test_no_schedule_is_none() -> None:
+    assert parse_schedule(None) is None
+
+
+def test_latest_tick_is_inclusive_of_now_and_exclusive_of_the_base() -> None:
+    hourly = CronSchedule("0 * * * *")
+    assert hourly.latest_between(at(10), at(10)) is None  # the base itself is not a tick
+    assert hourly.latest_between(at(10), at(10, 59, 59, 999_999)) is None
+    assert hourly.latest_between(at(10), at(11)) == at(11)
+    assert hourly.latest_between(at(10), at(11, 0, 0, 1)) == at(11)
+    assert hourly.latest_between(at(10), at(14, 30)) == at(14)
+    every = IntervalSchedule(0.1)  # not exact in binary floating point
+    base = at(10)
+    assert every.latest_between(base, base + timedelta(milliseconds=99)) is None
+    assert every.latest_between(base, base + timedelta(milliseconds=100)) == base + timedelta(
+        milliseconds=100
+    )
+    assert every.latest_between(base, base + timedelta(seconds=3)) == base + timedelta(seconds=3)
+
+
+# --- scheduled runs -----------------------------------------------------------------------------
+
+
+def test_cron_workflow_fires_exactly_on_its_tick(db: Database) -> None:
+    version = make_workflow(db, "cron", "30 * * * *", task("a"), task("b", "a"))
+    assert create_scheduled_runs(db, at(10, 29, 59, 999_999)) == 0
+    assert scheduled_runs(db) == []
+    assert create_scheduled_runs(db, at(10, 30)) == 1
+    (run,) = scheduled_runs(db)
+    assert run.logical_date == at(10, 30)
+    assert run.workflow_version_id == version
+    assert run.state == RunState.RUNNING and run.trigger_kind == RunTriggerKind.SCHEDULE
+    # Started: the root task is queued, its downstream waits for it.
+    assert [(a.task_id, a.state) for a in attempts(db, run.id)] == [("a", AttemptState.QUEUED)]
+    # Once per tick, however often the scheduler looks.
+    for moment in (at(10, 30), at(10, 30, 0, 1), at(10, 45), at(11, 29, 59, 999_999)):
+        assert create_scheduled_runs(db, moment) == 0
+    assert create_scheduled_runs(db, at(11, 30)) == 1
+    assert logical_dates(db) == [at(10, 30), at(11, 30)]
+
+
+def test_hourly_preset(db: Database) -> None:
+    make_workflow(db, "hourly", "@hourly")
+    assert create_scheduled_runs(db, at(10, 59)) == 0
+    assert create_scheduled_runs(db, at(11, 0, 0, 300)) == 1
+    assert create_scheduled_runs(db, at(11, 59, 59)) == 0
+    assert create_scheduled_runs(db, at(12)) == 1
+    assert logical_dates(db) == [at(11), at(12)]
+
+
+def test_interval_schedule_stays_anchored(db: Database) -> None:
+    make_workflow(db, "every90", 90.0)
+    assert create_scheduled_runs(db, T0 + timedelta(seconds=89.999)) == 0
+    assert create_scheduled_runs(db, T0 + timedelta(seconds=90)) == 1
+    assert create_scheduled_runs(db, T0 + timedelta(seconds=179)) == 0
+    # A late pass does not shift later ticks: they stay at T0 + k x 90 s.
+    assert create_scheduled_runs(db, T0 + timedelta(seconds=200)) == 1
+    assert create_scheduled_runs(db, T0 + timedelta(seconds=269)) == 0
+    assert create_scheduled_runs(db, T0 + timedelta(seconds=270)) == 1
+    assert logical_dates(db) == [T0 + timedelta(seconds=s) for s in (90, 180, 270)]
+
+
+def test_integer_seconds_are_an_interval(db: Database) -> None:
+    make_workflow(db, "every60", 60)
+    assert create_scheduled_runs(db, T0 + timedelta(seconds=60)) == 1
+
+
+def test_missed_ticks_create_only_the_latest(db: Database) -> None:
+    make_workflow(db, "hourly", "@hourly")
+    with db.read_session() as session:
+        (due,) = due_runs(session, at(15, 20))
+    assert due.logical_date == at(15) and due.skipped_ticks
+    assert create_scheduled_runs(db, at(15, 20)) == 1
+    assert logical_dates(db) == [at(15)]
+    assert create_scheduled_runs(db, at(15, 59)) == 0
+    assert create_scheduled_runs(db, at(16)) == 1
+    with db.read_session() as session:
+        assert due_runs(session, at(17)) == [
+            DueRun("hourly", due.version_id, at(17), skipped_ticks=False)
+        ]
+
+
+def test_deactivated_and_unscheduled_workflows_do_not_fire(db: Database) -> None:
+    make_workflow(db, "off", "@hourly", active=False)
+    make_workflow(db, "manual_only", None)
+    assert create_scheduled_runs(db, at(23)) == 0
+    # Reactivated: it fires for its latest missed tick only (no catch-up), then on schedule.
+    with db.write_session() as session:
+        session.execute(update(Workflow).where(Workflow.id == "off").values(active=True))
+    assert create_scheduled_runs(db, at(23, 5)) == 1
+    assert logical_dates(db) == [at(23)]
+
+
+def test_a_bad_schedule_does_not_stop_the_others(db: Database, caplog: Any) -> None:
+    make_workflow(db, "broken", "every tuesday")
+    make_workflow(db, "fine", "@hourly")
+    assert create_scheduled_runs(db, at(11)) == 1
+    assert [r.workflow_id for r in scheduled_runs(db)] == ["fine"]
+    assert "broken" in caplog.text and "not a valid cron expression" in caplog.text
+
+
+def test_manual_runs_do_not_move_the_schedule(db: Database) -> None:
+    make_workflow(db, "both", "@hourly")
+    manual_run(db, "both")
+    assert create_scheduled_runs(db, at(11)) == 1
+    assert logical_dates(db) == [at(11)]
+
+
+def test_runs_pin_the_version_current_when_they_are_created(db: Database) -> None:
+    first = make_workflow(db, "evolving", "@hourly")
+    assert create_scheduled_runs(db, at(11)) == 1
+    second = add_version(db, definition("evolving", "@hourly", task("x"), task("y")), "v2")
+    assert create_scheduled_runs(db, at(12)) == 1
+    assert [r.workflow_version_id for r in scheduled_runs(db)] == [first, second]
+    # A new version's schedule takes over from the last scheduled run.
+    add_version(db, definition("evolving", 600.0), "v3")
+    assert create_scheduled_runs(db, at(12, 9)) == 0
+    assert create_scheduled_runs(db, at(12, 10)) == 1
+
+
+def test_a_plan_from_before_a_version_change_creates_nothing(db: Database) -> None:
+    make_workflow(db, "changing", "@hourly")
+    with db.read_session() as session:
+        (due,) = due_runs(session, at(11))
+    add_version(db, definition("changing", "@daily"), "v2")
+    assert create_scheduled_run(db, due) is None
+    assert scheduled_runs(db) == []
+
+
+def test_a_stale_plan_never_adds_an_older_tick(db: Database) -> None:
+    make_workflow(db, "slow", "@hourly")
+    with db.read_session() as session:
+        (stale,) = due_runs(session, at(11, 30))
+    assert create_scheduled_runs(db, at(12)) == 1
+    assert create_scheduled_run(db, stale) is None
+    assert logical_dates(db) == [at(12)]
+
+
+def test_an_insert_that_loses_on_the_unique_constraint_is_not_an_error(db: Database) -> None:
+    """What the losing replica sees on PostgreSQL: its check passed, the INSERT collides."""
+    version = make_workflow(db, "taken", "@hourly")
+    with db.write_session() as session:  # a run already holding (taken, 11:00)
+        session.add(
+            Run(
+                workflow_id="taken",
+                workflow_version_id=version,
+                trigger_kind=RunTriggerKind.MANUAL,
+                logical_date=at(11),
+            )
+        )
+    assert create_scheduled_run(db, DueRun("taken", version, at(11))) is None
+    with db.read_session() as session:
+        assert session.scalar(select(func.count()).select_from(Run)) == 1
+        assert session.scalar(select(func.count()).select_from(TaskAttempt)) == 0
+
+
+def test_two_replicas_racing_on_a_tick_create_one_run(migrated_db_url: str) -> None:
+    db = Database.from_url(migrated_db_url)
+    try:
+        for index in range(5):
+            make_workflow(db, f"raced{index}", "*/5 * * * *")
+        for tick in (at(10, 20), at(10, 25), at(10, 30)):
+            created = race(migrated_db_url, 4, partial(create_scheduled_runs, now=tick))
+            assert sum(created) == 5, created
+            assert create_scheduled_runs(db, tick + timedelta(minutes=4, seconds=59)) == 0
+        for index in range(5):
+            assert logical_dates(db, f"raced{index}") == [at(10, 20), at(10, 25), at(10, 30)]
+        # Both halves of the race apart: both replicas plan first, then both insert.
+        with db.read_session() as session:
+            plans = [due_runs(session, at(10, 35)) for _ in range(2)]
+        assert plans[0] == plans[1] and len(plans[0]) == 5
+        results = race(
+            migrated_db_url, 2, lambda d: [create_scheduled_run(d, due) for due in plans.pop()]
+        )
+        made = [run_id for result in results for run_id in result if run_id is not None]
+        assert len(made) == 5
+        with db.read_session() as session:
+            per_run = session.execute(
+                select(TaskAttempt.run_id, func.count()).group_by(TaskAttempt.run_id)
+            ).all()
+        assert all(count == 1 for _, count in per_run) and len(per_run) == 20
+    finally:
+        db.dispose()
+
+
+def test_scheduled_runs_are_claimable_through_the_api(db: Database, tmp_path: Path) -> None:
+    api = ApiHarness(db, tmp_path)
+    try:
+        api.register_supervisor("sup")
+        sess = api.supervisor_session("sup")
+        api.define_workflow(sess, {**workflow("api_wf", task("t1")), "schedule": "@hourly"})
+        with db.read_session() as session:
+            wf = session.get(Workflow, "api_wf")
+            assert wf is not None
+            created = wf.created_at
+        next_hour = created.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+        assert create_scheduled_runs(db, next_hour - timedelta(microseconds=1)) == 0
+        assert create_scheduled_runs(db, next_hour) == 1
+        (work,) = api.claim(sess, ["task"])
+        assert work.body["workflow_id"] == "api_wf" and work.body["task_id"] == "t1"
+    finally:
+        api.client.close()
+
+
+# --- deferral and running timeouts ------------------------------------------------------------
+
+
+@pytest.fixture
+def one_task_run(db: Database) -> Callable[..., tuple[str, str]]:
+    """A run of a workflow with one task (options given); returns (run id, attempt id)."""
+
+    def build(**options: Any) -> tuple[str, str]:
+        name = f"wf{len(attempts(db))}"
+        make_workflow(db, name, None, task("t", **options), task("after", "t"))
+        run_id = manual_run(db, name)
+        (attempt,) = attempts(db, run_id)
+        return run_id, attempt.id
+
+    return build
+
+
+def test_a_deferral_past_its_timeout_fails_the_task(
+    db: Database, one_task_run: Callable[..., tuple[str, str]]
+) -> None:
+    run_id, attempt_id = one_task_run()
+    set_attempt(db, attempt_id, state=AttemptState.RUNNING, started_at=T0)
+    trigger_id = defer(db, attempt_id, T0 + timedelta(minutes=5))
+    assert expire_deferrals(db, T0 + timedelta(minutes=5) - timedelta(microseconds=1)) == 0
+    assert expire_deferrals(db, T0 + timedelta(minutes=5)) == 1
+    with db.read_session() as session:
+        attempt = session.get(TaskAttempt, attempt_id)
+        trigger = session.get(Trigger, trigger_id)
+        run = session.get(Run, run_id)
+        audit = session.scalars(select(AuditLog).where(AuditLog.subject == attempt_id)).all()
+        session.expunge_all()
+    assert attempt is not None and trigger is not None and run is not None
+    assert attempt.state == AttemptState.FAILED and "deferral timed out" in (attempt.error or "")
+    assert trigger.state == TriggerState.CANCELLED
+    # The failure propagates as any failure does: downstream skipped, run failed.
+    states = {a.task_id: a.state for a in attempts(db, run_id)}
+    assert states == {"t": AttemptState.FAILED, "after": AttemptState.UPSTREAM_FAILED}
+    assert run.state == RunState.FAILED
+    assert [a.event for a in audit] == ["deferral_timed_out"]
+    assert expire_deferrals(db, T0 + timedelta(hours=1)) == 0  # once
+
+
+def test_a_timed_out_deferral_is_retried_when_the_task_has_retries(
+    db: Database, one_task_run: Callable[..., tuple[str, str]]
+) -> None:
+    run_id, attempt_id = one_task_run(retries=1, retry_delay=30)
+    defer(db, attempt_id, T0)
+    assert expire_deferrals(db, T0) == 1
+    tries = [(a.try_number, a.state) for a in attempts(db, run_id)]
+    assert tries == [(1, AttemptState.UP_FOR_RETRY), (2, AttemptState.QUEUED)]
+
+
+def test_a_deferral_without_timeout_or_already_resumed_is_left_alone(
+    db: Database, one_task_run: Callable[..., tuple[str, str]]
+) -> None:
+    _, waiting = one_task_run()
+    defer(db, waiting, None)
+    _, resumed = one_task_run()
+    defer(db, resumed, T0)
+    # The trigger fired (as the event route does) before the scheduler looked.
+    set_attempt(db, resumed, state=AttemptState.QUEUED, next_try_at=None)
+    assert expire_deferrals(db, T0 + timedelta(days=365)) == 0
+    states = {a.id: a.state for a in attempts(db)}
+    assert states[waiting] == AttemptState.DEFERRED and states[resumed] == AttemptState.QUEUED
+
+
+def test_running_timeout_backstop(
+    db: Database, one_task_run: Callable[..., tuple[str, str]]
+) -> None:
+    _, timed = one_task_run(timeout=60)
+    _, untimed = one_task_run()
+    for attempt_id in (timed, untimed):
+        set_attempt(db, attempt_id, state=AttemptState.RUNNING, started_at=T0, heartbeat_at=T0)
+    deadline = T0 + timedelta(seconds=60 + 30)
+    assert expire_running(db, deadline - timedelta(microseconds=1), grace_seconds=30) == 0
+    assert expire_running(db, deadline, grace_seconds=30) == 1
+    states = {a.id: (a.state, a.error) for a in attempts(db)}
+    assert states[timed][0] == AttemptState.FAILED and "timed out" in (states[timed][1] or "")
+    assert states[untimed] == (AttemptState.RUNNING, None)
+    assert expire_running(db, T0 + timedelta(days=1), grace_seconds=30) == 0
+
+
+def test_running_timeout_counts_from_the_latest_claim_and_retries(
+    db: Database, one_task_run: Callable[..., tuple[str, str]]
+) -> None:
+    run_id, attempt_id = one_task_run(timeout=10, retries=2)
+    set_attempt(db, attempt_id, state=AttemptState.RUNNING, started_at=T0)
+    # A pass that planned with the old started_at must not end an attempt claimed again since.
+    set_attempt(db, attempt_id, started_at=T0 + timedelta(minutes=10))
+    assert _expire_running(db, attempt_id, T0, 10, 0) == 0
+    assert expire_running(db, T0 + timedelta(minutes=5), grace_seconds=0) == 0
+    assert expire_running(db, T0 + timedelta(minutes=10, seconds=10), grace_seconds=0) == 1
+    tries = [(a.try_number, a.state) for a in attempts(db, run_id)]
+    assert tries == [(1, AttemptState.UP_FOR_RETRY), (2, AttemptState.QUEUED)]
+
+
+# --- concurrency --------------------------------------------------------------------------------
+
+
+def queued_attempts(db: Database, workflow_id: str, count: int) -> list[str]:
+    """``count`` queued attempts of ``workflow_id`` (one root task per run)."""
+    return [attempts(db, manual_run(db, workflow_id))[0].id for _ in range(count)]
+
+
+def claim(db: Database, limit: int, mode: str = "candidates", **limits: int | None) -> list[str]:
+    """What the claim route does, in one transaction: pick candidates (with the limits built
+    in, or filtered by ``admit`` afterwards), then one conditional UPDATE per candidate."""
+    with db.write_session() as session:
+        if mode == "candidates":
+            chosen = claim_candidates(session, at(23), limit, **limits)
+        else:
+            window = session.scalars(
+                select(TaskAttempt.id)
+                .where(TaskAttempt.state == AttemptState.QUEUED)
+                .order_by(TaskAttempt.created_at)
+                .limit(limit * 4)
+            ).all()
+            chosen = admit(session, window, **limits)
+        won: list[str] = []
+        for attempt_id in chosen:
+            if len(won) >= limit:
+                break
+            if affected(
+                session,
+                update(TaskAttempt)
+                .where(TaskAttempt.id == attempt_id, TaskAttempt.state == AttemptState.QUEUED)
+                .values(state=AttemptState.RUNNING),
+            ):
+                won.append(attempt_id)
+        return won
+
+
+def running_per_workflow(db: Database) -> dict[str, int]:
+    with db.read_session() as session:
+        return dict(
+            session.execute(
+                select(Run.workflow_id, func.count())
+                .join(TaskAttempt, TaskAttempt.run_id == Run.id)
+                .where(TaskAttempt.state == AttemptState.RUNNING)
+                .group_by(Run.workflow_id)
+            ).all()
+        )
+
+
+def test_admit_enforces_a_per_workflow_limit(db: Database) -> None:
+    make_workflow(db, "a", None)
+    make_workflow(db, "b", None)
+    a = queued_attempts(db, "a", 4)
+    b = queued_attempts(db, "b", 2)
+    set_attempt(db, a[0], state=AttemptState.RUNNING)
+    set_attempt(db, a[1], state=AttemptState.DEFERRED)  # holds no slot
+    with db.write_session() as session:
+        assert admit(session, [a[2], a[3], b[0], b[1]], per_workflow=2) == [a[2], b[0], b[1]]
+        # Not queued any more (running, deferred, unknown) -> never admitted.
+        assert admit(session, [a[0], a[1], "nope", b[0]], per_workflow=2) == [b[0]]
+        assert admit(session, [a[2], a[2], b[0]], per_workflow=5) == [a[2], b[0]]
+        assert admit(session, [a[2], b[0]], per_workflow=0) == []
+        assert admit(session, [a[2], "nope"]) == [a[2], "nope"]  # no limits: untouched
+        with pytest.raises(ValueError):
+            admit(session, [a[2]], global_limit=-1)
+
+
+def test_admit_enforces_a_global_limit(db: Database) -> None:
+    make_workflow(db, "a", None)
+    make_workflow(db, "b", None)
+    a = queued_attempts(db, "a", 3)
+    b = queued_attempts(db, "b", 3)
+    set_attempt(db, b[2], state=AttemptState.RUNNING)
+    with db.write_session() as session:
+        assert admit(session, [*a, *b[:2]], global_limit=3) == [a[0], a[1]]
+        # b already runs one: with one per workflow, only "a" has room.
+        assert admit(session, [*a, *b[:2]], global_limit=4, per_workflow=1) == [a[0]]
+        assert admit(session, a, global_limit=1) == []
+    assert claim(db, 10, "admit", global_limit=4) == [a[0], a[1], a[2]]
+    assert claim(db, 10, "admit", global_limit=4) == []
+
+
+def test_claim_candidates_are_oldest_first_within_the_limits(db: Database) -> None:
+    for name in ("a", "b", "c"):
+        make_workflow(db, name, None)
+    a = queued_attempts(db, "a", 5)
+    b = queued_attempts(db, "b", 2)
+    c = queued_attempts(db, "c", 2)
+    set_attempt(db, c[0], state=AttemptState.RUNNING)
+    set_attempt(db, a[4], next_try_at=at(23, 30))  # a retry that is not due yet
+    with db.write_session() as session:
+        # No limits: the route's plain oldest-first window.
+        assert claim_candidates(session, at(23), 2) == a[:4] + b[:2] + c[1:2]
+        assert claim_candidates(session, at(23, 30), 3) == [*a, *b, c[1]]
+        # "a"'s backlog does not crowd out "b" and "c", which still have room.
+        assert claim_candidates(session, at(23), 10, per_workflow=2) == [a[0], a[1], *b, c[1]]
+        assert claim_candidates(session, at(23), 3, per_workflow=1) == [a[0], b[0]]
+        assert claim_candidates(session, at(23), 10, global_limit=4) == a[:3]
+        assert claim_candidates(session, at(23), 10, global_limit=1) == []
+        assert claim_candidates(session, at(23), 10, per_workflow=2, global_limit=3) == a[:2]
+        assert claim_candidates(session, at(23), 0, per_workflow=2) == []
+
+
+@pytest.mark.parametrize("mode", ["candidates", "admit"])
+def test_concurrency_limits_hold_across_racing_replicas(migrated_db_url: str, mode: str) -> None:
+    db = Database.from_url(migrated_db_url)
+    try:
+        for name in ("a", "b", "c"):
+            make_workflow(db, name, None)
+            queued_attempts(db, name, 6)
+
+        def racing_claims() -> int:
+            won = race(
+                migrated_db_url, 6, lambda d: claim(d, 3, mode, per_workflow=2, global_limit=5)
+            )
+            per_workflow = running_per_workflow(db)
+            assert sum(per_workflow.values()) <= 5 and max(per_workflow.values()) <= 2
+            return sum(len(w) for w in won)
+
+        won = racing_claims()
+        if mode == "candidates":  # exact: the limits are filled, never exceeded
+            assert won == 5 and sorted(running_per_workflow(db).values()) == [1, 2, 2]
+        # Free the running attempts of "a"; racing claims never overfill the freed slots.
+        with db.write_session() as session:
+            running_a = session.scalars(
+                select(TaskAttempt.id)
+                .join(Run, Run.id == TaskAttempt.run_id)
+                .where(Run.workflow_id == "a", TaskAttempt.state == AttemptState.RUNNING)
+            ).all()
+            session.execute(
+                update(TaskAttempt)
+                .where(TaskAttempt.id.in_(running_a))
+                .values(state=AttemptState.SUCCESS)
+            )
+        racing_claims()
+        if mode == "candidates":
+            assert sum(running_per_workflow(db).values()) == 5
+    finally:
+        db.dispose()
+
+
+# --- the pass and the thread ------------------------------------------------------------------
+
+
+def test_one_pass_does_everything_and_says_when_to_wake(
+    db: Database, one_task_run: Callable[..., tuple[str, str]]
+) -> None:
+    make_workflow(db, "hourly", "@hourly")
+    _, deferred = one_task_run()
+    defer(db, deferred, at(10, 40))
+    _, later = one_task_run()
+    defer(db, later, at(10, 50))
+    _, running = one_task_run(timeout=1)
+    set_attempt(db, running, state=AttemptState.RUNNING, started_at=at(9))
+    result = scheduler_pass(db, at(10, 45), running_grace=5)
+    assert (result.runs_created, result.deferrals_expired, result.running_expired) == (0, 1, 1)
+    assert result.next_wakeup == at(10, 50) and result.errors == ()
+    result = scheduler_pass(db, at(11), running_grace=5)
+    assert (result.runs_created, result.deferrals_expired) == (1, 1)
+    assert result.next_wakeup == at(12)
+
+
+class FakeClock:
+    def __init__(self, start: datetime) -> None:
+        self.now = start.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def thread_factory() -> Iterator[Callable[..., SchedulerThread]]:
+    threads: list[SchedulerThread] = []
+
+    def build(db: Database, clock: FakeClock) -> SchedulerThread:
+        thread = SchedulerThread(db, interval=600, clock=clock)
+        threads.append(thread)
+        thread.start()
+        return thread
+
+    yield build
+    for thread in threads:
+        thread.stop(timeout=10)
+        assert not thread.is_alive()
+
+
+def test_thread_runs_at_start_and_when_woken(
+    db: Database, thread_factory: Callable[..., SchedulerThread]
+) -> None:
+    make_workflow(db, "hourly", "@hourly")
+    clock = FakeClock(at(11, 0, 30))
+    thread = thread_factory(db, clock)
+    assert thread.wait_for_passes(1, timeout=30)
+    assert logical_dates(db) == [at(11)]
+    clock.advance(3600)
+    thread.wake()
+    assert thread.wait_for_passes(2, timeout=30)
+    assert logical_dates(db) == [at(11), at(12)]
+    assert thread.last_result is not None and thread.last_result.next_wakeup == at(13)
+
+
+def test_thread_survives_database_errors(
+    db_url: str, thread_factory: Callable[..., SchedulerThread], caplog: Any
+) -> None:
+    db = Database.from_url(db_url)  # not migrated yet: every query fails
+    try:
+        clock = FakeClock(at(11, 0, 30))
+        thread = thread_factory(db, clock)
+        assert thread.wait_for_passes(1, timeout=30)
+        assert thread.is_alive() and thread.last_result is not None
+        assert len(thread.last_result.errors) == 3
+        assert "scheduling runs failed" in caplog.text
+        upgrade(db_url)
+        make_workflow(db, "hourly", "@hourly")
+        thread.wake()
+        assert thread.wait_for_passes(2, timeout=30)
+        assert logical_dates(db) == [at(11)]
+    finally:
+        db.dispose()
+
+
+def test_now_must_be_aware(db: Database) -> None:
+    with pytest.raises(ValueError, match="naive"):
+        create_scheduled_runs(db, datetime(2024, 1, 1))
