@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from privsep.runner.check_perms import PermissionViolation, enforce_at_start
 from privsep.runner.config import Config
@@ -46,6 +46,10 @@ def server_settings(cfg: Config) -> ServerSettings:
         supervisor_heartbeat_timeout=int(cfg.get("server.supervisor_heartbeat_timeout")),
         operator_public_key=str(cfg.path_of("server.operator_public_key")),
         workers=int(cfg.get("server.workers")),
+        scheduler_interval=float(cfg.get("server.scheduler_interval")),
+        running_timeout_grace=float(cfg.get("server.running_timeout_grace")),
+        max_running_per_workflow=int(cfg.get("server.max_running_per_workflow")),
+        max_running_total=int(cfg.get("server.max_running_total")),
     )
 
 
@@ -64,6 +68,7 @@ def run_server(cfg: Config) -> int:
         )
         return EXIT_FAILURE
     settings = server_settings(cfg)
+    scheduler = start_scheduler(settings)
     try:
         return serve(settings)
     except ListenError as exc:
@@ -72,6 +77,24 @@ def run_server(cfg: Config) -> int:
         raise CommandError(f"refusing the signing key ring: {exc}") from None
     except KeyboardInterrupt:
         return 0
+    finally:
+        scheduler.stop(timeout=5)
+
+
+def start_scheduler(settings: ServerSettings) -> Any:
+    """One scheduler per ``runner server``, in the parent process: API workers are forked
+    after it starts, and a thread does not survive a fork, so exactly one copy runs here.
+    Several servers may each run one: every write is a conditional one (see scheduler.py)."""
+    from privsep.server.db.engine import Database
+    from privsep.server.scheduler import SchedulerThread
+
+    thread = SchedulerThread(
+        Database.from_url(settings.database_url),
+        settings.scheduler_interval,
+        running_grace=settings.running_timeout_grace,
+    )
+    thread.start()
+    return thread
 
 
 def db_upgrade(cfg: Config) -> int:

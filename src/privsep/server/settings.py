@@ -27,3 +27,7 @@ class ServerSettings:
     supervisor_heartbeat_timeout: int = 120
     operator_public_key: str = ""
     workers: int = 1
+    scheduler_interval: float = 5.0
+    running_timeout_grace: float = 60.0
+    max_running_per_workflow: int = 0  # 0: no limit
+    max_running_total: int = 0  # 0: no limit

@@ -10,7 +10,7 @@ from datetime import timedelta
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Request
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from privsep.secrets.tokens import Token, TokenRejected, issue_token, unverified_issuer
@@ -38,6 +38,7 @@ from privsep.server.db.models import (
 from privsep.server.errors import ERROR_RESPONSES, conflict, not_found, unauthorized
 from privsep.server.routes._sql import affected
 from privsep.server.runs import fail_or_retry, task_definition
+from privsep.server.scheduler import claim_candidates
 from privsep.server.schemas import (
     ClaimRequest,
     ClaimResponse,
@@ -207,15 +208,13 @@ def _claim_tasks(
     session: Session, state: ServerState, me: SupervisorPrincipal, limit: int
 ) -> list[TaskWork | ParseWork | TriggerWork]:
     now = utcnow()
-    candidates = session.scalars(
-        select(TaskAttempt.id)
-        .where(
-            TaskAttempt.state == AttemptState.QUEUED,
-            or_(TaskAttempt.next_try_at.is_(None), TaskAttempt.next_try_at <= now),
-        )
-        .order_by(TaskAttempt.created_at)
-        .limit(limit * 4)
-    ).all()
+    candidates = claim_candidates(
+        session,
+        now,
+        limit,
+        per_workflow=state.settings.max_running_per_workflow or None,
+        global_limit=state.settings.max_running_total or None,
+    )
     out: list[TaskWork | ParseWork | TriggerWork] = []
     for attempt_id in candidates:
         if len(out) >= limit:
