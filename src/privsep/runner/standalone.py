@@ -275,6 +275,35 @@ class Standalone:
                 proc.kill()
                 proc.wait()
 
+    def watch(self, op: Operator) -> None:
+        """Live progress on a terminal: the latest runs and their tasks, until Ctrl-C."""
+        from rich.live import Live
+
+        with Live(self.progress_table(op), refresh_per_second=2, transient=False) as live:
+            while True:
+                self.check_alive()
+                time.sleep(1.0)
+                live.update(self.progress_table(op))
+
+    def progress_table(self, op: Operator) -> Any:
+        from rich.table import Table
+
+        table = Table(title=f"privsep standalone on {self.url} (Ctrl-C stops)")
+        for column in ("run", "workflow", "state", "tasks"):
+            table.add_column(column)
+        try:
+            runs = op.json("GET", "/v1/operator/runs?limit=10")["runs"]
+            for run in runs:
+                attempts = op.json("GET", f"/v1/operator/runs/{run['id']}/attempts")["attempts"]
+                counts: dict[str, int] = {}
+                for a in attempts:
+                    counts[a["state"]] = counts.get(a["state"], 0) + 1
+                tasks = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+                table.add_row(run["id"][:8], run["workflow_id"], run["state"], tasks or "-")
+        except (CommandError, requests.RequestException) as exc:
+            table.add_row("-", "-", f"server unreachable: {exc}", "")
+        return table
+
     # --- --once -------------------------------------------------------------------------------
 
     def wait_for_parses(self, op: Operator, files: list[Path]) -> list[str]:
@@ -429,6 +458,8 @@ def run_standalone(opts: Options, base_env: dict[str, str] | None = None) -> int
         if opts.once:
             return app.run_once(op)
         app.progress(f"serving on {url}; Ctrl-C stops")
+        if sys.stdout.isatty() and not opts.as_json:
+            app.watch(op)
         while True:
             app.check_alive()
             time.sleep(0.5)
