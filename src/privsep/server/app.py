@@ -1,4 +1,5 @@
-"""The internal API as a FastAPI application: routers, error handlers, the body cap.
+"""The internal API as a FastAPI application: routers, error handlers, the body cap, and the
+fast path for the hottest task reads (:mod:`privsep.server.fastpath`).
 
 :func:`create_app` takes a built :class:`ServerState`, so tests and benchmarks run the very
 same app in-process against a real database.
@@ -17,6 +18,7 @@ from privsep.server.auth import State_
 from privsep.server.body_limit import BodyLimitMiddleware
 from privsep.server.db.models import Supervisor, utcnow
 from privsep.server.errors import install_error_handlers
+from privsep.server.fastpath import TaskFastPath
 from privsep.server.routes import operator, parse_trigger, supervisor, task
 from privsep.server.schemas import HealthResponse, SupervisorHealth
 from privsep.server.state import ServerState
@@ -83,4 +85,7 @@ def create_app(state: ServerState) -> FastAPI:
     ):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_request_bytes)
+    # Outermost (added last): answers the hottest task reads itself and passes everything
+    # else on, bodies included, so the body cap above still sees every request it must.
+    app.add_middleware(TaskFastPath, state=state)
     return app

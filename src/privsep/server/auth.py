@@ -4,12 +4,18 @@ Every principal comes from the bearer token and nothing else: never from the URL
 a header of the client's choosing. A work token is honoured only while its attempt (or parse
 job, or trigger batch) is running, with the same try number, owned by the supervisor that
 claimed it; that database check is what makes "the attempt ended, so the token is dead" true.
+
+Task routes split the check in two so that a request costs one database statement and at most
+one trip to a worker thread: :func:`task_token` (an async dependency) verifies the token, which
+for a token this worker has seen before is a dictionary look-up; the route then checks the
+attempt *in the same statement or transaction* that does its work (:func:`check_attempt`), and
+raises :class:`Denied` when it must refuse. Denials are audited after that transaction ends.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +23,7 @@ from typing import Any
 from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
 
 from privsep.secrets.tokens import Claims, TokenRejected, verify_token
 from privsep.server.db.models import (
@@ -24,9 +31,7 @@ from privsep.server.db.models import (
     AuditLog,
     ParseJob,
     ParseJobState,
-    Run,
     Supervisor,
-    TaskAttempt,
     Trigger,
     TriggerState,
     UsedJti,
@@ -37,6 +42,8 @@ from privsep.server.state import ServerState
 # Anything in a query string that looks like a JWT: tokens end up in logs and proxies there.
 _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*$")
 _TOKEN_PARAMS = frozenset({"access_token", "token", "jwt", "authorization", "bearer"})
+
+TASK_SCOPES = frozenset({"task"})
 
 
 def get_state(request: Request) -> ServerState:
@@ -70,27 +77,36 @@ def _deny(
     return error
 
 
-def bearer_token(request: Request) -> str:
-    """The raw token from ``Authorization: Bearer``; a token in the URL is refused."""
-    state = get_state(request)
-    for name, value in request.query_params.multi_items():
-        if name.lower() in _TOKEN_PARAMS or _JWT_SHAPE.match(value):
-            raise _deny(
-                state,
-                request,
-                bad_request("token_in_url", "tokens are accepted only in the Authorization header"),
-            )
-    header = request.headers.get("authorization", "")
+def token_in_request(request: Request) -> str:
+    """The raw token from ``Authorization: Bearer``; a token in the URL is refused.
+
+    Pure: raises the :class:`ApiError` to answer and leaves its audit record to the caller.
+    """
+    if request.scope.get("query_string"):
+        for name, value in request.query_params.multi_items():
+            if name.lower() in _TOKEN_PARAMS or _JWT_SHAPE.match(value):
+                raise bad_request(
+                    "token_in_url", "tokens are accepted only in the Authorization header"
+                )
+    return token_in_header(request.headers.get("authorization", ""))
+
+
+def token_in_header(header: str) -> str:
+    """The token in an ``Authorization`` header's value, or the :class:`ApiError` to answer."""
     scheme, _, value = header.partition(" ")
     if not header:
-        raise _deny(state, request, unauthorized("missing_token", "no bearer token"))
+        raise unauthorized("missing_token", "no bearer token")
     if scheme.lower() != "bearer" or not value.strip():
-        raise _deny(
-            state,
-            request,
-            unauthorized("malformed", "expected an 'Authorization: Bearer <token>' header"),
-        )
+        raise unauthorized("malformed", "expected an 'Authorization: Bearer <token>' header")
     return value.strip()
+
+
+def bearer_token(request: Request) -> str:
+    """The raw token from ``Authorization: Bearer``; a refusal is audited."""
+    try:
+        return token_in_request(request)
+    except ApiError as error:
+        raise _deny(get_state(request), request, error) from None
 
 
 def verified_claims(request: Request, scopes: frozenset[str]) -> Claims:
@@ -99,6 +115,13 @@ def verified_claims(request: Request, scopes: frozenset[str]) -> Claims:
     cached = state.token_cache.get(token, scopes)
     if cached is not None:
         return cached
+    return _verify(request, token, scopes)
+
+
+def _verify(request: Request, token: str, scopes: frozenset[str]) -> Claims:
+    """The full check of a token the cache does not hold. It may read the published keys and
+    write an audit record, so async callers run it in a worker thread."""
+    state = get_state(request)
     settings = state.settings
     try:
         claims = verify_token(
@@ -124,6 +147,21 @@ def verified_claims(request: Request, scopes: frozenset[str]) -> Claims:
             raise _deny(state, request, unauthorized(exc.code, exc.message)) from None
     state.token_cache.put(token, claims)
     return claims
+
+
+async def verified_claims_async(request: Request, scopes: frozenset[str]) -> Claims:
+    """:func:`verified_claims` for async dependencies. A token this worker has verified before
+    costs a dictionary look-up on the event loop; whatever may touch the database (a first
+    verification, a key reload, the audit record of a refusal) runs in a worker thread."""
+    state = get_state(request)
+    try:
+        token = token_in_request(request)
+    except ApiError as error:
+        raise await run_in_threadpool(_deny, state, request, error) from None
+    cached = state.token_cache.get(token, scopes)
+    if cached is not None:
+        return cached
+    return await run_in_threadpool(_verify, request, token, scopes)
 
 
 # --- principals ------------------------------------------------------------------------------
@@ -192,36 +230,98 @@ def supervisor_principal(request: Request) -> SupervisorPrincipal:
         return SupervisorPrincipal(sup.id, sup.name)
 
 
-def task_principal(request: Request) -> TaskPrincipal:
-    state = get_state(request)
-    claims = verified_claims(request, frozenset({"task"}))
-    try_number = _claim_int(claims, "try")
-    sup = _claim_str(claims, "sup")
-    with state.db.read_session() as session:
-        row = session.execute(
-            select(TaskAttempt, Run.workflow_id)
-            .join(Run, Run.id == TaskAttempt.run_id)
-            .where(TaskAttempt.id == claims.sub)
-        ).first()
-        if row is None:
-            raise _deny(state, request, unauthorized("revoked", "no such attempt"), claims.sub)
-        attempt, workflow_id = row
-        if (
-            attempt.state != AttemptState.RUNNING
-            or attempt.try_number != try_number
-            or attempt.supervisor_id != sup
-        ):
-            raise _deny(
-                state,
-                request,
-                unauthorized(
-                    "revoked", "the attempt this token was issued for is no longer running"
-                ),
-                claims.sub,
+@dataclass(frozen=True)
+class TaskToken:
+    """What a verified task token says, before the database is asked whether it still holds."""
+
+    attempt_id: str
+    try_number: int
+    supervisor_id: str
+
+
+def task_token_of(claims: Claims) -> TaskToken:
+    return TaskToken(claims.sub, _claim_int(claims, "try"), _claim_str(claims, "sup"))
+
+
+async def task_token(request: Request) -> TaskToken:
+    """The task token's claims. The attempt itself is checked by the route, in the statement
+    or transaction that does the work (:func:`check_attempt`)."""
+    return task_token_of(await verified_claims_async(request, TASK_SCOPES))
+
+
+class Denied(Exception):
+    """A refusal found inside a transaction, to be audited once that transaction is over.
+
+    ``detail`` is what the ``request_denied`` audit record says besides the path; ``None``
+    means the refusal is not a security event (a missing resource) and is not recorded.
+    """
+
+    def __init__(self, error: ApiError, subject: str | None, detail: dict[str, Any] | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.subject = subject
+        self.detail = detail
+
+    def answer(self, state: ServerState, path: str) -> ApiError:
+        """Write the audit record (outside any transaction) and return the error to raise."""
+        if self.detail is not None:
+            audit(
+                state, "request_denied", subject=self.subject, detail={"path": path, **self.detail}
             )
-        return TaskPrincipal(
-            attempt.id, attempt.run_id, workflow_id, attempt.task_id, attempt.try_number, sup
-        )
+        return self.error
+
+
+def revoked(token: TaskToken, message: str) -> Denied:
+    """401 ``revoked`` for this token's attempt, audited."""
+    error = unauthorized("revoked", message)
+    return Denied(error, token.attempt_id, {"code": error.code, "status": error.status})
+
+
+# The columns every task statement starts with, in the order ``check_attempt`` reads them (the
+# first two are text, so a statement can add grant rows to its result with UNION ALL).
+ATTEMPT_COLUMNS = "a.state, a.supervisor_id, a.try_number, a.run_id, a.task_id"
+
+
+def check_attempt(token: TaskToken, row: Sequence[Any] | None, workflow_id: str) -> TaskPrincipal:
+    """The caller, if ``row`` (``ATTEMPT_COLUMNS`` of the token's attempt, or ``None`` when
+    there is no such attempt) says the attempt is running with the token's try number and
+    supervisor; otherwise :class:`Denied` (401 ``revoked``, audited)."""
+    if row is None:
+        raise revoked(token, "no such attempt")
+    state, supervisor_id, try_number, run_id, task_id = row[:5]
+    if (
+        state != AttemptState.RUNNING
+        or try_number != token.try_number
+        or supervisor_id != token.supervisor_id
+    ):
+        raise revoked(token, "the attempt this token was issued for is no longer running")
+    return TaskPrincipal(
+        token.attempt_id, run_id, workflow_id, task_id, try_number, token.supervisor_id
+    )
+
+
+_ATTEMPT_SQL = (
+    f"SELECT {ATTEMPT_COLUMNS}, r.workflow_id FROM task_attempts a "  # noqa: S608 - constants
+    "JOIN runs r ON r.id = a.run_id WHERE a.id = :attempt"
+)
+
+
+def load_task_principal(state: ServerState, token: TaskToken) -> TaskPrincipal:
+    """The caller's attempt, checked in one read statement (raises :class:`Denied`)."""
+    rows = state.reads.fetch(state.reads.sql(_ATTEMPT_SQL), {"attempt": token.attempt_id})
+    row = rows[0] if rows else None
+    return check_attempt(token, row, row[5] if row else "")
+
+
+def task_principal(request: Request) -> TaskPrincipal:
+    """A running attempt's principal as a (synchronous) dependency: the token and then the
+    attempt, each audited when refused."""
+    state = get_state(request)
+    token = task_token_of(verified_claims(request, TASK_SCOPES))
+    try:
+        return load_task_principal(state, token)
+    except Denied as denied:
+        raise denied.answer(state, request.url.path) from None
 
 
 def parse_principal(request: Request) -> ParsePrincipal:
@@ -304,6 +404,7 @@ class DatabaseReplayGuard:
 SupervisorDep = Callable[..., SupervisorPrincipal]
 Supervisor_ = Depends(supervisor_principal)
 Task_ = Depends(task_principal)
+TaskToken_ = Depends(task_token)
 Parse_ = Depends(parse_principal)
 Trigger_ = Depends(trigger_principal)
 Operator_ = Depends(operator_principal)

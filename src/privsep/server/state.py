@@ -3,6 +3,14 @@
 Built once per server process by :func:`build_state`. Verifiers are the union of this
 replica's key ring and the public keys other replicas published in ``signing_keys``, so a
 token signed by any replica verifies on every replica.
+
+``reads`` is the pool of read-only driver connections for the hot task reads (see
+:mod:`privsep.server.readpool`), used from worker threads. ``inline_reads`` is the same for the
+event loop itself, on SQLite only: a read there is a few tens of microseconds of CPU against
+the page cache, cheaper than the hop to a worker thread, and its connection gives up after
+:data:`INLINE_BUSY_TIMEOUT_MS` (the caller then takes the threaded path) so a rare busy
+database cannot stall the loop. A PostgreSQL read is a network round trip and never runs on
+the loop.
 """
 
 from __future__ import annotations
@@ -19,12 +27,17 @@ from privsep.secrets.fernet import FieldCipher
 from privsep.secrets.keyring import SigningKey, load_signer, load_verifiers
 from privsep.server.db.engine import Database
 from privsep.server.db.models import SigningKey as SigningKeyRow
+from privsep.server.readpool import ReadPool
 from privsep.server.settings import ServerSettings
 from privsep.server.token_cache import VerifiedTokenCache
 
 # An unknown kid makes us look in the database again, but not more often than this: a flood
 # of tokens with made-up kids must not become a flood of queries.
 _RELOAD_INTERVAL = 1.0
+
+# How long a read on the event loop may wait for a SQLite lock before it gives up (WAL readers
+# wait only in rare cases: recovery after a crash, the last connection closing).
+INLINE_BUSY_TIMEOUT_MS = 20
 
 
 @dataclass
@@ -35,9 +48,19 @@ class ServerState:
     cipher: FieldCipher | None
     operator_key: Ed25519PublicKey | None
     token_cache: VerifiedTokenCache = field(default_factory=VerifiedTokenCache)
+    reads: ReadPool = field(init=False)
+    inline_reads: ReadPool | None = field(init=False)
     _verifiers: dict[str, Ed25519PublicKey] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _loaded_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.reads = ReadPool(self.db.engine)
+        self.inline_reads = (
+            ReadPool(self.db.engine, busy_timeout_ms=INLINE_BUSY_TIMEOUT_MS, max_idle=1)
+            if self.db.engine.dialect.name == "sqlite"
+            else None
+        )
 
     @property
     def verifiers(self) -> dict[str, Ed25519PublicKey]:
