@@ -162,3 +162,48 @@ def test_sigterm_drains_running_work(stack: Stack) -> None:
         assert not _sandbox_processes(140_000), info
     assert stack.run_state(short_run) == "success"
     assert stack.run_state(long_run) == "failed"
+
+
+PINNED = textwrap.dedent("""
+    import time
+    from privsep.client import Context, Workflow
+
+    VERSION = "{version}"
+    wf = Workflow("pinned", schedule=None)
+
+    @wf.task
+    def first(ctx: Context) -> None:
+        time.sleep(float(ctx.params.get("sleep", 0)))
+
+    @wf.task(upstream=[first])
+    def second(ctx: Context) -> str:
+        print("running code version", VERSION)
+        return VERSION
+""")
+
+
+def test_a_run_keeps_the_code_it_was_parsed_from(stack: Stack) -> None:
+    path = stack.home / "workflows" / "pinned.py"
+    path.write_text(PINNED.format(version="v1"))
+    stack.start("supervisor", "supervisor")
+    stack.trigger_when_parsed("pinned")  # v1 is parsed (a first run to be sure)
+    resp = stack.operator("POST", "/v1/operator/workflows/pinned/runs", {"conf": {"sleep": 4}})
+    old_run = resp.json()["id"]
+    stack.wait_for(
+        lambda: any(a["state"] == "running" for a in stack.attempts(old_run)),
+        60,
+        "the slow first task to start",
+    )
+    path.write_text(PINNED.format(version="v2"))  # edited while the run is in flight
+    stack.wait_for(lambda: stack.run_state(old_run) == "success", 90, "the old run")
+    second = next(a for a in stack.attempts(old_run) if a["task_id"] == "second")
+    assert "running code version v1" in stack.runner("logs", second["id"]).stdout
+
+    def new_version_runs() -> str | None:
+        run = stack.operator("POST", "/v1/operator/workflows/pinned/runs", {"conf": {}}).json()
+        stack.wait_for(lambda: stack.run_state(run["id"]) == "success", 60, "a new run")
+        task = next(a for a in stack.attempts(run["id"]) if a["task_id"] == "second")
+        out = stack.runner("logs", task["id"]).stdout
+        return out if "version v2" in out else None
+
+    stack.wait_for(new_version_runs, 60, "new runs to use the edited file")

@@ -18,6 +18,7 @@ from pathlib import Path
 @dataclass
 class Changes:
     changed: list[tuple[str, str]] = field(default_factory=list)  # (path, sha256)
+    contents: dict[str, bytes] = field(default_factory=dict)  # sha256 -> the bytes hashed
     deleted: list[str] = field(default_factory=list)
     seen: dict[str, str] = field(default_factory=dict)
 
@@ -42,12 +43,14 @@ class Discovery:
                     path = os.path.join(root, name)
                     try:
                         with open(path, "rb") as fh:
-                            digest = hashlib.sha256(fh.read()).hexdigest()
+                            data = fh.read()
+                        digest = hashlib.sha256(data).hexdigest()
                     except OSError:
                         continue
                     changes.seen[path] = digest
                     if self.known.get(path) != digest:
                         changes.changed.append((path, digest))
+                        changes.contents[digest] = data
         changes.deleted = sorted(set(self.known) - set(changes.seen))
         return changes
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from privsep.runner.api_session import ApiRefused, ServerUnavailable, SupervisorApi
+from privsep.runner.bundles import BundleStore, pinned_uri
 from privsep.runner.check_perms import PermissionViolation, enforce_at_start
 from privsep.runner.config import Config, load_config
 from privsep.runner.errors import CommandError
@@ -44,6 +45,9 @@ ENTRY_POINTS = {
 POLL_MIN = 0.02
 POLL_MAX = 1.0
 LOOP_TICK = 0.02
+# Outcomes the server could not take: first retry after this, doubling up to the cap.
+OUTCOME_RETRY_MIN = 0.5
+OUTCOME_RETRY_MAX = 10.0
 
 
 @dataclass
@@ -61,6 +65,16 @@ class Active:
     token_expires: int
     next_refresh: float
     refreshable: bool = True
+
+
+@dataclass
+class Unreported:
+    """An outcome the server could not be told yet (it was down). Kept and sent again: the
+    heartbeats keep the item's attempt "running" on the server until it hears the outcome."""
+
+    body: dict[str, Any]
+    next_try: float
+    delay: float = OUTCOME_RETRY_MIN
 
 
 def refresh_time(issued: float, expires: float, rng: random.Random) -> float:
@@ -158,6 +172,7 @@ class Supervisor:
         self.settings = settings
         self.config_path = config_path
         self.active: dict[str, Active] = {}
+        self.unreported: list[Unreported] = []
         self.draining = False
         self.stopped = False
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -177,6 +192,7 @@ class Supervisor:
         self.watchdog: Any = None
         self.discovery: Any = None
         self.records = OrphanRecords(settings.state_dir / "sandboxes")
+        self.bundles = BundleStore(settings.runtime_dir / "bundles")
 
     # --- start-up -----------------------------------------------------------------------------
 
@@ -260,6 +276,8 @@ class Supervisor:
         self._handle_signals()
         self._reap()
         now = time.monotonic()
+        if self.unreported:
+            self._report_again(now)
         self._refresh_due()
         if now >= self._next_heartbeat:
             self._heartbeat()
@@ -331,6 +349,7 @@ class Supervisor:
             "network",
         ):
             setattr(self.settings, name, getattr(settings, name))
+        self._next_retention = 0.0  # apply a changed log retention now, not within the hour
         log.info("SIGHUP: configuration reloaded (parallelism %d)", self.settings.parallelism)
 
     def _drain_step(self) -> None:
@@ -366,7 +385,7 @@ class Supervisor:
     def _payload(self, item: dict[str, Any]) -> tuple[bytes, float, str]:
         kind = item["kind"]
         if kind == "task":
-            source = _file_path(item.get("source_uri"))
+            source = self.bundles.path_for(item.get("source_uri"))
             payload = {
                 "module": item["callable"]["module"],
                 "qualname": item["callable"]["qualname"],
@@ -375,9 +394,9 @@ class Supervisor:
             timeout = float(item.get("timeout") or self.settings.task_timeout)
             return json.dumps(payload).encode(), timeout, self.settings.network
         if kind == "parse":
-            payload = {"path": _file_path(item["uri"])}
+            payload = {"path": self.bundles.path_for(item["uri"])}
             return json.dumps(payload).encode(), self.settings.parse_timeout, "none"
-        paths = [_file_path(u) for u in item.get("source_uris", [])]
+        paths = [self.bundles.path_for(u) for u in item.get("source_uris", [])]
         payload = {"paths": [p for p in paths if p]}
         return json.dumps(payload).encode(), self.settings.trigger_timeout, self.settings.network
 
@@ -404,9 +423,9 @@ class Supervisor:
                 env=env,
                 limits=Limits(wall_seconds=timeout),
                 network=network,  # type: ignore[arg-type]
-                bundle_paths=(str(self.settings.workflows_dir),)
-                if self.settings.workflows_dir.is_dir()
-                else (),
+                bundle_paths=tuple(
+                    str(p) for p in (self.settings.workflows_dir, self.bundles.root) if p.is_dir()
+                ),
                 hidden_paths=tuple(p for p in self.settings.hidden_paths if os.path.exists(p)),
                 credential_socket=entry.path,
                 log_path=log_path,
@@ -493,16 +512,38 @@ class Supervisor:
         }
         if exit_code == 0:
             body["reason"] = "sandbox exited without reporting an outcome"
-        for attempt in range(5):
-            try:
-                self.api.call("POST", "/v1/supervisor/outcome", body)
+        if not self._send_outcome(body):
+            log.warning(
+                "outcome of %s %s not reported: the server is unavailable; will retry",
+                kind,
+                item_id,
+            )
+            self.unreported.append(Unreported(body, time.monotonic() + OUTCOME_RETRY_MIN))
+
+    def _send_outcome(self, body: dict[str, Any]) -> bool:
+        """One try, never blocking the loop on a retry: True once the server has answered
+        (taken or refused), False if it could not be reached."""
+        assert self.api is not None  # noqa: S101
+        try:
+            self.api.call("POST", "/v1/supervisor/outcome", body)
+        except ServerUnavailable:
+            return False
+        except ApiRefused as exc:
+            log.warning("outcome of %s %s refused: %s", body["kind"], body["id"], exc)
+        return True
+
+    def _report_again(self, now: float) -> None:
+        """Send the outcomes the server missed; stop at the first failure (it is still down)."""
+        for pending in list(self.unreported):
+            if now < pending.next_try:
+                continue
+            if not self._send_outcome(pending.body):
+                for later in self.unreported:
+                    later.delay = min(OUTCOME_RETRY_MAX, later.delay * 2)
+                    later.next_try = max(later.next_try, now + later.delay)
                 return
-            except ServerUnavailable:
-                time.sleep(min(5.0, 0.2 * 2**attempt))
-            except ApiRefused as exc:
-                log.warning("outcome of %s %s refused: %s", kind, item_id, exc)
-                return
-        log.error("could not report the outcome of %s %s; the server will reap it", kind, item_id)
+            self.unreported.remove(pending)
+            log.info("outcome of %s %s reported late", pending.body["kind"], pending.body["id"])
 
     def _heartbeat(self) -> None:
         assert self.api is not None  # noqa: S101
@@ -518,10 +559,11 @@ class Supervisor:
         try:
             changes = self.discovery.scan()
             for path, digest in changes.changed:
+                self.bundles.keep(path, digest, changes.contents[digest])
                 self.api.call(
                     "POST",
                     "/v1/supervisor/parse-jobs",
-                    {"uri": Path(path).as_uri(), "content_hash": digest},
+                    {"uri": pinned_uri(path, digest), "content_hash": digest},
                 )
             if changes.deleted:
                 self.api.call(
@@ -539,6 +581,7 @@ class Supervisor:
         if days <= 0:
             return
         cutoff = time.time() - days * 86400
+        self.bundles.prune(days * 86400, time.time())
         for entry in os.scandir(self.settings.logs_dir):
             try:
                 if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
@@ -579,6 +622,15 @@ class Supervisor:
         while self.active and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.05)
+        if self.unreported and self.api is not None:
+            self._report_again(float("inf"))
+            for pending in self.unreported:
+                log.error(
+                    "outcome of %s %s never reached the server; it ends the item when this "
+                    "supervisor starts again",
+                    pending.body["kind"],
+                    pending.body["id"],
+                )
         if self.watchdog:
             self.watchdog.stop()
         if self.creds is not None:
@@ -587,16 +639,6 @@ class Supervisor:
             self.backend.close()
         if self.api is not None:
             self.api.close()
-
-
-def _file_path(uri: Any) -> str:
-    if not isinstance(uri, str) or not uri:
-        return ""
-    if uri.startswith("file://"):
-        from urllib.parse import unquote, urlparse
-
-        return unquote(urlparse(uri).path)
-    return uri
 
 
 def run_supervisor(cfg: Config, *, config_path: str | None, daemon: bool = False) -> int:

@@ -45,6 +45,11 @@ parse_router = APIRouter(prefix="/v1/parse", tags=["parse"], responses=ERROR_RES
 trigger_router = APIRouter(prefix="/v1/trigger", tags=["trigger"], responses=ERROR_RESPONSES)
 
 
+def _plain(uri: str) -> str:
+    """A definition file's URI without the ``#sha256=...`` pin that discovery adds."""
+    return uri.split("#", 1)[0]
+
+
 def _check_graph(wf: WorkflowDefinition) -> None:
     ids = [t.task_id for t in wf.tasks]
     if len(ids) != len(set(ids)):
@@ -89,13 +94,17 @@ def submit_result(
         if body.error is not None:
             job.state = ParseJobState.FAILED
             session.add(
-                ParseError(file_path=job.uri, message=body.error, bundle_version=job.bundle_version)
+                ParseError(
+                    file_path=_plain(job.uri), message=body.error, bundle_version=job.bundle_version
+                )
             )
             return Ok()
         job.state = ParseJobState.SUCCESS
         for wf in body.workflows:
             text = json.dumps(wf.model_dump(), sort_keys=True, separators=(",", ":"))
-            digest = hashlib.sha256(text.encode()).hexdigest()
+            # The same definition from different file contents (a task body changed) is a new
+            # version: the pinned file URI is part of what the version is.
+            digest = hashlib.sha256(f"{text}\n{job.uri}".encode()).hexdigest()
             workflow = session.get(Workflow, wf.workflow_id)
             if workflow is None:
                 workflow = Workflow(id=wf.workflow_id)
@@ -119,7 +128,7 @@ def submit_result(
                 session.add(version)
                 session.flush()
             workflow.current_version_id = version.id
-            workflow.source_uri = job.uri
+            workflow.source_uri = _plain(job.uri)  # the file; the version keeps the pin
             workflow.active = True
     return Ok()
 
