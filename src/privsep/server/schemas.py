@@ -335,3 +335,98 @@ class HealthResponse(Open):
     status: Literal["ok", "degraded"]
     database: Literal["ok", "unreachable"]
     supervisors: list[SupervisorHealth]
+
+
+# --- operator: read views --------------------------------------------------------------------
+#
+# What `runner workflows|runs|variables|connections` show. Connection secrets never appear:
+# the server does not decrypt them for an operator, it only says whether one is set.
+
+MASKED: Literal["***"] = "***"
+
+
+class WorkflowSummary(Open):
+    id: str
+    active: bool
+    current_version_id: int | None
+    bundle_version: str | None
+    schedule: str | float | None
+    task_count: int
+    source_uri: str | None
+
+
+class WorkflowsResponse(Open):
+    workflows: list[WorkflowSummary]
+
+
+class WorkflowDetailResponse(Open):
+    id: str
+    active: bool
+    current_version_id: int | None
+    bundle_version: str | None
+    source_uri: str | None
+    parsed_at: str | None
+    # The serialized definition exactly as the parse sandbox produced it (null if never parsed).
+    definition: dict[str, JSONValue] | None
+
+
+class ParseErrorResponse(Open):
+    id: int
+    file_path: str
+    message: str
+    bundle_version: str
+    created_at: str
+
+
+class ParseErrorsResponse(Open):
+    errors: list[ParseErrorResponse]
+
+
+class RunDetailResponse(Open):
+    id: str
+    workflow_id: str
+    workflow_version_id: int
+    state: str
+    trigger_kind: str
+    conf: dict[str, JSONValue]
+    logical_date: str | None
+    created_at: str
+    started_at: str | None
+    ended_at: str | None
+
+
+class OperatorVariableResponse(Open):
+    key: str
+    value: str
+    description: str | None
+
+
+class VariableSummary(Open):
+    """A variable without its value: listing names must not dump every value at once."""
+
+    key: str
+    description: str | None
+
+
+class VariablesResponse(Open):
+    variables: list[VariableSummary]
+
+
+class OperatorConnectionResponse(Open):
+    """A connection as operators see it: ``password`` and ``extra`` are ``"***"`` when set."""
+
+    conn_id: str
+    conn_type: str
+    host: str | None
+    port: int | None
+    login: str | None
+    password: Literal["***"] | None
+    schema_: str | None = Field(alias="schema", serialization_alias="schema")
+    extra: Literal["***"] | None
+    description: str | None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ConnectionsResponse(Open):
+    connections: list[OperatorConnectionResponse]

@@ -1,12 +1,18 @@
-"""Operator endpoints, behind their own credential: runs, variables, connections, policy.
+"""Operator endpoints, behind their own credential: workflows, runs, variables, connections,
+policy.
 
 Policy grants are written here and nowhere else; workflow code cannot reach these routes
-because no work token carries the ``operator`` scope.
+because no work token carries the ``operator`` scope. Connection secrets go one way only: an
+operator can store a password or extra, but every read answers ``"***"`` for them, so a stolen
+operator session cannot be turned into the connections' secrets.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
@@ -22,31 +28,49 @@ from privsep.server.auth import (
 from privsep.server.db.models import (
     Connection,
     GrantKind,
+    ParseError,
     PolicyGrant,
     Run,
     TaskAttempt,
     Variable,
     Workflow,
+    WorkflowVersion,
 )
 from privsep.server.errors import ERROR_RESPONSES, conflict, not_found, unauthorized
 from privsep.server.routes._sql import affected
 from privsep.server.runs import start_run
 from privsep.server.schemas import (
+    MASKED,
     AttemptResponse,
     AttemptsResponse,
     ConnectionBody,
+    ConnectionsResponse,
     GrantBody,
     GrantResponse,
     GrantsResponse,
     Ok,
+    OperatorConnectionResponse,
     OperatorVariableBody,
+    OperatorVariableResponse,
+    ParseErrorResponse,
+    ParseErrorsResponse,
+    RunDetailResponse,
     RunResponse,
     RunsResponse,
     SessionRequest,
     SessionResponse,
     TriggerRunRequest,
+    VariablesResponse,
+    VariableSummary,
+    WorkflowDetailResponse,
+    WorkflowsResponse,
+    WorkflowSummary,
 )
 from privsep.server.state import ServerState
+
+# Grant ids are 32-bit INTEGER columns (PostgreSQL): a larger number is a 422, never an
+# overflow in the database driver.
+GrantId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 router = APIRouter(prefix="/v1/operator", tags=["operator"], responses=ERROR_RESPONSES)
 
@@ -269,10 +293,192 @@ def add_grant(
 
 @router.delete("/policy/{grant_id}", response_model=Ok)
 def delete_grant(
-    grant_id: int, me: OperatorPrincipal = Operator_, state: ServerState = State_
+    grant_id: GrantId, me: OperatorPrincipal = Operator_, state: ServerState = State_
 ) -> Ok:
     with state.db.write_session() as session:
         if not affected(session, delete(PolicyGrant).where(PolicyGrant.id == grant_id)):
             raise not_found(f"no grant {grant_id}")
     audit(state, "policy_revoked", actor=me.name, subject=str(grant_id))
     return Ok()
+
+
+# --- read views ------------------------------------------------------------------------------
+
+
+def _limit(limit: int) -> int:
+    """Listings are bounded: a typo'd limit must not make the server build a huge answer."""
+    return max(1, min(limit, 1000))
+
+
+def _definition(version: WorkflowVersion | None) -> dict[str, Any] | None:
+    """The stored definition as JSON, or None; the text was written by the server itself from
+    a validated model, so a row that does not parse means a corrupt database, not bad input."""
+    if version is None:
+        return None
+    value = json.loads(version.definition)
+    return value if isinstance(value, dict) else None
+
+
+@router.get("/workflows", response_model=WorkflowsResponse)
+def list_workflows(
+    me: OperatorPrincipal = Operator_, state: ServerState = State_
+) -> WorkflowsResponse:
+    """Every known workflow with what its current version says (one query, no N+1)."""
+    with state.db.read_session() as session:
+        rows = session.execute(
+            select(Workflow, WorkflowVersion)
+            .outerjoin(WorkflowVersion, WorkflowVersion.id == Workflow.current_version_id)
+            .order_by(Workflow.id)
+        )
+        out = []
+        for workflow, version in rows:
+            definition = _definition(version) or {}
+            schedule = definition.get("schedule")
+            tasks = definition.get("tasks")
+            out.append(
+                WorkflowSummary(
+                    id=workflow.id,
+                    active=workflow.active,
+                    current_version_id=workflow.current_version_id,
+                    bundle_version=version.bundle_version if version else None,
+                    schedule=schedule if isinstance(schedule, str | float | int) else None,
+                    task_count=len(tasks) if isinstance(tasks, list) else 0,
+                    source_uri=workflow.source_uri,
+                )
+            )
+        return WorkflowsResponse(workflows=out)
+
+
+@router.get("/workflows/{workflow_id}", response_model=WorkflowDetailResponse)
+def show_workflow(
+    workflow_id: str, me: OperatorPrincipal = Operator_, state: ServerState = State_
+) -> WorkflowDetailResponse:
+    with state.db.read_session() as session:
+        workflow = session.get(Workflow, workflow_id)
+        if workflow is None:
+            raise not_found(f"no workflow {workflow_id!r}")
+        version = (
+            session.get(WorkflowVersion, workflow.current_version_id)
+            if workflow.current_version_id is not None
+            else None
+        )
+        return WorkflowDetailResponse(
+            id=workflow.id,
+            active=workflow.active,
+            current_version_id=workflow.current_version_id,
+            bundle_version=version.bundle_version if version else None,
+            source_uri=workflow.source_uri,
+            parsed_at=version.created_at.isoformat() if version else None,
+            definition=_definition(version),
+        )
+
+
+@router.get("/parse-errors", response_model=ParseErrorsResponse)
+def list_parse_errors(
+    limit: int = 100, me: OperatorPrincipal = Operator_, state: ServerState = State_
+) -> ParseErrorsResponse:
+    """Import errors of definition files, newest first.
+
+    Its own path rather than ``/workflows/errors``, which a workflow named ``errors`` would own.
+    """
+    with state.db.read_session() as session:
+        rows = session.scalars(
+            select(ParseError)
+            .order_by(ParseError.created_at.desc(), ParseError.id.desc())
+            .limit(_limit(limit))
+        )
+        return ParseErrorsResponse(
+            errors=[
+                ParseErrorResponse(
+                    id=e.id,
+                    file_path=e.file_path,
+                    message=e.message,
+                    bundle_version=e.bundle_version,
+                    created_at=e.created_at.isoformat(),
+                )
+                for e in rows
+            ]
+        )
+
+
+@router.get("/runs/{run_id}", response_model=RunDetailResponse)
+def show_run(
+    run_id: str, me: OperatorPrincipal = Operator_, state: ServerState = State_
+) -> RunDetailResponse:
+    """One run by id: what ``runs trigger --wait`` polls, without listing every run."""
+    with state.db.read_session() as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise not_found(f"no run {run_id!r}")
+        return RunDetailResponse(
+            id=run.id,
+            workflow_id=run.workflow_id,
+            workflow_version_id=run.workflow_version_id,
+            state=run.state.value,
+            trigger_kind=run.trigger_kind.value,
+            conf=dict(run.conf or {}),
+            logical_date=run.logical_date.isoformat() if run.logical_date else None,
+            created_at=run.created_at.isoformat(),
+            started_at=run.started_at.isoformat() if run.started_at else None,
+            ended_at=run.ended_at.isoformat() if run.ended_at else None,
+        )
+
+
+@router.get("/variables", response_model=VariablesResponse)
+def list_variables(
+    me: OperatorPrincipal = Operator_, state: ServerState = State_
+) -> VariablesResponse:
+    """Variable names and descriptions, not values: reading a value names it."""
+    with state.db.read_session() as session:
+        rows = session.execute(
+            select(Variable.key, Variable.description).order_by(Variable.key)
+        ).all()
+        return VariablesResponse(variables=[VariableSummary(key=k, description=d) for k, d in rows])
+
+
+@router.get("/variables/{key}", response_model=OperatorVariableResponse)
+def get_variable(
+    key: str, me: OperatorPrincipal = Operator_, state: ServerState = State_
+) -> OperatorVariableResponse:
+    with state.db.read_session() as session:
+        variable = session.get(Variable, key)
+        if variable is None:
+            raise not_found(f"no variable {key!r}")
+        return OperatorVariableResponse(
+            key=variable.key, value=variable.value, description=variable.description
+        )
+
+
+def _connection_out(conn: Connection) -> OperatorConnectionResponse:
+    """Secrets are masked here, before anything leaves the server; they are never decrypted."""
+    return OperatorConnectionResponse(
+        conn_id=conn.conn_id,
+        conn_type=conn.conn_type,
+        host=conn.host,
+        port=conn.port,
+        login=conn.login,
+        password=MASKED if conn.password_encrypted else None,
+        schema=conn.schema,
+        extra=MASKED if conn.extra_encrypted else None,
+        description=conn.description,
+    )
+
+
+@router.get("/connections", response_model=ConnectionsResponse)
+def list_connections(
+    me: OperatorPrincipal = Operator_, state: ServerState = State_
+) -> ConnectionsResponse:
+    with state.db.read_session() as session:
+        rows = session.scalars(select(Connection).order_by(Connection.conn_id))
+        return ConnectionsResponse(connections=[_connection_out(c) for c in rows])
+
+
+@router.get("/connections/{conn_id}", response_model=OperatorConnectionResponse)
+def get_connection(
+    conn_id: str, me: OperatorPrincipal = Operator_, state: ServerState = State_
+) -> OperatorConnectionResponse:
+    with state.db.read_session() as session:
+        conn = session.get(Connection, conn_id)
+        if conn is None:
+            raise not_found(f"no connection {conn_id!r}")
+        return _connection_out(conn)
