@@ -9,12 +9,15 @@ supervisor reports it instead (``/v1/supervisor/outcome``), naming the cause fro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from enum import IntEnum
 from typing import Any
 
@@ -34,6 +37,9 @@ class ExitCode(IntEnum):
     """``PRIVSEP_CREDENTIAL_SOCKET`` is not set."""
     API_FAILED = 62
     """The API (or the credential socket) failed, so the outcome could not be reported."""
+    TERMINATED = 63
+    """The sandbox stopped the user code (SIGTERM: its wall-clock limit, usually); the
+    supervisor reports the outcome, with the sandbox's reason."""
 
     @property
     def message(self) -> str:
@@ -45,7 +51,39 @@ _MESSAGES = {
     ExitCode.BAD_PAYLOAD: "the entry point's payload is malformed",
     ExitCode.NOT_IN_SANDBOX: "no credential socket (PRIVSEP_CREDENTIAL_SOCKET is not set)",
     ExitCode.API_FAILED: "the outcome could not be reported to the API",
+    ExitCode.TERMINATED: "stopped by the sandbox (SIGTERM) while user code ran",
 }
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while user code ran: the sandbox is stopping this process (its
+    wall-clock limit, usually). Not user code's own failure, so it is not reported as one.
+
+    A ``BaseException``, like the ``SystemExit`` it replaces, so ``except Exception`` in user
+    code does not swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """Around user code: SIGTERM raises :class:`Terminated` (the sandbox's own handler would
+    raise ``SystemExit(143)``, which looks like user code exiting). Outside the main thread,
+    where no handler can be set, it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fatal(component: str, message: str) -> None:

@@ -20,10 +20,12 @@ from urllib.parse import unquote, urlsplit
 from privsep.client._client import Client
 from privsep.client._components import (
     ExitCode,
+    Terminated,
     bytes_entry,
     configure_logging,
     fatal,
     format_user_error,
+    stopped_by_sigterm,
 )
 from privsep.client._exceptions import BadRequest, NotInSandbox, PrivsepError
 from privsep.client._loader import serialize_module
@@ -56,7 +58,15 @@ def run(payload: Mapping[str, Any]) -> int:
         workflows: list[dict[str, Any]] = []
         error: str | None = None
         try:
-            workflows = serialize_module(path)
+            with stopped_by_sigterm():
+                workflows = serialize_module(path)
+        except Terminated as exc:
+            # Stopped from outside, in the kill grace period: say so, and where it was.
+            error = (
+                f"importing {path} was stopped by the sandbox (SIGTERM), most likely at the "
+                f"parse timeout (supervisor.parse_timeout); it was still running here:\n"
+                f"{format_user_error(exc)}"
+            )
         except (Exception, SystemExit) as exc:  # user code: its failure is the parse result
             error = format_user_error(exc)
         try:

@@ -27,10 +27,12 @@ from privsep.client._authoring import Context, TaskDeferred, Workflow
 from privsep.client._client import Client
 from privsep.client._components import (
     ExitCode,
+    Terminated,
     bytes_entry,
     configure_logging,
     fatal,
     format_user_error,
+    stopped_by_sigterm,
 )
 from privsep.client._exceptions import NotInSandbox, PrivsepError
 from privsep.client._loader import find_task, load_definitions
@@ -100,7 +102,13 @@ def run(payload: Mapping[str, Any]) -> int:
         name = f"{ctx.workflow_id}.{ctx.task_id} (try {ctx.try_number})"
         try:
             try:
-                result = _call_task(ctx, where)
+                with stopped_by_sigterm():
+                    result = _call_task(ctx, where)
+            except Terminated:
+                # Not the task's failure: the sandbox stopped it (its time limit, usually).
+                # The supervisor reports the attempt's end with the sandbox's reason.
+                fatal("task", f"{name} was stopped by the sandbox (SIGTERM) before it ended")
+                return ExitCode.TERMINATED
             except TaskDeferred as deferred:
                 ctx.log.info("%s deferred: %s", name, deferred)
                 client.defer(deferred.trigger, timeout=deferred.timeout)

@@ -47,7 +47,7 @@ POLL_MAX = 1.0
 LOOP_TICK = 0.02
 # Outcomes the server could not take: first retry after this, doubling up to the cap.
 OUTCOME_RETRY_MIN = 0.5
-OUTCOME_RETRY_MAX = 10.0
+OUTCOME_RETRY_MAX = 5.0
 
 
 @dataclass
