@@ -8,8 +8,8 @@ isolation cases. The PostgreSQL isolation test has its own installation, whose s
 its metadata in a real PostgreSQL cluster.
 
 Everything the tests check is read where an operator would read it: the operator API, ``runner
-logs``, and the metadata database itself (``sqlite3`` on ``state/privsep.db``) for what the API
-does not list (parse errors, XComs).
+logs``, ``runner workflows errors``, and the metadata database itself (``sqlite3`` on
+``state/privsep.db``) for what the API does not list (XComs, triggers, parse job times).
 """
 
 from __future__ import annotations
@@ -353,6 +353,11 @@ def test_bad_definition_files_give_parse_errors_and_the_rest_still_parse(stack: 
     assert "this definition file is broken on purpose" in errors["broken_import"]
     assert "RuntimeError" in errors["broken_import"]
     assert "cycle" in errors["cyclic"]
+    # Operators see them through `runner workflows errors`.
+    shown = stack.runner("workflows", "errors", "--json")
+    assert shown.returncode == 0, shown.stderr
+    listed = {Path(urlsplit(e["file_path"]).path).stem for e in json.loads(shown.stdout)["errors"]}
+    assert {"broken_import", "cyclic"} <= listed
     # Neither became a workflow; the good files beside them did.
     parsed = {row[0] for row in _query(stack, "SELECT id FROM workflows")}
     assert {"etl", "etl_denied", "bad_trigger", "times_out", "db_guard"} <= parsed
