@@ -395,12 +395,6 @@ def test_a_definition_file_that_loops_forever_gives_a_parse_error_at_the_timeout
     assert "SystemExit" not in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: POST /v1/supervisor/outcome for a parse job (sandbox killed at the "
-    "parse timeout, or dead without reporting) marks the job failed but stores no "
-    "parse_errors row, so the file has no parse error to show",
-)
 def test_a_definition_file_that_ignores_sigterm_still_gets_a_parse_error(stack: Stack) -> None:
     """Its parse sandbox cannot report anything (SIGKILL after the grace period), so the
     supervisor's outcome report is all the server hears of it."""

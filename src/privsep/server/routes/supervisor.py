@@ -24,6 +24,7 @@ from privsep.server.auth import (
 )
 from privsep.server.db.models import (
     AttemptState,
+    ParseError,
     ParseJob,
     ParseJobState,
     Run,
@@ -426,6 +427,15 @@ def outcome(
             if job.state == ParseJobState.RUNNING:
                 job.state = ParseJobState.FAILED
                 job.finished_at = utcnow()
+                # The sandbox died before it could report (killed at the parse timeout, say):
+                # the file still gets a parse error, or it would fail with nothing to show.
+                session.add(
+                    ParseError(
+                        file_path=job.uri.split("#", 1)[0],
+                        message=f"the parse sandbox ended without a result: {reason}",
+                        bundle_version=job.bundle_version,
+                    )
+                )
         else:
             for trigger in session.scalars(
                 select(Trigger).where(
