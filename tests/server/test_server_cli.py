@@ -201,3 +201,65 @@ def test_strict_mode_opt_out_is_loud(home: Path) -> None:
     assert "WARNING: server is starting with" in err
     assert "development only" in err
     assert f"{key}: has mode 0640" in err
+
+
+def test_runner_scheduler_runs_on_its_own_and_fires_schedules(home: Path) -> None:
+    import json as _json
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from privsep.server.db import Database, sqlite_url_for
+    from privsep.server.db.models import Run, Workflow, WorkflowVersion, utcnow
+
+    prepared(home)
+    db = Database.from_url(sqlite_url_for(home / "state" / "privsep.db"))
+    definition = {
+        "workflow_id": "ticker",
+        "schedule": 1.0,
+        "tasks": [
+            {
+                "task_id": "t",
+                "upstream": [],
+                "retries": 0,
+                "retry_delay": 0,
+                "timeout": None,
+                "module": "ticker",
+                "qualname": "t",
+            }
+        ],
+    }
+    with db.write_session() as session:
+        wf = Workflow(id="ticker", created_at=utcnow() - timedelta(seconds=5))
+        session.add(wf)
+        session.flush()
+        version = WorkflowVersion(
+            workflow_id="ticker", definition=_json.dumps(definition), content_hash="x"
+        )
+        session.add(version)
+        session.flush()
+        wf.current_version_id = version.id
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "privsep", "scheduler"],
+        env=env_for(home, PRIVSEP__SERVER__SCHEDULER_INTERVAL="0.2"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        kinds: list[str] = []
+        while time.monotonic() < deadline and len(kinds) < 2:
+            time.sleep(0.3)
+            with db.read_session() as session:
+                kinds = [
+                    r.trigger_kind.value
+                    for r in session.scalars(select(Run).where(Run.workflow_id == "ticker"))
+                ]
+        assert len(kinds) >= 2, "an interval schedule of 1 s fired fewer than twice"
+        assert set(kinds) == {"schedule"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        db.dispose()
+    assert proc.returncode == 0, err
+    assert "privsep scheduler running" in err

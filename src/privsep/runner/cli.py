@@ -97,6 +97,12 @@ def cmd_server(args: argparse.Namespace) -> int:
     return run_server(_load(args))
 
 
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from privsep.runner.server_cmd import run_scheduler
+
+    return run_scheduler(_load(args))
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from privsep.runner.server_cmd import db_upgrade
 
@@ -216,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("server", help="serve the internal API (TCP and unix socket)")
     p.set_defaults(handler=cmd_server)
+
+    p = sub.add_parser(
+        "scheduler", help="run the scheduler on its own (it also runs in every runner server)"
+    )
+    p.set_defaults(handler=cmd_scheduler)
 
     db_sub = _subcommands(sub.add_parser("db", help="the metadata database"), "db_command")
     p = db_sub.add_parser("upgrade", help="apply migrations (idempotent)")

@@ -97,6 +97,35 @@ def start_scheduler(settings: ServerSettings) -> Any:
     return thread
 
 
+def run_scheduler(cfg: Config) -> int:
+    """``runner scheduler``: the scheduler on its own, for deployments whose API servers run
+    with it switched off. Same permission check as the server; stops on SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    try:
+        enforce_at_start(cfg, "scheduler")
+    except PermissionViolation as exc:
+        print(
+            f"{exc}\nrunner: refusing to start the scheduler: fix the permissions above",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    settings = server_settings(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    thread = start_scheduler(settings)
+    print(
+        f"privsep scheduler running (every {settings.scheduler_interval:g} s at most)",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop.wait()
+    thread.stop(timeout=10)
+    return 0
+
+
 def db_upgrade(cfg: Config) -> int:
     from privsep.server.db.migrate import main_upgrade
 
