@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from privsep.server.app import serving_app
 from privsep.server.db import Database
 from privsep.server.db.models import AuditLog
 from privsep.server.fastpath import TaskFastPath
@@ -24,6 +26,9 @@ from .api import ApiHarness, Work, bearer, error_code, task, workflow
 
 
 def fast_path_of(api: ApiHarness) -> TaskFastPath:
+    served: Any = getattr(api, "served_app", None)
+    if isinstance(served, TaskFastPath):
+        return served
     api.client.get("/v1/jwks")  # builds the middleware stack
     app: Any = api.app.middleware_stack
     while app is not None and not isinstance(app, TaskFastPath):
@@ -42,9 +47,15 @@ def denials(api: ApiHarness) -> int:
         )
 
 
-@pytest.fixture
-def api(db: Database, tmp_path: Path) -> Iterator[ApiHarness]:
+@pytest.fixture(params=["create_app", "serving_app"])
+def api(request: pytest.FixtureRequest, db: Database, tmp_path: Path) -> Iterator[ApiHarness]:
+    """The app as tests build it (the fast path inside, as a middleware) and as ``runner
+    server`` runs it (the fast path in front of the application)."""
     harness = ApiHarness(db, tmp_path)
+    if request.param == "serving_app":
+        harness.client.close()
+        harness.served_app = serving_app(harness.state)  # type: ignore[attr-defined]
+        harness.client = TestClient(harness.served_app, raise_server_exceptions=True)  # type: ignore[attr-defined]
     harness.register_supervisor("sup")
     yield harness
     harness.client.close()

@@ -65,7 +65,10 @@ def jwks(state: ServerState = State_) -> dict[str, object]:
     return jwks_of(state.verifiers)
 
 
-def create_app(state: ServerState) -> FastAPI:
+def create_app(state: ServerState, *, fast_path: bool = True) -> FastAPI:
+    """The FastAPI application. With ``fast_path`` (the default, what tests and embedders
+    get) the task fast path is its outermost middleware; :func:`serving_app` puts it in front
+    of the application instead."""
     app = FastAPI(
         title="privsep internal API",
         version=__version__,
@@ -85,7 +88,18 @@ def create_app(state: ServerState) -> FastAPI:
     ):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_request_bytes)
-    # Outermost (added last): answers the hottest task reads itself and passes everything
-    # else on, bodies included, so the body cap above still sees every request it must.
-    app.add_middleware(TaskFastPath, state=state)
+    if fast_path:
+        # Outermost (added last): answers the hottest task reads itself and passes everything
+        # else on, bodies included, so the body cap above still sees every request it must.
+        app.add_middleware(TaskFastPath, state=state)
     return app
+
+
+def serving_app(state: ServerState) -> TaskFastPath:
+    """What ``runner server`` runs: the task fast path in front of the FastAPI application.
+
+    The same middleware as inside :func:`create_app`, one step further out: a request it
+    answers skips FastAPI's own entry (its telemetry check, the error middleware), about a
+    quarter of the fast path's cost. Everything else reaches the application unchanged.
+    """
+    return TaskFastPath(create_app(state, fast_path=False), state)

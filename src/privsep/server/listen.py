@@ -24,7 +24,14 @@ def parse_bind(bind: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def tcp_socket(bind: str) -> socket.socket:
+# The accept queue of each listening socket.
+LISTEN_BACKLOG = 2048
+
+
+def tcp_socket(bind: str, *, listen: bool = True) -> socket.socket:
+    """Bound to ``bind`` (errors are reported here, at once); listening unless ``listen`` is
+    false, in which case whoever serves calls ``listen(LISTEN_BACKLOG)`` when it is ready,
+    and until then connection attempts are refused instead of waiting."""
     host, port = parse_bind(bind)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -40,13 +47,15 @@ def tcp_socket(bind: str) -> socket.socket:
             f"cannot listen on {bind}: {exc.strerror} "
             "(is another server running? change server.bind)"
         ) from None
-    sock.listen(2048)
+    if listen:
+        sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(True)
     return sock
 
 
-def unix_socket(path: str) -> socket.socket:
-    """Bind ``path`` at 0660 in a 0750 directory, replacing only a stale socket."""
+def unix_socket(path: str, *, listen: bool = True) -> socket.socket:
+    """Bind ``path`` at 0660 in a 0750 directory, replacing only a stale socket; listening
+    unless ``listen`` is false (see :func:`tcp_socket`)."""
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o750, exist_ok=True)
     os.chmod(directory, 0o750)  # noqa: S103 - group may connect; that is the point
@@ -69,7 +78,8 @@ def unix_socket(path: str) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o660)
-    sock.listen(2048)
+    if listen:
+        sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(True)
     return sock
 
