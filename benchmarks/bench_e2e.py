@@ -1,0 +1,1197 @@
+"""End-to-end figures through ``runner standalone`` (issue 8, section 2).
+
+Everything runs for real: ``runner standalone --home H --workflows DIR --parallelism N`` on
+SQLite, with the process sandbox (template mode) and the local executor, started as a child of
+this process. The benchmark talks to it as an operator would (a session from the operator
+credential that the first run creates, ``POST /v1/operator/workflows/<id>/runs``) and reads
+timings from the system's own SQLite database, read-only, so that polling costs the system
+under test nothing.
+
+What is measured:
+
+* **trivial tasks/s**: one workflow of N independent tasks that return ``None``, parallelism =
+  2 x cores. From the trigger request to the run's ``ended_at``; a warm-up run first.
+* **CPU per trivial task**: the CPU of every process of the system during those runs (server,
+  supervisor, zygote, every sandbox, the standalone parent), divided by N. Counted by a cgroup
+  v1 ``cpuacct`` group that the standalone process is started in, so short-lived sandboxes
+  are counted too; where that hierarchy is missing, psutil over the process tree (live
+  processes plus what they reaped). The note splits it per process.
+* **chain step latency**: a chain of C tasks. Each step is the upstream attempt's
+  ``ended_at`` (the server recording its success) → the first statement of the downstream
+  task's user code, which writes ``time.time()`` to its log through ``ctx.log``; the per-attempt
+  log files under ``H/state/logs`` are parsed afterwards. Two extra rows split each step: success
+  → claimed (the attempt's ``started_at``) and claimed → user code running.
+* **USS per running sleeping task**: M tasks that sleep until the benchmark signals them, with
+  parallelism M. Once every one has logged that it runs, the USS of the whole process tree is
+  summed; the figure is (that - the tree's USS just before the trigger) ÷ M, so it includes the
+  supervisor's and the server's per-task growth. A second row is the sandboxes alone (monitor
+  + user process).
+* **parse throughput**: F small definition files appear in the workflows folder at once
+  (written as dot files, then renamed); from the last rename to the last parse job's
+  ``finished_at`` (the result is synced in the same transaction), ÷ F.
+* **isolation overhead**: the same F files, parsed and synced in-process with the same
+  parallelism (a pool of forked workers): each creates and claims the parse job in the
+  database, imports the file with the SDK's loader and calls the server's own
+  ``/v1/parse/result`` handler function with a direct database session. No sandbox, no HTTP,
+  no token. Overhead = sandboxed wall time ÷ direct wall time - 1.
+
+Baselines in the same run: the trivial workload called in-process (``bench_baselines``), a raw
+``os.fork()`` + ``waitpid``, the CPU of spawning ``python -I -c pass`` and the USS of an idle
+``python -I -c``. Needs root (pool uids, cgroups).
+
+    python -m benchmarks e2e [--smoke]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchmarks.bench_baselines import fork_and_wait, spawn_python, trivial_task
+from benchmarks.harness import Row, Stats, figure, progress, time_batches, time_each
+
+NAME = "e2e"
+DESCRIPTION = (
+    "end to end through runner standalone (SQLite, process sandbox, local executor): "
+    "tasks/s, chain step latency, CPU and USS per task, parse throughput, isolation overhead"
+)
+
+MiB = 1 << 20
+CORES = len(os.sched_getaffinity(0))
+UID_FIRST = 180_000
+# The server takes at most this many items per claim (ClaimRequest.max_items), but the
+# supervisor asks for all its free slots at once, so with parallelism above it every claim is
+# refused with 422 and nothing runs. The sleepers' parallelism is therefore raised in steps
+# of at most this, through the supervisor's own SIGHUP reload of its configuration file.
+CLAIM_CAP = 100
+LOG_MARK = re.compile(r"E2E-STEP (\d+\.\d+) (\d+\.\d+)")
+SLEEP_MARK = "E2E-SLEEPING"
+
+
+@dataclass(frozen=True)
+class Scale:
+    tasks: int  # trivial tasks per throughput run
+    rounds: int  # throughput runs, after one warm-up run
+    chain: int  # tasks in the chain
+    chain_runs: int
+    concurrent: int  # sleeping tasks for the USS figure
+    files: int  # definition files per parse round
+    parse_rounds: int
+    ramp_step: int = CLAIM_CAP  # the sleepers' parallelism rises by this much at a time
+    warm_tasks_per_slot: int = 4  # the warm-up run: this many tasks per parallel slot
+    settle_s: float = 2.0  # quiet time before the idle CPU and idle USS readings
+
+
+SMOKE = Scale(
+    tasks=20,
+    rounds=1,
+    chain=5,
+    chain_runs=1,
+    concurrent=20,
+    files=10,
+    parse_rounds=1,
+    ramp_step=10,
+    warm_tasks_per_slot=1,
+    settle_s=0.5,
+)
+FULL = Scale(
+    tasks=1000, rounds=3, chain=50, chain_runs=2, concurrent=500, files=500, parse_rounds=3
+)
+
+# --- the workflows --------------------------------------------------------------------------
+
+TRIVIAL = '''\
+"""{n} independent tasks that do nothing."""
+from privsep.client import Context, Workflow
+
+wf = Workflow("{workflow_id}", schedule=None)
+
+
+def trivial(ctx: Context) -> None:
+    return None
+
+
+for _i in range({n}):
+    wf.task(task_id=f"t{{_i:04d}}")(trivial)
+'''
+
+CHAIN = '''\
+"""A chain of {n} tasks; each logs when its user code starts and ends."""
+import time
+
+from privsep.client import Context, Workflow
+
+wf = Workflow("e2e_chain", schedule=None)
+
+
+def step(ctx: Context) -> None:
+    started = time.time()  # the first statement: "downstream user code running"
+    ctx.log.info("E2E-STEP %.6f %.6f", started, time.time())
+
+
+_previous = None
+for _i in range({n}):
+    _previous = wf.task(task_id=f"c{{_i:03d}}", upstream=[_previous] if _previous else [])(step)
+'''
+
+SLEEPERS = '''\
+"""{n} independent tasks that sleep until the benchmark sends them SIGUSR1."""
+import signal
+import time
+
+from privsep.client import Context, Workflow
+
+wf = Workflow("e2e_sleep", schedule=None)
+
+
+def sleeper(ctx: Context) -> None:
+    released = []
+    signal.signal(signal.SIGUSR1, lambda *_: released.append(True))
+    ctx.log.info("{mark} %.6f", time.time())
+    while not released:
+        time.sleep(0.5)
+
+
+for _i in range({n}):
+    wf.task(task_id=f"s{{_i:04d}}")(sleeper)
+'''
+
+SMALL = '''\
+"""A small definition file: one workflow, two tasks."""
+from privsep.client import Context, Workflow
+
+wf = Workflow("{workflow_id}", schedule=None)
+
+
+@wf.task
+def extract(ctx: Context) -> int:
+    return 1
+
+
+@wf.task(upstream=[extract])
+def load(ctx: Context) -> int:
+    return int(ctx.xcom_pull("extract")) + 1
+'''
+
+
+def write_atomically(folder: Path, name: str, text: str) -> Path:
+    """Discovery skips dot files, so a file written under a dot name and renamed is never
+    seen half-written."""
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    path = folder / name
+    os.rename(tmp, path)
+    return path
+
+
+# --- CPU accounting ---------------------------------------------------------------------------
+
+
+class CpuMeter:
+    """CPU seconds used by the standalone process and everything under it.
+
+    With cgroup v1, a ``cpuacct`` group of our own: the standalone process is moved into it
+    before it execs, and every descendant (sandboxes included, however short-lived) is counted.
+    The sandbox's own cgroups live in the memory, pids and freezer hierarchies, so this one does
+    not disturb them. Otherwise psutil over the live tree, including the CPU of reaped children
+    (which misses processes whose parent did not wait for them)."""
+
+    ROOT = Path("/sys/fs/cgroup/cpuacct")
+
+    def __init__(self) -> None:
+        self.group: Path | None = None
+        self.pid: int | None = None
+        candidate = self.ROOT / f"privsep-bench-e2e-{os.getpid()}-{time.monotonic_ns()}"
+        with contextlib.suppress(OSError):
+            if (self.ROOT / "cpuacct.usage").exists():
+                candidate.mkdir()
+                self.group = candidate
+        self.method = "cgroup v1 cpuacct" if self.group else "psutil process tree"
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        if self.group is None:
+            return argv
+        procs = str(self.group / "cgroup.procs")
+        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', procs, *argv]
+
+    def seconds(self) -> float:
+        if self.group is not None:
+            return int((self.group / "cpuacct.usage").read_text()) / 1e9
+        assert self.pid is not None
+        total = 0.0
+        for proc in _tree(self.pid):
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        return total
+
+    def kernel_seconds(self) -> float | None:
+        """System (kernel) CPU seconds so far, where the cgroup tells them apart."""
+        if self.group is None:
+            return None
+        fields = dict(
+            line.split() for line in (self.group / "cpuacct.stat").read_text().splitlines()
+        )
+        return int(fields["system"]) / os.sysconf("SC_CLK_TCK")
+
+    def close(self) -> None:
+        if self.group is None:
+            return
+        for _ in range(50):  # the group empties as the last processes are reaped
+            try:
+                self.group.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _cpu(proc: psutil.Process, *, children: bool = False) -> float:
+    try:
+        t = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
+    used = t.children_user + t.children_system if children else t.user + t.system
+    return float(used)
+
+
+# --- runner standalone ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Standalone:
+    """``runner standalone`` serving (no ``--once``) until :meth:`stop`; the operator's API and
+    a read-only view of its database."""
+
+    def __init__(
+        self, home: Path, workflows: Path, parallelism: int | None, uid_count: int
+    ) -> None:
+        self.home = home
+        self.workflows = workflows
+        self.parallelism = parallelism
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVSEP")}
+        self.env.update(
+            {
+                "PRIVSEP__SERVER__BIND": f"127.0.0.1:{self.port}",
+                "PRIVSEP__SERVER__URL": self.url,
+                "PRIVSEP__SANDBOX__UID_FIRST": str(UID_FIRST),
+                "PRIVSEP__SANDBOX__UID_COUNT": str(uid_count),
+                "PRIVSEP__SUPERVISOR__DISCOVERY_INTERVAL": "0.2",
+                "PRIVSEP__SUPERVISOR__DRAIN_GRACE": "10",
+            }
+        )
+        self.cpu = CpuMeter()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.op: Any = None
+        self.db: Any = None
+        self.log = home.parent / f"standalone-{self.port}.log"
+
+    # lifecycle
+
+    def start(self) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "privsep",
+            "standalone",
+            "--home",
+            str(self.home),
+            "--workflows",
+            str(self.workflows),
+        ]
+        if self.parallelism is not None:
+            argv += ["--parallelism", str(self.parallelism)]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.cpu.wrap(argv),
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.cpu.pid = self.proc.pid
+        self.op = self._operator_when_ready()
+        from privsep.server.db import Database, sqlite_url_for
+
+        self.db = Database.from_url(sqlite_url_for(self.home / "state" / "privsep.db"))
+
+    def _operator_when_ready(self, timeout: float = 120.0) -> Any:
+        import requests
+
+        from privsep.runner.errors import CommandError
+        from privsep.runner.standalone import Operator
+        from privsep.secrets.keys import KeyFormatError
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            op = Operator(self.url, self.home)
+            try:
+                op.json("GET", "/v1/operator/policy")
+                return op
+            except (CommandError, requests.RequestException, OSError, KeyFormatError):
+                time.sleep(0.2)  # not up yet, or the key is still being written
+        raise RuntimeError(f"runner standalone did not come up in {timeout:.0f} s\n{self.output()}")
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(
+                f"runner standalone exited with status {self.proc.returncode}\n{self.output()}"
+            )
+
+    def output(self) -> str:
+        parts = []
+        logs = [self.log]
+        logs += sorted((self.home / "state" / "standalone").glob("*.log"))
+        for path in logs:
+            with contextlib.suppress(OSError):
+                parts.append(f"--- {path.name}\n" + path.read_text(errors="replace")[-3000:])
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        if self.db is not None:
+            self.db.dispose()
+        if self.proc is None or self.proc.poll() is not None:
+            self.cpu.close()
+            return
+        tree = _tree(self.proc.pid)
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for proc in tree[1:]:  # only what this run started, by pid, if it outlived the stop
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(tree[1:], timeout=10)
+        self.cpu.close()
+
+    # processes
+
+    def processes(self) -> dict[str, list[psutil.Process]]:
+        """The live tree by role: standalone, server (and any workers), supervisor, zygote,
+        sandboxes (everything under the zygote) and other (anything else)."""
+        assert self.proc is not None
+        roles: dict[str, list[psutil.Process]] = {
+            name: [] for name in ("standalone", "server", "supervisor", "zygote", "sandboxes")
+        }
+        roles["other"] = []
+        known: dict[int, tuple[psutil.Process, str, int]] = {}
+        for proc in _tree(self.proc.pid):
+            with contextlib.suppress(psutil.Error):
+                known[proc.pid] = (proc, " ".join(proc.cmdline()), proc.ppid())
+
+        root = self.proc.pid
+
+        def role(pid: int) -> str:
+            _, cmd, ppid = known[pid]
+            if pid == root:
+                return "standalone"
+            if cmd.endswith("privsep server"):
+                return "server"
+            if cmd.endswith("privsep supervisor"):
+                return "supervisor"
+            parent = role(ppid) if ppid in known else "other"
+            if parent == "supervisor" and "privsep.sandbox._zygote" in cmd:
+                return "zygote"
+            if parent in ("zygote", "sandboxes"):
+                return "sandboxes"
+            if parent == "server":
+                return "server"  # its workers, if it runs more than one
+            return "other"
+
+        for pid, (proc, _, _) in known.items():
+            roles[role(pid)].append(proc)
+        return roles
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds so far of the long-lived processes, and of the sandboxes the zygote
+        has reaped (each sandbox's monitor reaps its user process)."""
+        roles = self.processes()
+        out = {
+            name: sum(_cpu(p) for p in roles[name])
+            for name in ("standalone", "server", "supervisor", "zygote", "other")
+        }
+        out["sandboxes"] = sum(_cpu(p, children=True) for p in roles["zygote"]) + sum(
+            _cpu(p) + _cpu(p, children=True) for p in roles["sandboxes"]
+        )
+        return out
+
+    # the operator's side
+
+    def trigger(self, workflow_id: str) -> str:
+        return str(self.op.json("POST", f"/v1/operator/workflows/{workflow_id}/runs", {})["id"])
+
+    def wait_parsed(self, workflow_ids: Sequence[str], timeout: float = 120.0) -> None:
+        from sqlalchemy import select
+
+        from privsep.server.db.models import Workflow
+
+        wanted = set(workflow_ids)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with self.db.read_session() as session:
+                active = set(
+                    session.scalars(
+                        select(Workflow.id).where(Workflow.id.in_(wanted), Workflow.active)
+                    )
+                )
+            if active == wanted:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"not parsed in {timeout:.0f} s: {sorted(wanted - active)[:5]}")
+
+    def wait_run(self, run_id: str, timeout: float, *, must_succeed: bool = True) -> Any:
+        """Poll the run in the database until it ends; fail loudly unless it succeeded (or,
+        with ``must_succeed=False``, return it whatever its end, or None on a timeout)."""
+        from sqlalchemy import select
+
+        from privsep.server.db.models import Run, RunState, TaskAttempt
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with self.db.read_session() as session:
+                run = session.get(Run, run_id)
+                if run is not None and run.state in (RunState.SUCCESS, RunState.FAILED):
+                    if run.state != RunState.SUCCESS and must_succeed:
+                        errors = session.scalars(
+                            select(TaskAttempt.error).where(
+                                TaskAttempt.run_id == run_id, TaskAttempt.error.is_not(None)
+                            )
+                        ).all()
+                        raise RuntimeError(f"run {run_id} failed: {errors[:3]}\n{self.output()}")
+                    session.expunge(run)
+                    return run
+            time.sleep(0.1)
+        if not must_succeed:
+            return None
+        raise RuntimeError(f"run {run_id} not done in {timeout:.0f} s\n{self.output()}")
+
+    def attempts(self, run_id: str) -> list[Any]:
+        from sqlalchemy import select
+
+        from privsep.server.db.models import TaskAttempt
+
+        with self.db.read_session() as session:
+            rows = list(session.scalars(select(TaskAttempt).where(TaskAttempt.run_id == run_id)))
+            for row in rows:
+                session.expunge(row)
+        return rows
+
+    def attempt_log(self, attempt_id: str) -> str:
+        path = self.home / "state" / "logs" / f"task-{attempt_id}.log"
+        try:
+            return path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def set_file_parallelism(home: Path, parallelism: int) -> None:
+    """Set ``[supervisor] parallelism`` in the home's privsep.toml (kept private)."""
+    config = home / "privsep.toml"
+    text = config.read_text()
+    line = f"parallelism = {parallelism}"
+    if re.search(r"(?m)^parallelism = \d+$", text):
+        text = re.sub(r"(?m)^parallelism = \d+$", line, text)
+    else:
+        text += f"\n# Set by the e2e benchmark.\n[supervisor]\n{line}\n"
+    config.write_text(text)
+    config.chmod(0o600)
+
+
+@contextlib.contextmanager
+def standalone(
+    home: Path, workflows: Path, *, parallelism: int | None, uid_count: int
+) -> Iterator[Standalone]:
+    """``parallelism=None``: the supervisor's parallelism comes from the home's privsep.toml
+    (see :func:`set_file_parallelism`), so that a SIGHUP can change it."""
+    system = Standalone(home, workflows, parallelism, uid_count)
+    try:
+        system.start()
+        yield system
+    finally:
+        system.stop()
+
+
+# --- the figures, instance A: throughput, CPU, chain, parse -----------------------------------
+
+
+@dataclass
+class Throughput:
+    rates: list[float]  # tasks/s per run
+    cpu_ms: list[float]  # ms of CPU per task per run, every process
+    split_ms: dict[str, float]  # ms per task by role, summed over the runs
+    idle_cpu_pct: float  # the system's CPU use while idle, % of one core
+    kernel_share: float | None  # the part of the CPU spent in the kernel, where known
+
+
+def _timestamp(value: datetime | None) -> float:
+    if value is None:
+        raise RuntimeError("an attempt has no timestamp")
+    return value.timestamp()
+
+
+def measure_throughput(system: Standalone, scale: Scale) -> Throughput:
+    progress(f"idle CPU of the system ({scale.settle_s:g} s)")
+    before = system.cpu.seconds()
+    time.sleep(scale.settle_s)
+    idle = (system.cpu.seconds() - before) / scale.settle_s * 100
+    progress("warm-up run")
+    system.wait_run(system.trigger("e2e_warm"), timeout=120)
+    rates, cpu_ms = [], []
+    split: dict[str, float] = {}
+    kernel_before, cpu_start = system.cpu.kernel_seconds(), system.cpu.seconds()
+    for index in range(scale.rounds):
+        progress(f"throughput run {index + 1}/{scale.rounds}: {scale.tasks} trivial tasks")
+        roles_before = system.cpu_by_role()
+        cpu_before = system.cpu.seconds()
+        start = time.time()
+        run = system.wait_run(system.trigger("e2e_trivial"), timeout=60 + scale.tasks)
+        cpu_used = system.cpu.seconds() - cpu_before
+        roles_after = system.cpu_by_role()
+        elapsed = _timestamp(run.ended_at) - start
+        rates.append(scale.tasks / elapsed)
+        cpu_ms.append(cpu_used / scale.tasks * 1e3)
+        for name, value in roles_after.items():
+            used = (value - roles_before.get(name, 0.0)) / scale.tasks * 1e3
+            split[name] = split.get(name, 0.0) + used / scale.rounds
+        progress(
+            f"  {rates[-1]:.1f} tasks/s, {cpu_ms[-1]:.1f} ms CPU per task "
+            f"({', '.join(f'{k} {v:.1f}' for k, v in split.items())} so far)"
+        )
+    kernel_after = system.cpu.kernel_seconds()
+    kernel_share = None
+    if kernel_before is not None and kernel_after is not None:
+        kernel_share = (kernel_after - kernel_before) / max(system.cpu.seconds() - cpu_start, 1e-9)
+    return Throughput(rates, cpu_ms, split, idle, kernel_share)
+
+
+@dataclass
+class Chain:
+    step_ms: list[float]  # upstream ended_at → downstream user code running
+    claim_ms: list[float]  # upstream ended_at → downstream started_at (claimed)
+    launch_ms: list[float]  # downstream started_at → its user code running
+    user_to_user_ms: list[float]  # upstream user code done → downstream user code running
+
+
+def measure_chain(system: Standalone, scale: Scale) -> Chain:
+    out = Chain([], [], [], [])
+    for index in range(scale.chain_runs):
+        progress(f"chain run {index + 1}/{scale.chain_runs}: {scale.chain} tasks")
+        run_id = system.trigger("e2e_chain")
+        system.wait_run(run_id, timeout=60 + 5 * scale.chain)
+        attempts = sorted(system.attempts(run_id), key=lambda a: a.task_id)
+        if len(attempts) != scale.chain:
+            raise RuntimeError(f"chain run has {len(attempts)} attempts, not {scale.chain}")
+        marks = []
+        for attempt in attempts:
+            found = LOG_MARK.search(system.attempt_log(attempt.id))
+            if found is None:
+                raise RuntimeError(f"no E2E-STEP line in the log of attempt {attempt.id}")
+            marks.append((float(found[1]), float(found[2])))
+        for up, down, up_mark, down_mark in zip(
+            attempts, attempts[1:], marks, marks[1:], strict=False
+        ):
+            ended = _timestamp(up.ended_at)
+            claimed = _timestamp(down.started_at)
+            out.step_ms.append((down_mark[0] - ended) * 1e3)
+            out.claim_ms.append((claimed - ended) * 1e3)
+            out.launch_ms.append((down_mark[0] - claimed) * 1e3)
+            out.user_to_user_ms.append((down_mark[0] - up_mark[1]) * 1e3)
+        progress(f"  step p50 {statistics.median(out.step_ms):.1f} ms so far")
+    return out
+
+
+@dataclass
+class ParseRound:
+    files: list[Path]  # the sources, outside the workflows folder
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+
+def make_parse_rounds(root: Path, scale: Scale) -> list[ParseRound]:
+    rounds = []
+    for index in range(scale.parse_rounds):
+        folder = root / "parse-src" / f"r{index}"
+        folder.mkdir(parents=True)
+        files = [
+            write_atomically(
+                folder, f"p{index}_{n:04d}.py", SMALL.format(workflow_id=f"p{index}_{n:04d}")
+            )
+            for n in range(scale.files)
+        ]
+        rounds.append(ParseRound(files))
+    return rounds
+
+
+def measure_parse_sandboxed(system: Standalone, rounds: list[ParseRound]) -> None:
+    from sqlalchemy import select
+
+    from privsep.server.db.models import ParseJob, ParseJobState, Workflow
+
+    done_states = (ParseJobState.SUCCESS, ParseJobState.FAILED)
+    for index, parse_round in enumerate(rounds):
+        progress(
+            f"parse round {index + 1}/{len(rounds)}: {len(parse_round.files)} files, sandboxed"
+        )
+        cpu_before = system.cpu.seconds()
+        placed = [
+            write_atomically(system.workflows, src.name, src.read_text())
+            for src in parse_round.files
+        ]
+        start = time.time()
+        since = datetime.fromtimestamp(start - 5, UTC)
+        uris = {p.resolve().as_uri() for p in placed}
+        deadline = time.monotonic() + 60 + len(placed)
+        while True:
+            system.check_alive()
+            with system.db.read_session() as session:
+                jobs = session.execute(
+                    select(ParseJob.uri, ParseJob.state, ParseJob.finished_at).where(
+                        ParseJob.created_at >= since
+                    )
+                ).all()
+            # A job's URI may carry a "#sha256=..." pin after the file's URI.
+            finished = {
+                j.uri.split("#", 1)[0]: j
+                for j in jobs
+                if j.state in done_states and j.uri.split("#", 1)[0] in uris
+            }
+            if len(finished) == len(uris):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{len(uris) - len(finished)} files not parsed in time\n{system.output()}"
+                )
+            time.sleep(0.1)
+        failed = [j.uri for j in finished.values() if j.state != ParseJobState.SUCCESS]
+        if failed:
+            raise RuntimeError(f"parse jobs failed: {failed[:3]}\n{system.output()}")
+        parse_round.cpu_s = system.cpu.seconds() - cpu_before
+        parse_round.wall_s = max(_timestamp(j.finished_at) for j in finished.values()) - start
+        progress(f"  {parse_round.wall_s / len(placed) * 1e3:.1f} ms per file")
+        # Take the files away again, so every round starts from the same folder.
+        ids = [p.stem for p in placed]
+        for path in placed:
+            path.unlink()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with system.db.read_session() as session:
+                still = session.scalars(
+                    select(Workflow.id).where(Workflow.id.in_(ids), Workflow.active)
+                ).first()
+            if still is None:
+                break
+            time.sleep(0.1)
+
+
+# --- the direct path: parse and sync in-process, no sandbox, no API ---------------------------
+
+_direct: dict[str, Any] = {}
+
+
+def _direct_init(url: str, supervisor_id: str) -> None:
+    """Pool worker start: a database engine and what the handler needs, imported once."""
+    from privsep.client._loader import serialize_module
+    from privsep.server.auth import ParsePrincipal
+    from privsep.server.db import Database
+    from privsep.server.db.models import ParseJob, ParseJobState, utcnow
+    from privsep.server.routes.parse_trigger import submit_result
+    from privsep.server.schemas import ParseResultRequest
+
+    db = Database.from_url(url)
+
+    class _State:  # the handler reads only ``state.db``
+        pass
+
+    state = _State()
+    state.db = db  # type: ignore[attr-defined]
+    _direct.update(
+        db=db,
+        state=state,
+        supervisor_id=supervisor_id,
+        serialize_module=serialize_module,
+        ParsePrincipal=ParsePrincipal,
+        ParseJob=ParseJob,
+        ParseJobState=ParseJobState,
+        utcnow=utcnow,
+        submit_result=submit_result,
+        ParseResultRequest=ParseResultRequest,
+    )
+
+
+def _direct_parse_and_sync(path: str) -> float:
+    """What the API path does for one file, minus the sandbox, the HTTP and the tokens: queue
+    the job, claim it, import the file, validate and store the result with the same handler.
+    Returns the CPU seconds it took in this worker."""
+    d = _direct
+    cpu = time.process_time()
+    with d["db"].write_session() as session:  # POST /v1/supervisor/parse-jobs
+        job = d["ParseJob"](uri=Path(path).as_uri(), content_hash=None, bundle_version="")
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    with d["db"].write_session() as session:  # POST /v1/supervisor/claim
+        job = session.get(d["ParseJob"], job_id)
+        job.state = d["ParseJobState"].RUNNING
+        job.supervisor_id = d["supervisor_id"]
+        job.claimed_at = d["utcnow"]()
+    workflows = d["serialize_module"](path)  # the parse sandbox's import
+    # As JSON, as the API receives it.
+    body = d["ParseResultRequest"].model_validate_json(json.dumps({"workflows": workflows}))
+    d["submit_result"](body, d["ParsePrincipal"](job_id, d["supervisor_id"]), d["state"])
+    return time.process_time() - cpu
+
+
+def measure_parse_direct(
+    root: Path, rounds: list[ParseRound], parallelism: int
+) -> tuple[list[float], list[float]]:
+    """Wall seconds and CPU seconds of each round, parsed and synced in-process by
+    ``parallelism`` forked workers into a fresh migrated database."""
+    import multiprocessing
+
+    from privsep.server.db import Database, sqlite_url_for, upgrade
+    from privsep.server.db.models import Supervisor
+
+    url = sqlite_url_for(root / "direct" / "direct.db")
+    (root / "direct").mkdir()
+    upgrade(url)
+    db = Database.from_url(url)
+    try:
+        with db.write_session() as session:
+            sup = Supervisor(name="direct", public_key_pem="-")
+            session.add(sup)
+            session.flush()
+            supervisor_id = sup.id
+    finally:
+        db.dispose()
+    warm = root / "direct" / "warm"
+    warm.mkdir()
+    warm_files = [
+        str(write_atomically(warm, f"w_{n}.py", SMALL.format(workflow_id=f"w_{n}")))
+        for n in range(parallelism * 2)
+    ]
+    walls: list[float] = []
+    cpus: list[float] = []
+    with ProcessPoolExecutor(
+        max_workers=parallelism,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_direct_init,
+        initargs=(url, supervisor_id),
+    ) as pool:
+        list(pool.map(_direct_parse_and_sync, warm_files))
+        for index, parse_round in enumerate(rounds):
+            progress(f"parse round {index + 1}/{len(rounds)}: in-process, direct DB session")
+            start = time.perf_counter()
+            cpu = sum(pool.map(_direct_parse_and_sync, [str(p) for p in parse_round.files]))
+            walls.append(time.perf_counter() - start)
+            cpus.append(cpu)
+    return walls, cpus
+
+
+# --- instance B: USS per running sleeping task -------------------------------------------------
+
+
+@dataclass
+class Memory:
+    marginal_mib: float  # (tree USS at M running - tree USS before) / M
+    sandbox_mib: float  # monitor + user process, mean over the running sandboxes
+    user_mib: float  # the user process alone
+    running: int
+    ramp_s: float  # trigger → the last sleeper's user code running
+    by_role_mib: dict[str, float]  # growth per task of the long-lived processes
+    release_outcome: str  # what happened when all M were released at once
+
+
+def _uss(proc: psutil.Process) -> int:
+    try:
+        return int(proc.memory_full_info().uss)
+    except psutil.Error:
+        return 0
+
+
+def _release_outcome(system: Standalone, run_id: str, run: Any, seconds: float) -> str:
+    states: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    for attempt in system.attempts(run_id):
+        states[attempt.state.value] = states.get(attempt.state.value, 0) + 1
+        if attempt.error:
+            first = attempt.error.strip().splitlines()[-1][:80]
+            errors[first] = errors.get(first, 0) + 1
+    when = (
+        f"run {run.state.value} {seconds:.0f} s later"
+        if run
+        else f"run not over in {seconds:.0f} s"
+    )
+    text = f"all released at once: {when}; attempts " + ", ".join(
+        f"{n} {state}" for state, n in sorted(states.items())
+    )
+    if errors:
+        common = max(errors, key=lambda e: errors[e])
+        text += f"; most common error ({errors[common]} times): {common}"
+    return text
+
+
+def measure_memory(system: Standalone, count: int, step: int, settle_s: float) -> Memory:
+    """``system`` starts with parallelism ``min(step, count)`` from its configuration file;
+    each time that many sleepers run, the file says ``step`` more and the supervisor gets a
+    SIGHUP, until ``count`` run."""
+    time.sleep(settle_s)  # let the prewarmed templates settle
+    roles = system.processes()
+    before = {name: sum(_uss(p) for p in procs) for name, procs in roles.items()}
+    start = time.time()
+    run_id = system.trigger("e2e_sleep")
+    deadline = time.monotonic() + 120 + count
+    sleeping: dict[str, float] = {}
+    allowed = min(step, count)
+    while True:
+        progress(f"waiting for {allowed} of {count} sleeping tasks to run")
+        while len(sleeping) < allowed:
+            system.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(sleeping)} of {allowed} tasks running\n{system.output()}"
+                )
+            for attempt in system.attempts(run_id):
+                if attempt.id not in sleeping:
+                    log = system.attempt_log(attempt.id)
+                    found = re.search(SLEEP_MARK + r" (\d+\.\d+)", log)
+                    if found:
+                        sleeping[attempt.id] = float(found[1])
+            time.sleep(0.5)
+        if allowed >= count:
+            break
+        allowed = min(allowed + step, count)
+        set_file_parallelism(system.home, allowed)
+        for proc in system.processes()["supervisor"]:
+            proc.send_signal(signal.SIGHUP)
+    ramp = max(sleeping.values()) - start
+    time.sleep(min(1.0, settle_s))
+    progress(f"all {count} running after {ramp:.1f} s; measuring USS of the process tree")
+    roles = system.processes()
+    after = {name: sum(_uss(p) for p in procs) for name, procs in roles.items()}
+    pool_uids = range(UID_FIRST, UID_FIRST + 1_000_000)
+    users = []
+    for proc in roles["sandboxes"]:
+        with contextlib.suppress(psutil.Error):
+            if proc.uids().real in pool_uids:
+                users.append(proc)
+    user_pids = {p.pid for p in users}
+    monitors = {}
+    for proc in users:
+        with contextlib.suppress(psutil.Error):
+            parent = proc.parent()
+            if parent is not None and parent.pid not in user_pids:
+                monitors[parent.pid] = parent
+    user_uss = [_uss(p) for p in users]
+    monitor_uss = [_uss(p) for p in monitors.values()]
+    running = len(monitors)
+    # Definition files reach sandboxes as pinned copies, so a release file would not be seen;
+    # a signal to each sleeping user process (a pool uid) is.
+    for proc in users:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGUSR1)
+    progress("released the sleepers (SIGUSR1); waiting for the run to end")
+    released = time.monotonic()
+    # Not a figure, but what happens when M tasks end at once is worth reporting.
+    run = system.wait_run(run_id, timeout=120 + count, must_succeed=False)
+    outcome = _release_outcome(system, run_id, run, time.monotonic() - released)
+    progress(f"  {outcome}")
+    growth = {
+        name: (after[name] - before[name]) / count / MiB
+        for name in ("standalone", "server", "supervisor", "zygote", "other")
+    }
+    return Memory(
+        marginal_mib=(sum(after.values()) - sum(before.values())) / count / MiB,
+        sandbox_mib=(sum(user_uss) + sum(monitor_uss)) / max(running, 1) / MiB,
+        user_mib=statistics.mean(user_uss) / MiB if user_uss else 0.0,
+        running=running,
+        ramp_s=ramp,
+        by_role_mib=growth,
+        release_outcome=outcome,
+    )
+
+
+# --- same-run baselines ------------------------------------------------------------------------
+
+
+def spawn_python_cpu_ms(repeat: int) -> Stats:
+    """CPU (user + system) of one ``python -I -c pass``, from this process's reaped children."""
+    samples = []
+    for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        spawn_python()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        samples.append(used * 1e3)
+    return Stats.of(samples)
+
+
+def idle_python_uss_mib(count: int) -> float:
+    procs = [
+        subprocess.Popen([sys.executable, "-I", "-c", "import time; time.sleep(3600)"])
+        for _ in range(count)
+    ]
+    try:
+        time.sleep(1.0)
+        return statistics.mean(_uss(psutil.Process(p.pid)) for p in procs) / MiB
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+# --- run ----------------------------------------------------------------------------------------
+
+
+def _fmt_split(split: dict[str, float], unit: str) -> str:
+    return ", ".join(f"{name} {value:.2f} {unit}" for name, value in split.items())
+
+
+def run(smoke: bool) -> list[Row]:
+    if os.geteuid() != 0:
+        raise PermissionError("the e2e benchmark needs root: sandboxes drop to pool uids")
+    scale = SMOKE if smoke else FULL
+    parallelism = 2 * CORES
+    root = Path(tempfile.mkdtemp(prefix="e2e-", dir="/tmp"))  # unix socket paths ≤ 107 bytes
+    root.chmod(0o755)
+    try:
+        return _run(scale, parallelism, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(scale: Scale, parallelism: int, root: Path) -> list[Row]:
+    home = root / "h"
+    flows = root / "wf"
+    flows.mkdir(mode=0o755)
+    write_atomically(
+        flows, "e2e_trivial.py", TRIVIAL.format(n=scale.tasks, workflow_id="e2e_trivial")
+    )
+    warm = scale.warm_tasks_per_slot * parallelism
+    write_atomically(flows, "e2e_warm.py", TRIVIAL.format(n=warm, workflow_id="e2e_warm"))
+    write_atomically(flows, "e2e_chain.py", CHAIN.format(n=scale.chain))
+    parse_rounds = make_parse_rounds(root, scale)
+
+    progress(f"runner standalone, parallelism {parallelism} (first run creates the home)")
+    with standalone(home, flows, parallelism=parallelism, uid_count=1000) as system:
+        system.wait_parsed(["e2e_trivial", "e2e_warm", "e2e_chain"])
+        cpu_method = system.cpu.method
+        throughput = measure_throughput(system, scale)
+        chain = measure_chain(system, scale)
+        measure_parse_sandboxed(system, parse_rounds)
+
+    progress("the same parse-and-sync in-process, direct database session")
+    direct_walls, direct_cpus = measure_parse_direct(root, parse_rounds, parallelism)
+
+    progress(f"runner standalone again: {scale.concurrent} sleepers, in steps of {scale.ramp_step}")
+    flows_b = root / "wf-sleep"
+    flows_b.mkdir(mode=0o755)
+    write_atomically(
+        flows_b,
+        "e2e_sleep.py",
+        SLEEPERS.format(n=scale.concurrent, mark=SLEEP_MARK),
+    )
+    uid_count = max(1000, scale.concurrent * 2 + 64)
+    set_file_parallelism(home, min(scale.ramp_step, scale.concurrent))
+    with standalone(home, flows_b, parallelism=None, uid_count=uid_count) as system:
+        system.wait_parsed(["e2e_sleep"])
+        memory = measure_memory(system, scale.concurrent, scale.ramp_step, scale.settle_s)
+
+    progress("baselines: in-process floor, os.fork() + waitpid, python -I -c")
+    floor = time_batches(trivial_task, batch=10_000, repeat=5 if scale is SMOKE else 50)
+    floor_rate = Stats.of([1 / s for s in floor], higher_is_better=True)
+    forks = Stats.of(
+        time_each(fork_and_wait, repeat=20 if scale is SMOKE else 500, warmup=5)
+    ).scaled(1e3)
+    python_cpu = spawn_python_cpu_ms(3 if scale is SMOKE else 20)
+    python_uss = idle_python_uss_mib(2 if scale is SMOKE else 5)
+
+    return rows(
+        scale,
+        parallelism,
+        cpu_method,
+        throughput,
+        chain,
+        parse_rounds,
+        direct_walls,
+        direct_cpus,
+        memory,
+        floor_rate,
+        forks,
+        python_cpu,
+        python_uss,
+    )
+
+
+def rows(
+    scale: Scale,
+    parallelism: int,
+    cpu_method: str,
+    throughput: Throughput,
+    chain: Chain,
+    parse_rounds: list[ParseRound],
+    direct_walls: list[float],
+    direct_cpus: list[float],
+    memory: Memory,
+    floor_rate: Stats,
+    forks: Stats,
+    python_cpu: Stats,
+    python_uss: float,
+) -> list[Row]:
+    where = f"runner standalone, SQLite, process sandbox (template), local executor, {CORES} cores"
+    per_file = [r.wall_s / len(r.files) * 1e3 for r in parse_rounds]
+    direct_per_file = [
+        w / len(r.files) * 1e3 for w, r in zip(direct_walls, parse_rounds, strict=True)
+    ]
+    overhead = [(a / d - 1) * 100 for a, d in zip(per_file, direct_per_file, strict=True)]
+    parse_cpu = statistics.mean(r.cpu_s / len(r.files) * 1e3 for r in parse_rounds)
+    direct_cpu = statistics.mean(
+        c / len(r.files) * 1e3 for c, r in zip(direct_cpus, parse_rounds, strict=True)
+    )
+    fork_what = "os.fork() + waitpid"
+    return [
+        figure(
+            f"e2e: trivial tasks/s, {scale.tasks} independent tasks, parallelism {parallelism}",
+            Stats.of(throughput.rates, higher_is_better=True),
+            "tasks/s",
+            baseline=floor_rate,
+            baseline_measure="the trivial workload called in-process (the floor)",
+            baseline_unit="calls/s",
+            target=">= 150 tasks/s" if CORES == 2 else f">= {75 * CORES} tasks/s",
+            higher_is_better=True,
+            note=f"{where}; trigger request → run ended_at; one warm-up run first; "
+            f"target is 150/s on 2 cores, scaled by cores here",
+        ),
+        figure(
+            "e2e: CPU per trivial task, every process of the system",
+            Stats.of(throughput.cpu_ms),
+            "ms",
+            baseline=python_cpu,
+            baseline_measure="CPU of spawning `python -I -c pass`",
+            target="<= 10 ms",
+            note=f"counted by {cpu_method}; per process (psutil, ms/task): "
+            f"{_fmt_split(throughput.split_ms, 'ms')}; "
+            + (
+                f"{throughput.kernel_share * 100:.0f}% of it in the kernel; "
+                if throughput.kernel_share is not None
+                else ""
+            )
+            + f"the idle system uses {throughput.idle_cpu_pct:.1f}% of a core",
+        ),
+        figure(
+            f"e2e: chain step latency (upstream success → downstream user code running), "
+            f"{scale.chain}-task chain",
+            Stats.of(chain.step_ms),
+            "ms",
+            baseline=forks,
+            baseline_measure=fork_what,
+            target="p50 <= 30 ms",
+            note=f"{len(chain.step_ms)} steps over {scale.chain_runs} runs; upstream's ended_at "
+            f"(server) → downstream's first statement (time.time() in its log); "
+            f"upstream user code done → downstream user code p50 "
+            f"{statistics.median(chain.user_to_user_ms):.1f} ms",
+        ),
+        figure(
+            "e2e: chain step, part 1: upstream success → downstream claimed",
+            Stats.of(chain.claim_ms),
+            "ms",
+            note="the downstream attempt is queued in the upstream's success transaction; "
+            "this is the supervisor's claim poll and the claim itself",
+        ),
+        figure(
+            "e2e: chain step, part 2: downstream claimed → its user code running",
+            Stats.of(chain.launch_ms),
+            "ms",
+            baseline=forks,
+            baseline_measure=fork_what,
+            note="sandbox launch, the task's context RPC, importing the definition file",
+        ),
+        figure(
+            f"e2e: USS per running sleeping task, {scale.concurrent} concurrent "
+            "(growth of the whole process tree ÷ tasks)",
+            Stats.single(memory.marginal_mib),
+            "MiB",
+            baseline=Stats.single(python_uss),
+            baseline_measure="idle `python -I -c`",
+            target="<= 5 MiB",
+            note=f"{memory.running} sandboxes found running; all up {memory.ramp_s:.1f} s after "
+            f"the trigger, parallelism raised {scale.ramp_step} at a time by SIGHUP (a claim "
+            f"of more than {CLAIM_CAP} items is refused); growth per task of the long-lived "
+            f"processes: {_fmt_split(memory.by_role_mib, 'MiB')}; {memory.release_outcome}",
+        ),
+        figure(
+            f"e2e: USS per running sleeping task, {scale.concurrent} concurrent "
+            "(its sandbox only: monitor + user process)",
+            Stats.single(memory.sandbox_mib),
+            "MiB",
+            baseline=Stats.single(python_uss),
+            baseline_measure="idle `python -I -c`",
+            note=f"user process alone {memory.user_mib:.2f} MiB",
+        ),
+        figure(
+            f"e2e: parse throughput, {scale.files} small definition files, sandboxed, per file",
+            Stats.of(per_file),
+            "ms",
+            baseline=Stats.of(direct_per_file),
+            baseline_measure=f"the same parse-and-sync in-process, direct DB session, "
+            f"{parallelism} workers",
+            target="<= 10 ms",
+            note=f"{len(parse_rounds)} rounds; files appear at once; last rename → last parse "
+            f"job finished; parallelism {parallelism}; CPU per file {parse_cpu:.1f} ms "
+            f"(every process) vs {direct_cpu:.1f} ms direct",
+        ),
+        figure(
+            "e2e: isolation overhead, parse-and-sync through the API (sandboxed) vs "
+            "a direct in-process database session",
+            Stats.of(overhead),
+            "%",
+            target="<= 5 %",
+            note=f"wall time per file, same files, same parallelism ({parallelism}); "
+            f"per round: {', '.join(f'{o:.0f}%' for o in overhead)}",
+        ),
+        figure(
+            "floor: the trivial workload in-process (no sandbox, no API)",
+            floor_rate,
+            "calls/s",
+            higher_is_better=True,
+            note="bench_baselines.trivial_task in batches of 10,000",
+        ),
+    ]
