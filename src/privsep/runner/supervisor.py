@@ -45,6 +45,7 @@ ENTRY_POINTS = {
 POLL_MIN = 0.02
 POLL_MAX = 1.0
 LOOP_TICK = 0.02
+MAX_CLAIM = 100  # the server's ClaimRequest.max_items limit
 # Outcomes the server could not take: first retry after this, doubling up to the cap.
 OUTCOME_RETRY_MIN = 0.5
 OUTCOME_RETRY_MAX = 5.0
@@ -364,7 +365,9 @@ class Supervisor:
 
     def _claim(self) -> None:
         assert self.api is not None  # noqa: S101 - set in start()
-        room = self.settings.parallelism - len(self.active)
+        # The server takes at most MAX_CLAIM items per request; larger pools refill over
+        # several passes (the next claim comes at once when this one returned work).
+        room = min(MAX_CLAIM, self.settings.parallelism - len(self.active))
         try:
             body = self.api.call(
                 "POST",
