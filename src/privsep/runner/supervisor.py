@@ -192,6 +192,7 @@ class Supervisor:
         self.notifier: Any = None
         self.watchdog: Any = None
         self.discovery: Any = None
+        self._proxy_http: Any = None  # requests.Session, made on the first proxied call
         self.records = OrphanRecords(settings.state_dir / "sandboxes")
         self.bundles = BundleStore(settings.runtime_dir / "bundles")
 
@@ -595,9 +596,14 @@ class Supervisor:
     # --- callbacks from the credential server (its thread) -----------------------------------
 
     def _proxy(self, method: str, path: str, body: Any, token: str) -> tuple[int, Any]:
-        import requests
+        """Forward one sandbox's API call. One pooled session for all of them: a fresh
+        ``requests.request`` per call opened a new connection each time, on a hot path."""
+        if self._proxy_http is None:
+            import requests
 
-        resp = requests.request(
+            self._proxy_http = requests.Session()
+            self._proxy_http.trust_env = False  # no proxies or netrc from our environment
+        resp = self._proxy_http.request(
             method,
             self.settings.server_url.rstrip("/") + path,
             json=body,
@@ -642,6 +648,8 @@ class Supervisor:
             self.backend.close()
         if self.api is not None:
             self.api.close()
+        if self._proxy_http is not None:
+            self._proxy_http.close()
 
 
 def run_supervisor(cfg: Config, *, config_path: str | None, daemon: bool = False) -> int:
