@@ -59,7 +59,8 @@ from privsep.server.db.models import (
 
 from .postgres import PostgresCluster, free_port
 
-HEAD = "0001"
+HEAD = "0002"
+ALL = ("0001", "0002")  # every revision, oldest first
 THREAD_TIMEOUT_S = 60
 
 
@@ -99,13 +100,13 @@ def pg_fresh_url(postgres_cluster: PostgresCluster) -> Iterator[str]:
 # --- migrations ------------------------------------------------------------------------------
 
 
-def test_head_is_the_initial_revision() -> None:
+def test_head_is_the_latest_revision() -> None:
     assert head_revision() == HEAD
 
 
 def test_upgrade_twice_is_a_noop_and_creates_no_rows(db_url: str) -> None:
     first = upgrade(db_url)
-    assert first == UpgradeResult(previous=None, current=HEAD, head=HEAD, applied=(HEAD,))
+    assert first == UpgradeResult(previous=None, current=HEAD, head=HEAD, applied=ALL)
     assert not first.already_at_head
 
     second = upgrade(db_url)
@@ -125,7 +126,9 @@ def test_db_check_exits_1_before_upgrade_and_0_after(db_url: str) -> None:
 
     code, out = run_main(main_upgrade, db_url)
     assert code == 0
-    assert out == f"database upgraded from <none> to {HEAD} (head {HEAD}); applied {HEAD}\n"
+    assert out == (
+        f"database upgraded from <none> to {HEAD} (head {HEAD}); applied {', '.join(ALL)}\n"
+    )
 
     code, out = run_main(main_upgrade, db_url)
     assert (code, out) == (0, f"database already at head {HEAD}, nothing to do\n")
@@ -173,7 +176,7 @@ def test_upgrade_on_an_empty_postgresql(pg_fresh_url: str) -> None:
     engine = create_engine_for(pg_fresh_url)
     try:
         assert inspect(engine).get_table_names() == []
-        assert upgrade(pg_fresh_url, engine=engine).applied == (HEAD,)
+        assert upgrade(pg_fresh_url, engine=engine).applied == ALL
         engine.dispose()  # the inspector caches; look again on a new connection
         tables = set(inspect(engine).get_table_names())
     finally:
@@ -232,7 +235,7 @@ def test_concurrent_upgrades_apply_once(db_url: str, tmp_path: Path) -> None:
                 proc.wait()
     assert [proc.returncode for proc in procs] == [0, 0, 0], outputs
     results = [json.loads(stdout) for stdout, _ in outputs]
-    assert sorted(r["applied"] for r in results) == [[], [], [HEAD]]
+    assert sorted(r["applied"] for r in results) == [[], [], list(ALL)]
     assert all(r["current"] == HEAD for r in results)
     assert row_counts(db_url)["alembic_version"] == 1
 
@@ -268,7 +271,7 @@ def test_postgresql_upgrade_waits_for_the_advisory_lock(pg_fresh_url: str) -> No
         holder.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
     thread.join(THREAD_TIMEOUT_S)
     assert not errors, errors
-    assert [r.applied for r in results] == [(HEAD,)]
+    assert [r.applied for r in results] == [ALL]
 
 
 # --- URLs and error messages -------------------------------------------------------------------

@@ -3,15 +3,25 @@
 This runs inside the transaction that ends an attempt, so a finished upstream task makes its
 downstream runnable at once (no poll), and two replicas can never both queue the same
 downstream attempt: the unique ``(run_id, task_id, try_number)`` constraint rejects the second.
+
+The work is proportional to the ended task's neighbourhood, not to the run: :func:`advance`
+looks only at the ended task's downstream tasks and their upstream, and checks whether the run
+is over with one indexed ``EXISTS`` (``ix_task_attempts_run_id_state``). Only when no attempt of
+the run is left unfinished does it look at the whole run, once, to close it. Looking at the
+whole run on every success made a run of *n* tasks cost O(n²) and held SQLite's write lock
+for most of a large run.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
-from functools import lru_cache
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from privsep.server.db.models import (
@@ -26,34 +36,114 @@ from privsep.server.schemas import TaskDefinition, WorkflowDefinition
 
 FINAL_OK = frozenset({AttemptState.SUCCESS, AttemptState.SKIPPED})
 FINAL_BAD = frozenset({AttemptState.FAILED, AttemptState.UPSTREAM_FAILED})
+# An up_for_retry attempt is always followed by a queued try, so it never keeps a run open.
+UNFINISHED = (AttemptState.QUEUED, AttemptState.RUNNING, AttemptState.DEFERRED)
 
 
-@lru_cache(maxsize=256)
-def _parse_definition(text: str) -> WorkflowDefinition:
-    return WorkflowDefinition.model_validate(json.loads(text), strict=False)
+@dataclass(frozen=True)
+class Graph:
+    """A workflow version's tasks, indexed both ways. Versions never change once stored, so
+    one is built per version and process, not per request."""
+
+    definition: WorkflowDefinition
+    tasks: dict[str, TaskDefinition]
+    downstream: dict[str, tuple[str, ...]]
+    bundle_version: str = ""
+    source_uri: str | None = None
+
+    @classmethod
+    def of(
+        cls, definition: WorkflowDefinition, bundle_version: str = "", source_uri: str | None = None
+    ) -> Graph:
+        downstream: dict[str, list[str]] = {task.task_id: [] for task in definition.tasks}
+        for task in definition.tasks:
+            for up in task.upstream:
+                downstream.setdefault(up, []).append(task.task_id)
+        return cls(
+            definition=definition,
+            tasks={task.task_id: task for task in definition.tasks},
+            downstream={k: tuple(v) for k, v in downstream.items()},
+            bundle_version=bundle_version,
+            source_uri=source_uri,
+        )
+
+
+class _GraphCache:
+    """The graphs of the most recently used workflow versions, by database and version id
+    (a process may serve more than one database: tests do)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._graphs: OrderedDict[tuple[str, int], Graph] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, session: Session, version_id: int) -> Graph:
+        key = (str(session.get_bind().engine.url), version_id)
+        with self._lock:
+            graph = self._graphs.get(key)
+            if graph is not None:
+                self._graphs.move_to_end(key)
+                return graph
+        row = session.execute(
+            select(
+                WorkflowVersion.definition,
+                WorkflowVersion.bundle_version,
+                WorkflowVersion.source_uri,
+            ).where(WorkflowVersion.id == version_id)
+        ).first()
+        if row is None:
+            raise LookupError(f"workflow version {version_id} is missing")
+        text, bundle_version, source_uri = row
+        definition = WorkflowDefinition.model_validate(json.loads(text), strict=False)
+        graph = Graph.of(definition, bundle_version or "", source_uri)
+        with self._lock:
+            self._graphs[key] = graph
+            while len(self._graphs) > self._size:
+                self._graphs.popitem(last=False)
+        return graph
+
+
+_graphs = _GraphCache()
+
+
+def graph_of(session: Session, run: Run) -> Graph:
+    return _graphs.get(session, run.workflow_version_id)
+
+
+def version_graph(session: Session, version_id: int) -> Graph:
+    """The graph (and provenance) of one stored workflow version, cached."""
+    return _graphs.get(session, version_id)
 
 
 def definition_of(session: Session, run: Run) -> WorkflowDefinition:
-    version = session.get(WorkflowVersion, run.workflow_version_id)
-    if version is None:
-        raise LookupError(f"run {run.id} names a missing workflow version")
-    return _parse_definition(version.definition)
+    return graph_of(session, run).definition
 
 
 def task_definition(session: Session, run: Run, task_id: str) -> TaskDefinition:
-    for task in definition_of(session, run).tasks:
-        if task.task_id == task_id:
-            return task
-    raise LookupError(f"task {task_id!r} is not in run {run.id}'s workflow version")
+    task = graph_of(session, run).tasks.get(task_id)
+    if task is None:
+        raise LookupError(f"task {task_id!r} is not in run {run.id}'s workflow version")
+    return task
 
 
-def _latest_attempts(session: Session, run_id: str) -> dict[str, TaskAttempt]:
-    latest: dict[str, TaskAttempt] = {}
-    for attempt in session.scalars(select(TaskAttempt).where(TaskAttempt.run_id == run_id)):
-        seen = latest.get(attempt.task_id)
-        if seen is None or attempt.try_number > seen.try_number:
-            latest[attempt.task_id] = attempt
-    return latest
+def _latest_states(
+    session: Session, run_id: str, task_ids: Iterable[str] | None = None
+) -> dict[str, AttemptState]:
+    """The state of each task's latest try (of ``task_ids`` only, when given)."""
+    query = select(TaskAttempt.task_id, TaskAttempt.try_number, TaskAttempt.state).where(
+        TaskAttempt.run_id == run_id
+    )
+    if task_ids is not None:
+        wanted = sorted(set(task_ids))
+        if not wanted:
+            return {}
+        query = query.where(TaskAttempt.task_id.in_(wanted))
+    latest: dict[str, tuple[int, AttemptState]] = {}
+    for task_id, try_number, state in session.execute(query):
+        seen = latest.get(task_id)
+        if seen is None or try_number > seen[0]:
+            latest[task_id] = (try_number, state)
+    return {task_id: state for task_id, (_, state) in latest.items()}
 
 
 def start_run(session: Session, run: Run) -> None:
@@ -92,43 +182,107 @@ def fail_or_retry(
         )
         return attempt.state
     attempt.state = AttemptState.FAILED
-    advance(session, run)
+    advance(session, run, attempt.task_id)
     return attempt.state
 
 
-def advance(session: Session, run: Run) -> None:
-    """Queue downstream tasks whose upstream all succeeded, skip those of failed ones, and
-    close the run when every task has ended."""
-    definition = definition_of(session, run)
+def advance(session: Session, run: Run, ended_task_id: str | None = None) -> None:
+    """After ``ended_task_id`` ended (its new state already set on the session): queue its
+    downstream tasks whose upstream all succeeded, mark those of a failed upstream (and theirs,
+    transitively) ``upstream_failed``, and close the run when every task has ended.
+
+    Without ``ended_task_id`` the whole run is looked at (the slow, complete form)."""
     session.flush()
-    latest = _latest_attempts(session, run.id)
+    advance_run(session, run.id, run.workflow_version_id, ended_task_id)
+
+
+def advance_run(
+    session: Session, run_id: str, version_id: int, ended_task_id: str | None = None
+) -> None:
+    """:func:`advance` by ids, for callers that changed the attempt with a Core statement."""
+    graph = version_graph(session, version_id)
+    if ended_task_id is None:
+        _settle_whole_run(session, run_id, graph)
+        return
+    if graph.downstream.get(ended_task_id):
+        _queue_downstream(session, run_id, graph, ended_task_id)
+    unfinished = session.execute(
+        select(TaskAttempt.id)
+        .where(TaskAttempt.run_id == run_id, TaskAttempt.state.in_(UNFINISHED))
+        .limit(1)
+    ).first()
+    if unfinished is None:
+        _settle_whole_run(session, run_id, graph)
+
+
+def _queue_downstream(session: Session, run_id: str, graph: Graph, ended_task_id: str) -> None:
+    """Breadth first from the ended task: each downstream task without an attempt yet gets one
+    once its upstream are all final (queued if all succeeded, else upstream_failed, which
+    spreads further)."""
+    frontier = [ended_task_id]
+    while frontier:
+        candidates = {d for t in frontier for d in graph.downstream.get(t, ())}
+        if not candidates:
+            return
+        upstream = {u for d in candidates for u in graph.tasks[d].upstream}
+        latest = _latest_states(session, run_id, candidates | upstream)
+        frontier = []
+        now = utcnow()
+        for task_id in sorted(candidates):
+            if task_id in latest:
+                continue  # already queued (or ended) by an earlier upstream's end
+            ups = [latest.get(u) for u in graph.tasks[task_id].upstream]
+            if any(state in FINAL_BAD for state in ups):
+                session.add(
+                    TaskAttempt(
+                        run_id=run_id,
+                        task_id=task_id,
+                        try_number=1,
+                        state=AttemptState.UPSTREAM_FAILED,
+                        started_at=now,
+                        ended_at=now,
+                    )
+                )
+                frontier.append(task_id)
+            elif all(state in FINAL_OK for state in ups):
+                session.add(TaskAttempt(run_id=run_id, task_id=task_id, try_number=1))
+        session.flush()
+
+
+def _settle_whole_run(session: Session, run_id: str, graph: Graph) -> None:
+    """Look at every task of the run: queue or skip whatever is due, close the run if all
+    ended. Runs when nothing of the run is left unfinished (so once or twice per run)."""
+    latest = _latest_states(session, run_id)
     changed = True
     while changed:  # upstream_failed propagates through the graph
         changed = False
-        for task in definition.tasks:
+        for task in graph.definition.tasks:
             if task.task_id in latest or not task.upstream:
                 continue
             ups = [latest.get(u) for u in task.upstream]
-            if any(a is not None and a.state in FINAL_BAD for a in ups):
+            if any(state in FINAL_BAD for state in ups):
                 now = utcnow()
-                attempt = TaskAttempt(
-                    run_id=run.id,
-                    task_id=task.task_id,
-                    try_number=1,
-                    state=AttemptState.UPSTREAM_FAILED,
-                    started_at=now,
-                    ended_at=now,
+                session.add(
+                    TaskAttempt(
+                        run_id=run_id,
+                        task_id=task.task_id,
+                        try_number=1,
+                        state=AttemptState.UPSTREAM_FAILED,
+                        started_at=now,
+                        ended_at=now,
+                    )
                 )
-                session.add(attempt)
-                latest[task.task_id] = attempt
+                latest[task.task_id] = AttemptState.UPSTREAM_FAILED
                 changed = True
-            elif all(a is not None and a.state in FINAL_OK for a in ups):
-                attempt = TaskAttempt(run_id=run.id, task_id=task.task_id, try_number=1)
-                session.add(attempt)
-                latest[task.task_id] = attempt
-    if len(latest) == len(definition.tasks) and all(
-        a.state in FINAL_OK | FINAL_BAD for a in latest.values()
+            elif all(state in FINAL_OK for state in ups):
+                session.add(TaskAttempt(run_id=run_id, task_id=task.task_id, try_number=1))
+                latest[task.task_id] = AttemptState.QUEUED
+    if len(latest) == len(graph.tasks) and all(
+        state in FINAL_OK | FINAL_BAD for state in latest.values()
     ):
-        ok = all(a.state in FINAL_OK for a in latest.values())
-        run.state = RunState.SUCCESS if ok else RunState.FAILED
-        run.ended_at = utcnow()
+        ok = all(state in FINAL_OK for state in latest.values())
+        session.execute(
+            update(Run)
+            .where(Run.id == run_id)
+            .values(state=RunState.SUCCESS if ok else RunState.FAILED, ended_at=utcnow())
+        )

@@ -316,6 +316,8 @@ class TaskAttempt(Base):
         # The reaper: running attempts whose heartbeat is stale.
         Index("ix_task_attempts_state_heartbeat_at", "state", "heartbeat_at"),
         Index("ix_task_attempts_supervisor_id_state", "supervisor_id", "state"),
+        # runs.advance: "is any attempt of this run unfinished?" without reading the run.
+        Index("ix_task_attempts_run_id_state", "run_id", "state"),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)

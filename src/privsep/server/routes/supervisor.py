@@ -24,6 +24,7 @@ from privsep.server.auth import (
 )
 from privsep.server.db.models import (
     AttemptState,
+    AuditLog,
     ParseError,
     ParseJob,
     ParseJobState,
@@ -38,7 +39,7 @@ from privsep.server.db.models import (
 )
 from privsep.server.errors import ERROR_RESPONSES, conflict, not_found, unauthorized
 from privsep.server.routes._sql import affected
-from privsep.server.runs import fail_or_retry, task_definition
+from privsep.server.runs import fail_or_retry, version_graph
 from privsep.server.scheduler import claim_candidates
 from privsep.server.schemas import (
     ClaimRequest,
@@ -200,8 +201,14 @@ def claim(
             items += _claim_parse(session, state, me, body.max_items - len(items))
         if "trigger" in body.kinds and len(items) < body.max_items:
             items += _claim_triggers(session, state, me)
-    for item in items:
-        audit(state, "token_issued", actor=me.name, subject=item.id, detail={"scope": item.kind})
+        # Recorded in the claim's own transaction: a token is issued exactly when the claim
+        # commits (it is only revealed in the answer, after the commit).
+        session.add_all(
+            AuditLog(
+                event="token_issued", actor=me.name, subject=item.id, detail={"scope": item.kind}
+            )
+            for item in items
+        )
     return ClaimResponse(items=items)
 
 
@@ -216,51 +223,67 @@ def _claim_tasks(
         per_workflow=state.settings.max_running_per_workflow or None,
         global_limit=state.settings.max_running_total or None,
     )
-    out: list[TaskWork | ParseWork | TriggerWork] = []
-    for attempt_id in candidates:
-        if len(out) >= limit:
-            break
-        won = affected(
-            session,
+    if not candidates:
+        return []
+    # One conditional UPDATE for the lot: a row another claimer took since the candidate query
+    # is no longer queued, so it is simply not updated (and not returned).
+    won = set(
+        session.scalars(
             update(TaskAttempt)
-            .where(TaskAttempt.id == attempt_id, TaskAttempt.state == AttemptState.QUEUED)
+            .where(TaskAttempt.id.in_(candidates[:limit]), TaskAttempt.state == AttemptState.QUEUED)
             .values(
                 state=AttemptState.RUNNING,
                 supervisor_id=me.supervisor_id,
                 started_at=now,
                 heartbeat_at=now,
-            ),
+            )
+            .returning(TaskAttempt.id)
+            .execution_options(synchronize_session=False)
         )
-        if not won:
-            continue
-        attempt = session.get(TaskAttempt, attempt_id)
-        if attempt is None:
-            continue
-        run = session.get(Run, attempt.run_id)
-        if run is None:
-            continue
-        version = session.get(WorkflowVersion, run.workflow_version_id)
-        task = task_definition(session, run, attempt.task_id)
+    )
+    if not won:
+        return []
+    rows = session.execute(
+        select(
+            TaskAttempt.id,
+            TaskAttempt.task_id,
+            TaskAttempt.try_number,
+            Run.id,
+            Run.workflow_id,
+            Run.workflow_version_id,
+        )
+        .join(Run, Run.id == TaskAttempt.run_id)
+        .where(TaskAttempt.id.in_(sorted(won)))
+    ).all()
+    order = {attempt_id: index for index, attempt_id in enumerate(candidates)}
+    out: list[TaskWork | ParseWork | TriggerWork] = []
+    for attempt_id, task_id, try_number, run_id, workflow_id, version_id in sorted(
+        rows, key=lambda row: order[row[0]]
+    ):
+        graph = version_graph(session, version_id)
+        task = graph.tasks.get(task_id)
+        if task is None:
+            raise LookupError(f"task {task_id!r} is not in workflow version {version_id}")
         token = _issue(
             state,
             "task",
-            attempt.id,
+            attempt_id,
             state.settings.work_token_ttl,
-            {"try": attempt.try_number, "sup": me.supervisor_id},
+            {"try": try_number, "sup": me.supervisor_id},
         )
         out.append(
             TaskWork(
-                id=attempt.id,
+                id=attempt_id,
                 token=token.reveal(),
                 expires_at=token.exp,
-                run_id=run.id,
-                workflow_id=run.workflow_id,
-                task_id=attempt.task_id,
-                try_number=attempt.try_number,
+                run_id=run_id,
+                workflow_id=workflow_id,
+                task_id=task_id,
+                try_number=try_number,
                 callable={"module": task.module, "qualname": task.qualname},
                 timeout=task.timeout,
-                bundle_version=version.bundle_version if version else "",
-                source_uri=version.source_uri if version else None,
+                bundle_version=graph.bundle_version,
+                source_uri=graph.source_uri,
             )
         )
     return out
