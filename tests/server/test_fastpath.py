@@ -1,10 +1,9 @@
 """The task fast path (privsep.server.fastpath) answers exactly what the FastAPI routes answer.
 
-Each check sends the same request twice: the first time the token is new to this server, so
-the fast path passes it on and FastAPI's route verifies it (and fills the verified-token
-cache); the second time the fast path answers. Both answers must be byte-identical. Refusals
-must always come from the route, with their audit record. Real database, real auth, on SQLite
-and PostgreSQL.
+Each check sends the same request twice: once as is, which the fast path answers (it verifies
+a token it has not seen itself), and once with a query string, which makes it pass the request
+on to FastAPI's route. Both answers must be byte-identical. Refusals must always come from the
+route, with their audit record. Real database, real auth, on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from sqlalchemy import func, select
 from privsep.server.app import serving_app
 from privsep.server.db import Database
 from privsep.server.db.models import AuditLog
-from privsep.server.fastpath import TaskFastPath
+from privsep.server.fastpath import MAX_FAST_BODY, TaskFastPath
 
 from .api import ApiHarness, Work, bearer, error_code, task, workflow
 
@@ -84,8 +83,13 @@ def running(api: ApiHarness) -> dict[str, Any]:
 
 
 def twice(api: ApiHarness, method: str, path: str, token: str) -> tuple[Any, Any]:
+    """The fast path's answer, then the route's (a query string makes the fast path pass)."""
+    fast = fast_path_of(api)
+    served = fast.served
     first = api.client.request(method, path, headers=bearer(token))
-    second = api.client.request(method, path, headers=bearer(token))
+    assert fast.served == served + 1, f"the fast path did not answer {method} {path}"
+    second = api.client.request(method, f"{path}?x=1", headers=bearer(token))
+    assert fast.served == served + 1, f"the fast path answered {method} {path}?x=1"
     return first, second
 
 
@@ -107,7 +111,6 @@ def test_variable_xcom_and_heartbeat_answers_match_the_routes(
         "value": "wärehouse\u2028t",
     }
     same(first, second)
-    assert fast.served == 1
 
     for value in ({"rows": [1, 2.5, None, "é"]}, 5, 1.5, "5", None, [], 10**20):
         assert api.client.put(
@@ -122,11 +125,104 @@ def test_variable_xcom_and_heartbeat_answers_match_the_routes(
         assert answered.status_code == 200 and answered.json()["value"] == value, value
         same(answered, routed)
 
-    before = fast.served
     first, second = twice(api, "POST", "/v1/task/heartbeat", a1.token)
     assert first.status_code == 200 and first.content == b'{"ok":true}'
     same(first, second)
-    assert fast.served == before + 2
+
+
+def test_context_answers_match_the_route(api: ApiHarness) -> None:
+    sess = api.supervisor_session("sup")
+    op = api.operator_session()
+    api.define_workflow(sess, workflow("wf_c", task("c1")))
+    api.trigger_run(op, "wf_c", {"n": 5, "name": "wärehouse\u2028", "nested": [1.5, None]})
+    (c1,) = api.claim(sess, ["task"])
+    first, second = twice(api, "GET", "/v1/task/context", c1.token)
+    assert first.status_code == 200
+    body = first.json()
+    assert body["params"] == {"n": 5, "name": "wärehouse\u2028", "nested": [1.5, None]}
+    assert body["task_id"] == "c1" and body["try_number"] == 1 and body["trigger_event"] is None
+    same(first, second)
+
+
+def test_success_through_the_fast_path_is_the_routes_success(api: ApiHarness) -> None:
+    """Two identical attempts end the same way, one through each path: same answer, same
+    stored return value, same downstream queued."""
+    sess = api.supervisor_session("sup")
+    op = api.operator_session()
+    api.define_workflow(sess, workflow("wf_s", task("s1"), task("s2", "s1")))
+    api.trigger_run(op, "wf_s")
+    api.trigger_run(op, "wf_s")
+    first_run, second_run = api.claim(sess, ["task"])
+    fast = fast_path_of(api)
+    value = {"rows": [1, 2.5, None, "é"], "big": 10**20}
+    served = fast.served
+    by_fast = api.client.post(
+        "/v1/task/succeed", json={"return_value": value}, headers=bearer(first_run.token)
+    )
+    assert fast.served == served + 1
+    by_route = api.client.post(
+        "/v1/task/succeed?x=1", json={"return_value": value}, headers=bearer(second_run.token)
+    )
+    assert fast.served == served + 1
+    same(by_fast, by_route)
+    assert by_fast.json() == {"state": "success"}
+    downstream = api.claim(sess, ["task"])
+    assert sorted(w.body["task_id"] for w in downstream) == ["s2", "s2"]
+    for work in downstream:
+        pulled = api.client.get("/v1/task/xcoms/s1/return_value", headers=bearer(work.token))
+        assert pulled.json()["value"] == value
+
+
+def test_success_bodies_the_fast_path_does_not_take_reach_the_route_whole(
+    api: ApiHarness,
+) -> None:
+    sess = api.supervisor_session("sup")
+    op = api.operator_session()
+    api.define_workflow(sess, workflow("wf_b", task("b1")))
+    for _ in range(2):
+        api.trigger_run(op, "wf_b")
+    small, large = api.claim(sess, ["task"])
+    fast = fast_path_of(api)
+    served = fast.served
+    c = api.client
+    # Read by the fast path, refused by its validation, replayed to the route: the route's
+    # 422 names the extra field, so it saw the very body.
+    resp = c.post(
+        "/v1/task/succeed", json={"return_value": 1, "surprise": 2}, headers=bearer(small.token)
+    )
+    assert resp.status_code == 422 and "surprise" in resp.text
+    # Not JSON by its content type: passed on unread.
+    resp = c.post(
+        "/v1/task/succeed",
+        content=b'{"return_value": 1}',
+        headers={**bearer(small.token), "Content-Type": "text/plain"},
+    )
+    assert resp.status_code != 200 or resp.json() == {"state": "success"}
+    assert fast.served == served
+    # Larger than the fast path reads: passed on unread, and the route stores all of it.
+    big = "x" * (MAX_FAST_BODY + 10)
+    resp = c.post("/v1/task/succeed", json={"return_value": big}, headers=bearer(large.token))
+    assert resp.status_code == 200 and resp.json() == {"state": "success"}
+    assert fast.served == served
+
+
+def test_a_token_that_does_not_verify_is_refused_by_the_route(
+    api: ApiHarness, running: dict[str, Any]
+) -> None:
+    a1: Work = running["a1"]
+    fast = fast_path_of(api)
+    served = fast.served
+    head, payload, signature = a1.token.split(".")
+    forged = f"{head}.{payload}.{signature[:-4]}AAAA"
+    audited = denials(api)
+    for method, path in (("GET", "/v1/task/context"), ("POST", "/v1/task/succeed")):
+        resp = api.client.request(method, path, json={}, headers=bearer(forged))
+        assert resp.status_code == 401, (path, resp.text)
+    assert denials(api) == audited + 2
+    assert fast.served == served
+    # The genuine token still works, through the fast path.
+    assert api.client.get("/v1/task/context", headers=bearer(a1.token)).status_code == 200
+    assert fast.served == served + 1
 
 
 def test_refusals_come_from_the_routes_and_are_audited(
@@ -164,13 +260,18 @@ def test_refusals_come_from_the_routes_and_are_audited(
 
     # Once the attempt is over, its cached token is dead on every fast route.
     assert c.post("/v1/task/succeed", json={}, headers=bearer(a1.token)).status_code == 200
+    assert fast.served == served + 1  # the success itself took the fast path
+    served = fast.served
     audited = denials(api)
     for method, path in (
+        ("GET", "/v1/task/context"),
         ("GET", "/v1/task/variables/target"),
         ("GET", "/v1/task/xcoms/a1/return_value"),
         ("POST", "/v1/task/heartbeat"),
     ):
         resp = c.request(method, path, headers=bearer(a1.token))
         assert resp.status_code == 401 and error_code(resp) == "revoked", path
-    assert denials(api) == audited + 3
+    resp = c.post("/v1/task/succeed", json={}, headers=bearer(a1.token))
+    assert resp.status_code == 401 and error_code(resp) == "revoked"
+    assert denials(api) == audited + 5
     assert fast.served == served

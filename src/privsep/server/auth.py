@@ -118,6 +118,28 @@ def verified_claims(request: Request, scopes: frozenset[str]) -> Claims:
     return _verify(request, token, scopes)
 
 
+def verify_silently(state: ServerState, token: str, scopes: frozenset[str]) -> Claims | None:
+    """The token's claims if it verifies against the keys already loaded (and then cached),
+    else ``None``: no key reload, no audit record, nothing that touches the database. For the
+    fast path, which passes every doubtful request on to the route that does all of that."""
+    cached = state.token_cache.get(token, scopes)
+    if cached is not None:
+        return cached
+    settings = state.settings
+    try:
+        claims = verify_token(
+            token,
+            state.verifiers,
+            issuer=settings.issuer,
+            audience=settings.audience,
+            scopes=scopes,
+        )
+    except TokenRejected:
+        return None
+    state.token_cache.put(token, claims)
+    return claims
+
+
 def _verify(request: Request, token: str, scopes: frozenset[str]) -> Claims:
     """The full check of a token the cache does not hold. It may read the published keys and
     write an audit record, so async callers run it in a worker thread."""

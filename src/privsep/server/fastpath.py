@@ -2,12 +2,14 @@
 
 A running task reads variables and XComs and sends heartbeats; with small JSON bodies, the
 routing, dependency solving, validation and serialisation of FastAPI cost several times the
-token check and the database read together. :class:`TaskFastPath` is an ASGI middleware that
-answers these three requests itself when they have the ordinary shape:
+token check and the database work together. :class:`TaskFastPath` is an ASGI middleware that
+answers these requests itself when they have the ordinary shape:
 
+* ``GET /v1/task/context`` (every task's first request)
 * ``GET /v1/task/variables/{key}``
 * ``GET /v1/task/xcoms/{task_id}/{key}``
 * ``POST /v1/task/heartbeat`` without a body
+* ``POST /v1/task/succeed`` with a small JSON body (every successful task's last request)
 
 and hands everything else to the application, untouched. The routes stay declared in FastAPI
 (and in the OpenAPI document) and keep serving every request the fast path passes on.
@@ -16,18 +18,23 @@ Security does not change, because the fast path only ever answers **200**, and o
 same checks as the routes, done by the same functions:
 
 * the token: :func:`~privsep.server.auth.token_in_header` on the first ``Authorization``
-  header, then the verified-token cache, which holds only tokens whose signature and claims
-  this worker has fully verified and which have not expired (a token the cache does not hold
-  is passed on, and the route verifies it and fills the cache);
-* the attempt, the grant and the value: :func:`~privsep.server.routes.task.read_variable`,
-  :func:`~privsep.server.routes.task.read_xcom` and :func:`~privsep.server.routes.task.beat`,
-  one statement each, exactly as the routes run them.
+  header, then :func:`~privsep.server.auth.verify_silently`: the verified-token cache, or a
+  full signature and claims check against the keys already loaded (a token that fails it is
+  passed on, and the route reloads the keys if need be, refuses and audits);
+* the attempt, the grant and the value: :func:`~privsep.server.routes.task.read_context`,
+  :func:`~privsep.server.routes.task.read_variable`,
+  :func:`~privsep.server.routes.task.read_xcom`, :func:`~privsep.server.routes.task.beat` and
+  :func:`~privsep.server.routes.task.finish_success`, exactly as the routes run them. The
+  success is one write transaction that either commits whole or not at all, so when it fails
+  (a refusal, a busy database) the route can do it again from the start.
 
 Anything else passes the request on to FastAPI, which checks it all again and answers with
 the usual status, ``{code, message}`` body and audit record: a query string (the route refuses
-tokens in URLs), a missing or malformed header, an unknown or uncached token, a body, a
-refusal, a missing value, a database error. Refusals are rare, so doing their checks twice
-costs nothing that matters, and it means every error answer comes from one place.
+tokens in URLs), a missing or malformed header, a token that does not verify, a body where
+none belongs, a success body that is not small, plain JSON of the right shape, a refusal, a
+missing value, a database error. A body the fast path read is handed on unchanged. Refusals
+are rare, so doing their checks twice costs nothing that matters, and it means every error
+answer comes from one place.
 
 Where the read runs: on SQLite, on the event loop itself (a few tens of microseconds against
 the page cache, less than the hop to a worker thread; its connection gives up after
@@ -42,16 +49,37 @@ from typing import Any
 
 from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from privsep.server.auth import TASK_SCOPES, TaskToken, task_token_of, token_in_header
-from privsep.server.routes.task import beat, read_variable, read_xcom
+from privsep.server.auth import (
+    TASK_SCOPES,
+    TaskToken,
+    task_token_of,
+    token_in_header,
+    verify_silently,
+)
+from privsep.server.routes.task import (
+    beat,
+    finish_success,
+    read_context,
+    read_variable,
+    read_xcom,
+)
+from privsep.server.schemas import SucceedRequest
 from privsep.server.state import ServerState
 
+_CONTEXT = "/v1/task/context"
 _VARIABLES = "/v1/task/variables/"
 _XCOMS = "/v1/task/xcoms/"
 _HEARTBEAT = "/v1/task/heartbeat"
+_SUCCEED = "/v1/task/succeed"
 _OK = b'{"ok":true}'
+_SUCCESS = b'{"state":"success"}'
+# A success body the fast path reads itself; anything larger goes to the route, unread, and
+# meets the application's own body cap there.
+MAX_FAST_BODY = 64 * 1024
+
+_GET_CONTEXT, _GET_VARIABLE, _GET_XCOM, _HEARTBEAT_ROUTE, _SUCCEED_ROUTE = range(5)
 
 
 class TaskFastPath:
@@ -67,7 +95,7 @@ class TaskFastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            body = await self._answer(scope)
+            body, receive = await self._answer(scope, receive)
             if body is not None:
                 self.served += 1
                 await send(
@@ -85,71 +113,136 @@ class TaskFastPath:
             self.passed_on += 1
         await self.app(scope, receive, send)
 
-    async def _answer(self, scope: Scope) -> bytes | None:
-        """The 200 body, or ``None`` to pass the request on."""
+    async def _answer(self, scope: Scope, receive: Receive) -> tuple[bytes | None, Receive]:
+        """The 200 body, or ``None`` to pass the request on; and the ``receive`` to pass it on
+        with (one that replays the body, if this read it)."""
         method = scope["method"]
         path: str = scope["path"]
         if method == "GET":
-            if path.startswith(_VARIABLES):
+            if path == _CONTEXT:
+                route = _GET_CONTEXT
+            elif path.startswith(_VARIABLES):
                 key = path[len(_VARIABLES) :]
                 if not key or "/" in key:
-                    return None
-                route = 0
+                    return None, receive
+                route = _GET_VARIABLE
             elif path.startswith(_XCOMS):
                 task_id, _, key = path[len(_XCOMS) :].partition("/")
                 if not task_id or not key or "/" in key:
-                    return None
-                route = 1
+                    return None, receive
+                route = _GET_XCOM
             else:
-                return None
+                return None, receive
         elif method == "POST" and path == _HEARTBEAT:
-            route = 2
+            route = _HEARTBEAT_ROUTE
+        elif method == "POST" and path == _SUCCEED:
+            route = _SUCCEED_ROUTE
         else:
-            return None
+            return None, receive
         if scope.get("query_string") or scope.get("root_path"):
-            return None
-        token = self._token(scope)
+            return None, receive
+        token, length = self._token(scope)
         if token is None:
-            return None
+            return None, receive
+        if route == _SUCCEED_ROUTE:
+            if length is None or not 0 < length <= MAX_FAST_BODY:
+                return None, receive
+            raw, taken = await _read_body(receive, length)
+            receive = _replaying(taken, receive)
+            if raw is None:
+                return None, receive
+        elif length:
+            return None, receive  # a body where the route takes none: the route says so
         state = self.state
         try:
-            if route == 0:
+            if route == _GET_CONTEXT:
+                if state.inline_reads is not None:
+                    context = read_context(state.inline_reads, token)
+                else:
+                    context = await run_in_threadpool(read_context, state.reads, token)
+                return to_json(context.model_dump()), receive
+            if route == _GET_VARIABLE:
                 if state.inline_reads is not None:
                     value: Any = read_variable(state.inline_reads, token, key)
                 else:
                     value = await run_in_threadpool(read_variable, state.reads, token, key)
-                return to_json({"key": key, "value": value})
-            if route == 1:
+                return to_json({"key": key, "value": value}), receive
+            if route == _GET_XCOM:
                 if state.inline_reads is not None:
                     value = read_xcom(state.inline_reads, token, task_id, key)
                 else:
                     value = await run_in_threadpool(read_xcom, state.reads, token, task_id, key)
-                return to_json({"task_id": task_id, "key": key, "value": value})
-            await run_in_threadpool(beat, state, token)
-            return _OK
-        except Exception:  # a refusal, a missing value, a busy database: the route answers
-            return None
+                return to_json({"task_id": task_id, "key": key, "value": value}), receive
+            if route == _HEARTBEAT_ROUTE:
+                await run_in_threadpool(beat, state, token)
+                return _OK, receive
+            assert raw is not None  # noqa: S101 - read above
+            success = SucceedRequest.model_validate_json(raw)
+            await run_in_threadpool(finish_success, state, token, success.return_value)
+            return _SUCCESS, receive
+        except Exception:  # a refusal, a bad body, a busy database: the route answers
+            return None, receive
 
-    def _token(self, scope: Scope) -> TaskToken | None:
-        """The task token, if it is one this worker has verified and the request carries no
-        body; ``None`` otherwise."""
+    def _token(self, scope: Scope) -> tuple[TaskToken | None, int | None]:
+        """The task token, if it verifies, and the body's declared length (0 for none,
+        ``None`` when unknown: chunked); ``(None, ...)`` to pass the request on."""
         authorization: bytes | None = None
+        length: int | None = 0
+        content_type: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 if authorization is None:
                     authorization = value
-            elif (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
-                return None
+            elif name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    return None, None
+            elif name == b"transfer-encoding":
+                length = None
+            elif name == b"content-type":
+                content_type = value
         if authorization is None:
-            return None
+            return None, length
+        if length and content_type != b"application/json":
+            return None, length
         try:
-            token = token_in_header(authorization.decode("latin-1"))
+            raw_token = token_in_header(authorization.decode("latin-1"))
+            claims = verify_silently(self.state, raw_token, TASK_SCOPES)
+            return (task_token_of(claims) if claims is not None else None), length
         except Exception:
-            return None
-        claims = self.state.token_cache.get(token, TASK_SCOPES)
-        if claims is None:
-            return None
-        try:
-            return task_token_of(claims)
-        except Exception:
-            return None
+            return None, length
+
+
+async def _read_body(receive: Receive, length: int) -> tuple[bytes | None, list[Message]]:
+    """The whole body if it is exactly ``length`` bytes (else ``None``: a client that went
+    away or sent something else is the route's to answer), and every message it took from
+    ``receive``, to replay them as they came if the request is passed on."""
+    taken: list[Message] = []
+    size = 0
+    while True:
+        message = await receive()
+        taken.append(message)
+        if message["type"] != "http.request":
+            return None, taken
+        size += len(message.get("body", b""))
+        if size > length:
+            return None, taken
+        if not message.get("more_body", False):
+            break
+    body = b"".join(m.get("body", b"") for m in taken)
+    return (body if len(body) == length else None), taken
+
+
+def _replaying(taken: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that first hands out the messages already taken, then the real one's."""
+    if not taken:
+        return receive
+    pending = list(reversed(taken))
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replay

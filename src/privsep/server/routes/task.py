@@ -255,25 +255,23 @@ def _own_running_attempt(session: Session, token: TaskToken) -> tuple[TaskAttemp
 def context(
     request: Request, token: TaskToken = TaskToken_, state: ServerState = State_
 ) -> TaskContext:
-    return answering(request, state, _context, state, token)
+    return answering(request, state, read_context, state.reads, token)
 
 
-def _context(state: ServerState, token: TaskToken) -> TaskContext:
-    with state.db.read_session() as session:
-        row = session.execute(
-            select(
-                TaskAttempt.state,
-                TaskAttempt.supervisor_id,
-                TaskAttempt.try_number,
-                TaskAttempt.run_id,
-                TaskAttempt.task_id,
-                Run.workflow_id,
-                Run.conf,
-                TaskAttempt.trigger_event,
-            )
-            .join(Run, Run.id == TaskAttempt.run_id)
-            .where(TaskAttempt.id == token.attempt_id)
-        ).first()
+_CONTEXT_SQL = (
+    f"SELECT {ATTEMPT_COLUMNS}, r.workflow_id, r.conf, a.trigger_event "  # noqa: S608
+    "FROM task_attempts a JOIN runs r ON r.id = a.run_id WHERE a.id = :attempt"
+)
+_CONTEXT_SQL_PG = _CONTEXT_SQL.replace(
+    "r.conf, a.trigger_event", "CAST(r.conf AS TEXT), CAST(a.trigger_event AS TEXT)"
+)
+
+
+def read_context(reads: ReadPool, token: TaskToken) -> TaskContext:
+    """The attempt's context (run, workflow, task, try, params, trigger event), if it is
+    live: one statement."""
+    rows = reads.fetch(reads.sql(_CONTEXT_SQL, _CONTEXT_SQL_PG), {"attempt": token.attempt_id})
+    row = rows[0] if rows else None
     me = check_attempt(token, row, row[5] if row else "")
     assert row is not None  # noqa: S101 - check_attempt refused otherwise
     return TaskContext(
@@ -282,8 +280,8 @@ def _context(state: ServerState, token: TaskToken) -> TaskContext:
         workflow_id=me.workflow_id,
         task_id=me.task_id,
         try_number=me.try_number,
-        params=row[6] or {},
-        trigger_event=row[7],
+        params=_json_value(row[6]) or {},
+        trigger_event=_json_value(row[7]),
     )
 
 
