@@ -214,7 +214,7 @@ def idle_sandboxes(backend: ProcessBackend, bench: _Bench, n: int) -> Iterator[l
 
 
 def idle_uss(backend: ProcessBackend, bench: _Bench, n: int) -> tuple[float, float]:
-    """Mean USS (bytes) of an idle sandbox: whole sandbox (monitor + user), user process only."""
+    """Mean USS (bytes) of an idle sandbox: all its processes (with any monitor); user only."""
     with idle_sandboxes(backend, bench, n) as live:
         time.sleep(0.3)
         pairs = [_tree_uss(h.pid) for h, _ in live]
@@ -343,7 +343,7 @@ def run(smoke: bool, scale_n: int | None = None) -> list[Row]:
             note=full,
         ),
         figure(
-            "template: idle sandbox USS (monitor + user process)",
+            "template: idle sandbox USS (all its processes)",
             Stats.single(tmpl_uss / MiB),
             "MiB",
             baseline=fork_uss,
