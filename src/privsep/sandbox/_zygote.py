@@ -55,6 +55,11 @@ from privsep.sandbox._wire import Plan, write_exit_record
 
 DEFAULT_PRELOAD = (
     "privsep.client",
+    # The runner's entry points (privsep's own code): importing them in every sandbox cost
+    # about 1.5 ms of CPU per task.
+    "privsep.client._parse",
+    "privsep.client._task",
+    "privsep.client._trigger",
     "privsep.sandbox.entrypoints",
     "asyncio",
     "base64",
