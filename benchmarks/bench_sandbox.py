@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -135,6 +136,49 @@ def python_latency(n: int) -> list[float]:
     return out
 
 
+def _children_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of the children ``pid`` has reaped, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
+
+
+def _wait_warm(backend: ProcessBackend, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(backend.warm_pids()) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+
+
+def sandbox_cpu(backend: ProcessBackend, bench: _Bench, n: int, prewarm: int) -> float:
+    """Mean CPU seconds of everything a template sandbox runs, from fork to reaped, ``n`` times.
+
+    Every process of a sandbox descends from the zygote, which reaps its own children, so the
+    zygote's ``cutime + cstime`` grows by exactly the sandboxes that ended. Both readings are
+    taken with the pre-warmed pool full, so the ``n`` launches are ``n`` whole lifecycles.
+    """
+    zygote = backend.zygote_pid
+    if zygote is None:
+        raise RuntimeError("sandbox_cpu needs a template-mode backend")
+    _wait_warm(backend, prewarm)
+    before = _children_cpu(zygote)
+    sandbox_latency(backend, bench, n)
+    _wait_warm(backend, prewarm)
+    return (_children_cpu(zygote) - before) / n
+
+
+def fork_cpu(n: int) -> float:
+    """Mean CPU seconds of an ``os.fork()`` child of this process that exits at once."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return used / n
+
+
 def _uss(pid: int) -> int:
     return int(psutil.Process(pid).memory_full_info().uss)
 
@@ -170,7 +214,7 @@ def idle_sandboxes(backend: ProcessBackend, bench: _Bench, n: int) -> Iterator[l
 
 
 def idle_uss(backend: ProcessBackend, bench: _Bench, n: int) -> tuple[float, float]:
-    """Mean USS (bytes) of an idle sandbox: whole sandbox (monitor + user), user process only."""
+    """Mean USS (bytes) of an idle sandbox: all its processes (with any monitor); user only."""
     with idle_sandboxes(backend, bench, n) as live:
         time.sleep(0.3)
         pairs = [_tree_uss(h.pid) for h, _ in live]
@@ -229,12 +273,16 @@ def run(smoke: bool, scale_n: int | None = None) -> list[Row]:
         bench = _Bench(root)
         progress("baselines: os.fork() and python -I -c")
         fork_ms = Stats.of(fork_latency(iterations)).scaled(1e3)
+        fork_cpu_ms = Stats.single(fork_cpu(iterations) * 1e3)
         python_ms = Stats.of(python_latency(max(3, iterations // 6))).scaled(1e3)
         pool = UidPool(400_000, max(scale_n, idle_n) + 64)
-        with ProcessBackend(launch_mode="template", uid_pool=pool) as template:
+        prewarm = 4
+        with ProcessBackend(launch_mode="template", uid_pool=pool, prewarm=prewarm) as template:
             progress(f"template mode: {iterations} launches")
             sandbox_latency(template, bench, 5)  # warm-up
             tmpl_ms = Stats.of(sandbox_latency(template, bench, iterations)).scaled(1e3)
+            progress(f"template mode: CPU of {iterations} launches")
+            tmpl_cpu_ms = Stats.single(sandbox_cpu(template, bench, iterations, prewarm) * 1e3)
             progress(f"template mode: {idle_n} idle sandboxes")
             tmpl_uss, tmpl_user_uss = idle_uss(template, bench, idle_n)
             progress(f"template mode: {scale_n} concurrent sandboxes")
@@ -279,6 +327,14 @@ def run(smoke: bool, scale_n: int | None = None) -> list[Row]:
             target="p99 <= 25 ms",
         ),
         figure(
+            "template: CPU per sandbox, fork to reaped (trivial script)",
+            tmpl_cpu_ms,
+            "ms",
+            baseline=fork_cpu_ms,
+            baseline_measure="os.fork() child that exits at once",
+            note="zygote's reaped children (cutime + cstime, 10 ms ticks) over the launches",
+        ),
+        figure(
             "spawn: launch → user code running",
             spawn_ms,
             "ms",
@@ -287,7 +343,7 @@ def run(smoke: bool, scale_n: int | None = None) -> list[Row]:
             note=full,
         ),
         figure(
-            "template: idle sandbox USS (monitor + user process)",
+            "template: idle sandbox USS (all its processes)",
             Stats.single(tmpl_uss / MiB),
             "MiB",
             baseline=fork_uss,

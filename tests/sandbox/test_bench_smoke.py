@@ -15,7 +15,7 @@ def test_benchmark_smoke_run_produces_well_formed_rows(monkeypatch: pytest.Monke
     bench = importlib.import_module("benchmarks.bench_sandbox")
     harness = importlib.import_module("benchmarks.harness")
     rows = bench.run(smoke=True)
-    assert len(rows) == 8
+    assert len(rows) == 9
     for index, row in enumerate(rows):
         normal = harness.normalize(row, index)  # raises on a malformed row
         assert normal["ours"] is not None and normal["ours"] > 0, row

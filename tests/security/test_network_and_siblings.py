@@ -57,10 +57,14 @@ def test_tcp_to_the_server_port_fails_with_network_none(hostile: Hostile) -> Non
         server.close()
 
 
-def _user_pid(monitor_pid: int) -> int:
-    children = psutil.Process(monitor_pid).children()
-    assert len(children) == 1
-    return int(children[0].pid)
+def _user_pid(handle_pid: int, uid: int | None) -> int:
+    """The sandbox's user process: the handle's process itself, or its one child (a monitor's)."""
+    proc = psutil.Process(handle_pid)
+    children = proc.children()
+    assert len(children) <= 1
+    user = children[0] if children else proc
+    assert uid is not None and user.uids().real == uid
+    return int(user.pid)
 
 
 def test_cannot_signal_or_read_a_sibling(hostile: Hostile, workroot: Path) -> None:
@@ -69,7 +73,7 @@ def test_cannot_signal_or_read_a_sibling(hostile: Hostile, workroot: Path) -> No
     sibling_wd = Path(sibling.spec.workdir)
     (sibling_wd / "private.txt").write_text("sibling data")
     assert sibling.pid is not None
-    user_pid = _user_pid(sibling.pid)
+    user_pid = _user_pid(sibling.pid, sibling.uid)
     out = hostile.run("signal_pids", str(sibling.pid), str(user_pid), str(os.getpid()))
     for key, value in out.report.items():
         assert value == "ESRCH", (key, value)  # not even visible from its PID namespace

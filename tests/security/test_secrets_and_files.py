@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from pathlib import Path
 
 from hostile_kit import ATTACKS, SECRET, SECRET_SHA256, Hostile
@@ -105,6 +107,14 @@ def _memory_has(pid: int, needle: bytes) -> bool:
     return False
 
 
+def _fd_targets(pid: int) -> dict[int, str]:
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile (or the listing's own)
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return out
+
+
 def test_template_zygote_and_prewarmed_sandboxes_hold_no_secret(hostile: Hostile) -> None:
     backend = hostile.backend
     hostile.run("ids")  # make sure the zygote has served requests in this session
@@ -112,10 +122,27 @@ def test_template_zygote_and_prewarmed_sandboxes_hold_no_secret(hostile: Hostile
     assert zygote is not None
     with open(f"/proc/{zygote}/environ", "rb") as fh:
         assert fh.read() == b""  # exec'd with an empty environment
-    # stdio, the control socket and the signal wake-up pipe: not the planted inheritable fd.
-    targets = [os.readlink(f"/proc/{zygote}/fd/{fd}") for fd in os.listdir(f"/proc/{zygote}/fd")]
-    assert len(targets) == 6, targets
-    assert not any("supervisor.key" in t for t in targets)
+    # Beyond stdio: the control socket, its own PID namespace, the signal wake-up pipe and the
+    # lifeline pipe (both ends each), and the status pipe of each live sandbox it will report
+    # on (whose read end we, the supervisor, hold). Never the planted inheritable fd.
+    for _ in range(20):  # a pre-warmed sandbox may be forked between the two listings
+        ours = set(_fd_targets(os.getpid()).values())
+        fds = _fd_targets(zygote)
+        assert not any("supervisor.key" in t for t in fds.values())
+        beyond_stdio = sorted(t for fd, t in fds.items() if fd > 2)
+        assert [t for t in beyond_stdio if not t.startswith("pipe:")] == [
+            os.readlink(f"/proc/{zygote}/ns/pid"),
+            next(t for t in beyond_stdio if t.startswith("socket:")),
+        ]
+        pipes = [t for t in beyond_stdio if t.startswith("pipe:")]
+        own_pipes = {t for t in pipes if pipes.count(t) == 2}
+        assert len(own_pipes) == 2  # wake-up and lifeline
+        status_pipes = [t for t in pipes if t not in own_pipes]
+        if all(t in ours for t in status_pipes):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the zygote holds pipes that are not sandbox status pipes: {fds}")
     with open(f"/proc/{zygote}/cmdline", "rb") as fh:
         assert SECRET not in fh.read()
     assert not _memory_has(zygote, SECRET)

@@ -8,7 +8,9 @@ of the supervisor's memory.
 :func:`run` calls ``enter()``; what returns from it is the sandboxed user process, which loads
 the entry point (a function inside privsep that then loads user code), reports "ready" on the
 status pipe, closes it, and calls ``entry(argv, payload)``. The function's return value is the
-exit code; the interpreter then shuts down normally (atexit, non-daemon threads).
+exit code. The process then ends through ``_exit.call_and_exit``: threads joined, ``atexit``
+handlers run and files flushed as in a normal exit, but without tearing the interpreter down
+(which would copy every page shared with the zygote only to free it).
 """
 
 from __future__ import annotations
@@ -20,27 +22,41 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from privsep.sandbox import _libc as libc
-from privsep.sandbox._enter import describe_error, enter, enter_unsafe_inline, fail
+from privsep.sandbox._enter import (
+    describe_error,
+    enter,
+    enter_unsafe_inline,
+    fail,
+    lifeline_cut,
+)
+from privsep.sandbox._exit import call_and_exit
 from privsep.sandbox._steps import SetupStep
 from privsep.sandbox._wire import READY, Plan, write_record
 
 EntryPoint = Callable[[list[str], bytes], "int | None"]
 
 
-def run(plan: Plan, status_fd: int, request_fd: int = -1) -> NoReturn:
-    """Bootstrap checks, ``enter()``, then the entry point. Never returns."""
+def run(plan: Plan, status_fd: int, request_fd: int = -1, lifeline: int = -1) -> NoReturn:
+    """Bootstrap checks, ``enter()``, then the entry point. Never returns.
+
+    ``lifeline`` >= 0: the zygote forked us as PID 1 of a new PID namespace and will report
+    our exit; the fd reads EOF once the zygote is gone (our ``getppid()`` is 0 here).
+    """
     try:
         # Die with whoever launched us (the supervisor's launcher thread, or the zygote), and
         # catch the race where it already died before the prctl.
         libc.set_pdeathsig(signal.SIGKILL)
-        if os.getppid() != plan.parent_pid:
+        if lifeline >= 0:
+            if lifeline_cut(lifeline):
+                raise OSError(0, "the zygote is gone")
+        elif os.getppid() != plan.parent_pid:
             raise OSError(0, f"parent {plan.parent_pid} is gone (now {os.getppid()})")
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.umask(0o022)
         libc.set_dumpable(False)
         if request_fd >= 0 and not plan.userns:
             # Pre-warming must not compete with sandboxes being launched right now; the user
-            # process returns to nice 0 when its request arrives (the monitor stays at 10).
+            # process returns to nice 0 when its request arrives (a monitor stays at 10).
             os.nice(10)
     except OSError as exc:
         fail(status_fd, SetupStep.BOOTSTRAP, describe_error(exc))
@@ -48,7 +64,7 @@ def run(plan: Plan, status_fd: int, request_fd: int = -1) -> NoReturn:
     if plan.unsafe_inline:
         enter_unsafe_inline(plan, status_fd)
     else:
-        plan = enter(plan, status_fd, request_fd)
+        plan = enter(plan, status_fd, request_fd, lifeline)
 
     # From here on this is the sandboxed user process.
     signal.signal(signal.SIGTERM, _terminate)
@@ -58,7 +74,7 @@ def run(plan: Plan, status_fd: int, request_fd: int = -1) -> NoReturn:
     finally:
         os.close(status_fd)
     sys.argv = [plan.entry, *plan.argv]
-    sys.exit(entry(list(plan.argv), plan.payload))
+    call_and_exit(lambda: entry(list(plan.argv), plan.payload))
 
 
 def _terminate(signum: int, _frame: object) -> None:

@@ -4,16 +4,21 @@ Like bubblewrap's ``main()`` and OpenSSH's ``privsep_child_demote()``, the order
 function that reads top to bottom; each step has a named exit code (``_steps.SetupStep``) and a
 failure is reported on the status pipe with what was attempted, on what, and the OS reason.
 
-Process layout (bubblewrap's, minus its separate init)::
+Process layout. The PID namespace needs a fork after ``unshare`` (only children enter it).
+In template mode as root the zygote does that fork (see ``_zygote``): it unshares the PID
+namespace, forks the sandbox as PID 1 of it, reaps it and reports its exit, so a sandbox is a
+single process. Everywhere else (spawn mode, user-namespace mode) ``enter()`` forks itself,
+bubblewrap's layout minus its separate init::
 
-    supervisor ── monitor (host PID namespace, root, waits, forwards SIGTERM, reports exit)
+    supervisor ── monitor (host PID namespace, waits, forwards SIGTERM, reports exit)
                      └── user process (PID 1 of a new PID namespace, sandbox uid, seccomp)
 
-The PID namespace needs a fork after ``unshare`` (only children enter it). The user process is
-PID 1 of its namespace, so when it exits the kernel kills everything it left behind, double
-forked and ``setsid``'d or not, and when the monitor dies the user process gets ``SIGKILL``
-(``PR_SET_PDEATHSIG``). PID 1 ignores signals it has no handler for, so the user process gets a
-``SIGTERM`` handler that raises ``SystemExit(143)``; ``SIGKILL`` from outside always works.
+Either way the user process is PID 1 of its namespace, so when it exits the kernel kills
+everything it left behind, double forked and ``setsid``'d or not, and when its parent (monitor
+or zygote) dies it gets ``SIGKILL`` (``PR_SET_PDEATHSIG``, checked against the *lifeline*
+pipe for the race before the prctl). PID 1 ignores signals it has no handler for, even from
+the host, so the user process gets a ``SIGTERM`` handler that raises ``SystemExit(143)``;
+``SIGKILL`` from outside always works.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import select
 import signal
 import sys
 from collections.abc import Callable
@@ -31,10 +37,10 @@ from privsep.sandbox._rootfs import finish_root, prepare_root
 from privsep.sandbox._steps import SetupStep
 from privsep.sandbox._wire import (
     CREDENTIAL_SOCKET_ENV,
-    EXITED,
     FAILED,
     Plan,
     forbidden_env,
+    write_exit_record,
     write_record,
 )
 from privsep.sandbox.privdrop import PrivilegeDropError, drop_privileges
@@ -44,12 +50,16 @@ class _StepFailed(Exception):
     """A check inside a step failed without an OS error."""
 
 
-def enter(plan: Plan, status_fd: int, request_fd: int = -1) -> Plan:
+def enter(plan: Plan, status_fd: int, request_fd: int = -1, lifeline: int = -1) -> Plan:
     """Isolate the calling process; returns the final plan, only in the sandboxed user process.
 
     Runs as root (or, in user-namespace mode, as the supervisor's uid). On any failure the
     process exits with the step's code after writing an ``F`` record; the parent half of the
     PID-namespace fork never returns (it becomes the monitor).
+
+    ``lifeline`` >= 0: the caller is already PID 1 of a new PID namespace whose parent (the
+    zygote) reports its exit; no PID namespace is unshared and no monitor forked, and
+    ``lifeline`` reads EOF once that parent is gone.
 
     ``request_fd`` >= 0 makes a *pre-warmed* sandbox: ``plan`` then only carries what the
     spec-independent steps need, and the process waits on ``request_fd`` for the real plan
@@ -68,18 +78,22 @@ def enter(plan: Plan, status_fd: int, request_fd: int = -1) -> Plan:
 
         # 2. Close every fd but stdio and the status pipe (the credential socket is a path).
         step = SetupStep.CLOSE_FDS
-        _close_fds_except(0, 1, 2, status_fd, *([request_fd] if request_fd >= 0 else []))
+        _close_fds_except(0, 1, 2, status_fd, *(fd for fd in (request_fd, lifeline) if fd >= 0))
 
         # 3. Environment: nothing inherited (the allow-list is applied once the plan is final).
         step = SetupStep.ENVIRONMENT
         os.environ.clear()
 
         # 4. Namespaces: mount, PID, IPC, UTS, cgroup (network below, once the policy is known),
-        #    then a fork so the user process is PID 1 of the new PID namespace.
+        #    then a fork so the user process is PID 1 of the new PID namespace (unless the
+        #    zygote already forked us into one).
         step = SetupStep.NAMESPACES
-        _unshare_namespaces(plan)
+        _unshare_namespaces(plan, pid=lifeline < 0)
         step = SetupStep.PID_NAMESPACE
-        lifeline = _fork_monitor(status_fd)  # the parent half never returns
+        if lifeline < 0:
+            lifeline = _fork_monitor(status_fd)  # the parent half never returns
+        elif os.getpid() != 1:
+            raise _StepFailed(f"forked into a new PID namespace but pid is {os.getpid()}")
         step = SetupStep.FILESYSTEM
         bound = prepare_root(system_paths=plan.system_paths, runtime_paths=_runtime_paths())
 
@@ -122,7 +136,7 @@ def enter(plan: Plan, status_fd: int, request_fd: int = -1) -> Plan:
         step = SetupStep.VERIFY_DROP
         _verify_cannot_regain_root(plan)
 
-        # 8. No new privileges through execve, then die with the monitor (setuid cleared it).
+        # 8. No new privileges through execve, then die with our parent (setuid cleared it).
         step = SetupStep.NO_NEW_PRIVS
         libc.set_no_new_privs()
         step = SetupStep.PDEATHSIG
@@ -207,14 +221,10 @@ def _apply_environment(plan: Plan) -> None:
         os.environ[CREDENTIAL_SOCKET_ENV] = plan.socket
 
 
-def _unshare_namespaces(plan: Plan) -> None:
-    flags = (
-        libc.CLONE_NEWNS
-        | libc.CLONE_NEWPID
-        | libc.CLONE_NEWIPC
-        | libc.CLONE_NEWUTS
-        | libc.CLONE_NEWCGROUP
-    )
+def _unshare_namespaces(plan: Plan, *, pid: bool) -> None:
+    flags = libc.CLONE_NEWNS | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS | libc.CLONE_NEWCGROUP
+    if pid:
+        flags |= libc.CLONE_NEWPID
     if not plan.userns:
         libc.unshare(flags)
         return
@@ -306,14 +316,11 @@ def _monitor(pid: int, status_fd: int) -> NoReturn:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     status: int | None = None
-    usage: tuple[float, float, int] = (0.0, 0.0, 0)
-    try:
-        _, status, ru = os.wait4(pid, 0)
-        usage = (ru.ru_utime, ru.ru_stime, ru.ru_maxrss)
-    except ChildProcessError:
-        pass
+    usage: resource.struct_rusage | None = None
+    with contextlib.suppress(ChildProcessError):
+        _, status, usage = os.wait4(pid, 0)
     with contextlib.suppress(OSError):
-        write_record(status_fd, EXITED, (status, *usage))
+        write_exit_record(status_fd, status, usage)
     if status is None:
         os._exit(int(SetupStep.PID_NAMESPACE))
     if os.WIFSIGNALED(status):
@@ -385,13 +392,19 @@ def _verify_cannot_regain_root(plan: Plan) -> None:
 
 
 def _check_lifeline(lifeline: int) -> None:
-    """Fail if the monitor died before PR_SET_PDEATHSIG was in place (the classic race)."""
-    os.set_blocking(lifeline, False)
-    try:
-        data = os.read(lifeline, 1)
-    except BlockingIOError:
-        return
-    raise _StepFailed(f"the monitor process died during setup ({data!r})")
+    """Fail if our parent died before PR_SET_PDEATHSIG was in place (the classic race)."""
+    if lifeline_cut(lifeline):
+        raise _StepFailed("the parent process (monitor or zygote) died during setup")
+
+
+def lifeline_cut(lifeline: int) -> bool:
+    """Whether the lifeline pipe is readable: its only writer, our parent, is gone.
+
+    Polled, not read, so a lifeline shared by all the zygote's children is never changed.
+    """
+    poller = select.poll()
+    poller.register(lifeline, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 UNSAFE_BANNER = (

@@ -8,9 +8,9 @@ Back from the child come *status records* on a dedicated pipe that user code nev
 
 * ``F`` setup failed: the step's exit code and the error text (what, on what, OS reason);
 * ``R`` ready: setup finished, user code is about to run (the write end is then closed);
-* ``X`` exit: written by the monitor outside the PID namespace with the user process's raw wait
-  status and CPU time, so the supervisor learns the exact outcome even when it is not the
-  parent (template mode) or when someone else reaped the monitor.
+* ``X`` exit: written outside the PID namespace by whoever reaped the user process (the zygote
+  in template mode as root, the monitor otherwise) with its raw wait status, CPU time and peak
+  RSS, so the supervisor learns the exact outcome even when it is not the parent.
 
 Each record is one type byte, a 4-byte big-endian length and a marshal payload, at most
 :data:`MAX_RECORD` bytes; the parser drops anything else.
@@ -21,7 +21,10 @@ from __future__ import annotations
 import marshal
 import os
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import resource
 
 MAX_RECORD = 8192
 _HEADER = struct.Struct(">cI")
@@ -136,6 +139,12 @@ def write_record(fd: int, kind: bytes, payload: Any = None) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def write_exit_record(fd: int, status: int | None, usage: resource.struct_rusage | None) -> None:
+    """The ``X`` record for a reaped user process (``status`` None: it could not be reaped)."""
+    times = (0.0, 0.0, 0) if usage is None else (usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
+    write_record(fd, EXITED, (status, *times))
 
 
 class RecordParser:

@@ -203,8 +203,17 @@ class ProcessBackend:
         """The template zygote's pid (template mode, once started)."""
         return self._zygote.pid if self._zygote is not None else None
 
+    @property
+    def _has_monitor(self) -> bool:
+        """Whether each sandbox has a monitor process (all but template mode as root).
+
+        As root the zygote forks each sandbox straight into a new PID namespace and reaps it
+        itself (see ``_zygote``); spawn and user-namespace mode keep ``enter()``'s monitor.
+        """
+        return self._zygote is None or self.userns or self.unsafe_inline
+
     def warm_pids(self) -> list[int]:
-        """Monitor pids of the pre-warmed sandboxes waiting for a request (diagnostics)."""
+        """Pids of the pre-warmed sandboxes waiting for a request (diagnostics)."""
         with self._lock:
             return [w.pid for w in self._warm]
 
@@ -292,7 +301,7 @@ class ProcessBackend:
                 cgroup = self._cgroups.create(
                     f"{spec.sandbox_id}-{os.getpid()}",
                     memory_bytes=spec.limits.memory_bytes,
-                    pids=_cgroup_pids(spec),
+                    pids=_cgroup_pids(spec, monitor=self._has_monitor),
                 )
                 plan.cgroup_procs = cgroup.procs
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -344,7 +353,8 @@ class ProcessBackend:
             try:
                 if warm.cgroup is not None:
                     warm.cgroup.set_limits(
-                        memory_bytes=spec.limits.memory_bytes, pids=_cgroup_pids(spec)
+                        memory_bytes=spec.limits.memory_bytes,
+                        pids=_cgroup_pids(spec, monitor=self._has_monitor),
                     )
                 plan.cgroup_procs = warm.procs
                 _write_all(warm.request_w, plan.to_wire())
@@ -531,8 +541,11 @@ class _Warm(NamedTuple):
         return self.cgroup.procs if self.cgroup is not None else []
 
 
-def _cgroup_pids(spec: SandboxSpec) -> int | None:
-    return None if spec.limits.pids is None else spec.limits.pids + 1  # +1: the monitor
+def _cgroup_pids(spec: SandboxSpec, *, monitor: bool) -> int | None:
+    """``pids.max``: the spec's limit, plus the monitor process where there is one."""
+    if spec.limits.pids is None:
+        return None
+    return spec.limits.pids + (1 if monitor else 0)
 
 
 def _readable(*fds: int) -> bool:
@@ -888,7 +901,8 @@ class ProcessHandle(SandboxHandle):
         if raw is None:
             return result(
                 ExitReason.LOST,
-                f"sandbox monitor died without reporting ({self._describe_monitor()})",
+                "the process reaping the sandbox (monitor or zygote) died without reporting "
+                f"({self._describe_monitor()})",
             )
         if sig is not None:
             if lim.cpu_seconds is not None and cpu is not None and cpu >= lim.cpu_seconds:

@@ -34,7 +34,7 @@ class ExitReason(Enum):
     SETUP_FAILED = "setup-failed"
     """A step before user code failed (see ``setup_step``); user code never ran."""
     LOST = "lost"
-    """The sandbox's monitor died without reporting (killed from outside the supervisor)."""
+    """Whoever reaps the sandbox (its monitor, or the zygote) died without reporting its exit."""
 
 
 @dataclass(frozen=True)
