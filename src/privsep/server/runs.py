@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from privsep.server.db.models import (
@@ -186,6 +186,14 @@ def fail_or_retry(
     return attempt.state
 
 
+# Built once (statement construction costs about as much Python as its execution).
+_ANY_UNFINISHED = (
+    select(TaskAttempt.id)
+    .where(TaskAttempt.run_id == bindparam("run_id"), TaskAttempt.state.in_(UNFINISHED))
+    .limit(1)
+)
+
+
 def advance(session: Session, run: Run, ended_task_id: str | None = None) -> None:
     """After ``ended_task_id`` ended (its new state already set on the session): queue its
     downstream tasks whose upstream all succeeded, mark those of a failed upstream (and theirs,
@@ -206,11 +214,7 @@ def advance_run(
         return
     if graph.downstream.get(ended_task_id):
         _queue_downstream(session, run_id, graph, ended_task_id)
-    unfinished = session.execute(
-        select(TaskAttempt.id)
-        .where(TaskAttempt.run_id == run_id, TaskAttempt.state.in_(UNFINISHED))
-        .limit(1)
-    ).first()
+    unfinished = session.execute(_ANY_UNFINISHED, {"run_id": run_id}).first()
     if unfinished is None:
         _settle_whole_run(session, run_id, graph)
 

@@ -30,7 +30,7 @@ from fnmatch import fnmatchcase
 from typing import Any, ParamSpec, TypeVar
 
 from fastapi import APIRouter, Request
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from privsep.server.auth import (
@@ -302,6 +302,22 @@ def succeed(
     return AttemptStateResponse(state=AttemptState.SUCCESS.value)
 
 
+# Built once: constructing a statement costs about as much Python as executing it.
+_END_AS_SUCCESS = (
+    update(TaskAttempt)
+    .where(
+        TaskAttempt.id == bindparam("b_attempt_id"),
+        TaskAttempt.state == AttemptState.RUNNING,
+        TaskAttempt.try_number == bindparam("b_try_number"),
+        TaskAttempt.supervisor_id == bindparam("b_supervisor_id"),
+    )
+    .values(state=AttemptState.SUCCESS, ended_at=bindparam("b_now"))
+    .returning(TaskAttempt.run_id, TaskAttempt.task_id)
+    .execution_options(synchronize_session=False)
+)
+_RUN_VERSION = select(Run.workflow_version_id).where(Run.id == bindparam("run_id"))
+
+
 def finish_success(state: ServerState, token: TaskToken, return_value: Any) -> None:
     """End the token's attempt as a success, store its return value, move the run on.
 
@@ -311,16 +327,13 @@ def finish_success(state: ServerState, token: TaskToken, return_value: Any) -> N
     statements themselves on the hottest write a task makes."""
     with state.db.write_session() as session:
         ended = session.execute(
-            update(TaskAttempt)
-            .where(
-                TaskAttempt.id == token.attempt_id,
-                TaskAttempt.state == AttemptState.RUNNING,
-                TaskAttempt.try_number == token.try_number,
-                TaskAttempt.supervisor_id == token.supervisor_id,
-            )
-            .values(state=AttemptState.SUCCESS, ended_at=utcnow())
-            .returning(TaskAttempt.run_id, TaskAttempt.task_id)
-            .execution_options(synchronize_session=False)
+            _END_AS_SUCCESS,
+            {
+                "b_attempt_id": token.attempt_id,
+                "b_try_number": token.try_number,
+                "b_supervisor_id": token.supervisor_id,
+                "b_now": utcnow(),
+            },
         ).first()
         if ended is None:
             _own_running_attempt(session, token)  # raises the refusal that says why
@@ -328,7 +341,7 @@ def finish_success(state: ServerState, token: TaskToken, return_value: Any) -> N
         run_id, task_id = ended
         if return_value is not None:
             _put_xcom_core(session, run_id, task_id, "return_value", return_value)
-        version_id = session.scalar(select(Run.workflow_version_id).where(Run.id == run_id))
+        version_id = session.scalar(_RUN_VERSION, {"run_id": run_id})
         if version_id is not None:
             advance_run(session, run_id, version_id, task_id)
 
