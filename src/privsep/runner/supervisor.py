@@ -30,6 +30,7 @@ from privsep.runner.bundles import BundleStore, pinned_uri
 from privsep.runner.check_perms import PermissionViolation, enforce_at_start
 from privsep.runner.config import Config, load_config
 from privsep.runner.errors import CommandError
+from privsep.runner.keepalive import KeepAliveClient
 from privsep.runner.orphans import OrphanRecords
 from privsep.secrets.files import InsecureFileError, make_private_dir
 from privsep.secrets.keys import KeyFormatError, load_private_key
@@ -192,7 +193,7 @@ class Supervisor:
         self.notifier: Any = None
         self.watchdog: Any = None
         self.discovery: Any = None
-        self._proxy_http: Any = None  # requests.Session, made on the first proxied call
+        self._proxy_http: KeepAliveClient | None = None  # made in start()
         self.records = OrphanRecords(settings.state_dir / "sandboxes")
         self.bundles = BundleStore(settings.runtime_dir / "bundles")
 
@@ -223,7 +224,12 @@ class Supervisor:
         killed = self.records.reap_orphans()
         if killed:
             log.warning("killed %d sandbox processes left over from an earlier run", killed)
-        self.api = SupervisorApi(self.settings.server_url, self.settings.name, key)
+        try:
+            self.api = SupervisorApi(self.settings.server_url, self.settings.name, key)
+            # Proxied sandbox calls: 10 s, under the client SDK's own 10 s + 5 s wait.
+            self._proxy_http = KeepAliveClient(self.settings.server_url, timeout=10)
+        except ValueError as exc:
+            raise CommandError(f"server.url: {exc}") from None
         if self.notifier:
             self.notifier.status("opening a session with the server")
         if not self.api.open_session_with_backoff(self._stop_event):
@@ -596,25 +602,12 @@ class Supervisor:
     # --- callbacks from the credential server (its thread) -----------------------------------
 
     def _proxy(self, method: str, path: str, body: Any, token: str) -> tuple[int, Any]:
-        """Forward one sandbox's API call. One pooled session for all of them: a fresh
-        ``requests.request`` per call opened a new connection each time, on a hot path."""
-        if self._proxy_http is None:
-            import requests
-
-            self._proxy_http = requests.Session()
-            self._proxy_http.trust_env = False  # no proxies or netrc from our environment
-        resp = self._proxy_http.request(
-            method,
-            self.settings.server_url.rstrip("/") + path,
-            json=body,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,  # under the client SDK's own 10 s + 5 s wait
-        )
-        try:
-            data = resp.json() if resp.content else None
-        except ValueError:
-            data = None
-        return resp.status_code, data
+        """Forward one sandbox's API call, on the calling pool thread's kept connection.
+        :class:`~privsep.runner.keepalive.HttpUnavailable` is an OSError: the credential
+        server turns it into ``server_unavailable`` for the child."""
+        assert self._proxy_http is not None  # noqa: S101 - set in start(), before creds
+        reply = self._proxy_http.request(method, path, body, token=token)
+        return reply.status, reply.data
 
     def _on_violation(self, sandbox_id: str, reason: str) -> None:
         item = self.active.get(sandbox_id)
