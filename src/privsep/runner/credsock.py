@@ -103,11 +103,14 @@ _ACCEPT_PAUSE = 0.5  # after EMFILE/ENFILE: stop accepting on that socket for a 
 _WARN_INTERVAL = 1.0  # per socket and kind of event
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-ProxyHandler = Callable[[str, str, Any, str], tuple[int, Any]]
-"""``proxy_handler(method, path, body, token) -> (status, json_body)``, run off the selector
-thread. Raising :class:`OSError` (which includes every ``requests`` exception) means "the API
-could not be reached" and becomes ``ErrorReply(code="server_unavailable")``. It must time out
-on its own: a call that never returns holds one pool thread for good."""
+ProxyHandler = Callable[[str, str, str, Any, str], tuple[int, Any]]
+"""``proxy_handler(sandbox_id, method, path, body, token) -> (status, json_body)``, run off the
+selector thread. ``sandbox_id`` says whose call it is, so the supervisor can note what a
+sandbox reported (a task's own ``succeed``, say) without parsing its token. Raising
+:class:`OSError` (which includes every ``requests`` exception and the supervisor's
+``HttpUnavailable``) means "the API could not be reached" and becomes
+``ErrorReply(code="server_unavailable")``. It must time out on its own: a call that never
+returns holds one pool thread for good."""
 
 ViolationHandler = Callable[[str, str], None]
 """``on_violation(sandbox_id, reason)``: the sandbox broke the protocol; the supervisor kills
@@ -958,7 +961,9 @@ class CredentialServer:
         """Runs on a pool thread: one API call, turned into the reply for the child."""
         what = f"{request.method} {request.path}"
         try:
-            status, body = handler(request.method, request.path, request.body, token.reveal())
+            status, body = handler(
+                sandbox_id, request.method, request.path, request.body, token.reveal()
+            )
         except OSError as exc:  # includes every requests exception
             log.warning(
                 "credential socket %s: proxy %s: API unreachable: %s",

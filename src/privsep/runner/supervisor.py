@@ -47,6 +47,18 @@ POLL_MIN = 0.02
 POLL_MAX = 1.0
 LOOP_TICK = 0.02
 MAX_CLAIM = 100  # the server's ClaimRequest.max_items limit
+# A sandbox's own report of its work item's end. Once the server has answered one of these
+# with a 2xx, it has ended the item (the attempt or parse job is no longer running), so a clean
+# exit needs no outcome from us. Trigger sandboxes have no such call: they always get one.
+REPORT_CALLS = frozenset(
+    {
+        ("POST", "/v1/task/succeed"),
+        ("POST", "/v1/task/fail"),
+        ("POST", "/v1/task/retry"),
+        ("POST", "/v1/task/defer"),
+        ("POST", "/v1/parse/result"),
+    }
+)
 # Outcomes the server could not take: first retry after this, doubling up to the cap.
 OUTCOME_RETRY_MIN = 0.5
 OUTCOME_RETRY_MAX = 5.0
@@ -175,6 +187,9 @@ class Supervisor:
         self.config_path = config_path
         self.active: dict[str, Active] = {}
         self.unreported: list[Unreported] = []
+        # Sandboxes whose own report the server accepted (REPORT_CALLS). Added to by the
+        # proxy threads, read and emptied by the loop; set.add/discard are atomic.
+        self._reported: set[str] = set()
         self.draining = False
         self.stopped = False
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -505,9 +520,16 @@ class Supervisor:
             item.socket.end()
             self.creds.close_socket(sandbox_id)
             self.records.remove(sandbox_id)
-            code = getattr(status, "exit_code", None)
-            reason = "" if code == 0 else str(getattr(status, "detail", "") or status)
-            self._report(item.kind, item.item_id, code, reason)
+            reported = sandbox_id in self._reported
+            self._reported.discard(sandbox_id)
+            if reported and getattr(status, "ok", False):
+                # The server heard the sandbox's own report and ended the item; an outcome
+                # now would only be ignored (it cost a request and a write transaction).
+                log.debug("%s %s reported its own outcome", item.kind, item.item_id)
+            else:
+                code = getattr(status, "exit_code", None)
+                reason = "" if code == 0 else str(getattr(status, "detail", "") or status)
+                self._report(item.kind, item.item_id, code, reason)
             shutil.rmtree(self.settings.work_dir / sandbox_id, ignore_errors=True)
             self._poll = POLL_MIN  # a finished task may have made its downstream runnable
             self._next_claim = 0.0
@@ -601,12 +623,17 @@ class Supervisor:
 
     # --- callbacks from the credential server (its thread) -----------------------------------
 
-    def _proxy(self, method: str, path: str, body: Any, token: str) -> tuple[int, Any]:
-        """Forward one sandbox's API call, on the calling pool thread's kept connection.
+    def _proxy(
+        self, sandbox_id: str, method: str, path: str, body: Any, token: str
+    ) -> tuple[int, Any]:
+        """Forward one sandbox's API call, on the calling pool thread's kept connection, and
+        note an accepted report of the item's end (see :data:`REPORT_CALLS`).
         :class:`~privsep.runner.keepalive.HttpUnavailable` is an OSError: the credential
         server turns it into ``server_unavailable`` for the child."""
         assert self._proxy_http is not None  # noqa: S101 - set in start(), before creds
         reply = self._proxy_http.request(method, path, body, token=token)
+        if 200 <= reply.status < 300 and (method, path) in REPORT_CALLS:
+            self._reported.add(sandbox_id)
         return reply.status, reply.data
 
     def _on_violation(self, sandbox_id: str, reason: str) -> None:
