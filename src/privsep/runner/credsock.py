@@ -464,6 +464,7 @@ class CredentialServer:
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._commands: deque[Callable[[], None]] = deque()
+        self._wake_pending = False
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._proxy_pool = ThreadPoolExecutor(
@@ -634,6 +635,11 @@ class CredentialServer:
     # -- cross-thread plumbing ------------------------------------------------------------------
 
     def _wake(self) -> None:
+        # One byte per turn of the loop is enough: a sandbox's start and end post several
+        # commands in a row, and each send() was a syscall the loop then had to drain.
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
 
@@ -720,6 +726,9 @@ class CredentialServer:
                 log.error("credential server: error in a timer", exc_info=True)
 
     def _drain_wake(self) -> None:
+        # Cleared before draining and before the turn runs the commands: a command posted
+        # from here on sends a new byte, one posted earlier runs in this turn.
+        self._wake_pending = False
         with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
                 pass
