@@ -726,12 +726,13 @@ class CredentialServer:
                 log.error("credential server: error in a timer", exc_info=True)
 
     def _drain_wake(self) -> None:
-        # Cleared before draining and before the turn runs the commands: a command posted
-        # from here on sends a new byte, one posted earlier runs in this turn.
-        self._wake_pending = False
         with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
                 pass
+        # Cleared after draining (a byte drained here may be a later wake's, which must then
+        # not be left "pending" with nothing in the socket) and before this turn runs the
+        # commands: a command posted from here on sends a new byte, earlier ones run now.
+        self._wake_pending = False
 
     def _register_listener(self, entry: SocketEntry) -> None:
         if entry._closed:

@@ -72,10 +72,13 @@ class LoopWaker:
         if timeout > 0:
             with contextlib.suppress(InterruptedError):
                 select.select([self._r], [], [], timeout)
-        self._pending = False  # before draining: a wake from now on sends a new byte
         with contextlib.suppress(BlockingIOError, OSError):
             while self._r.recv(4096):
                 pass
+        # After draining: the bytes just drained may include a later wake's, and a flag left
+        # set with an empty socket would silence every wake after it. A wake that found the
+        # flag still set is seen by the pass that follows this wait.
+        self._pending = False
 
     def close(self) -> None:
         """Stop the watchers (within a slice) and release the sockets."""
