@@ -438,15 +438,19 @@ class Harness:
         self.violations: list[tuple[str, str]] = []
         self._vcond = threading.Condition()
         self.proxy: Callable[[str, str, Any, str], tuple[int, Any]] | None = None
+        self.proxied_for: list[str] = []  # the sandbox id each proxied call was made for
         self.server = CredentialServer(
-            proxy_handler=lambda m, p, b, t: self._proxy(m, p, b, t),
+            proxy_handler=lambda s, m, p, b, t: self._proxy(s, m, p, b, t),
             on_violation=self._on_violation,
             **server_kw,
         )
         self.trees: list[Tree] = []
 
-    def _proxy(self, method: str, path: str, body: Any, token: str) -> tuple[int, Any]:
+    def _proxy(
+        self, sandbox_id: str, method: str, path: str, body: Any, token: str
+    ) -> tuple[int, Any]:
         assert self.proxy is not None, "this test set no proxy handler"
+        self.proxied_for.append(sandbox_id)
         return self.proxy(method, path, body, token)
 
     def _on_violation(self, sandbox_id: str, reason: str) -> None:
@@ -1086,6 +1090,7 @@ def test_proxy_relays_status_and_body_from_a_real_http_server(harness: Harness, 
         {"method": "POST", "path": "/v1/task/xcom/k", "auth": f"Bearer {sb.token}"}
     ]
     assert sb.entry.counters.proxied == 1
+    assert harness.proxied_for == [sb.entry.sandbox_id]  # the supervisor learns whose call
 
 
 def test_proxy_unreachable_api_is_server_unavailable(harness: Harness, caplog: Any) -> None:

@@ -6,9 +6,11 @@ a real process sandbox as a pool uid. Nothing is stubbed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import tempfile
 import textwrap
 import time
@@ -42,6 +44,17 @@ FLAKY = textwrap.dedent("""
     @wf.task(retries=1)
     def boom(ctx: Context) -> None:
         raise RuntimeError(f"try {ctx.try_number} failed on purpose")
+""")
+
+SILENT = textwrap.dedent("""
+    import os
+    from privsep.client import Context, Workflow
+
+    wf = Workflow("silent", schedule=None)
+
+    @wf.task
+    def vanish(ctx: Context) -> None:
+        os._exit(0)  # a clean exit that never reports the attempt's end
 """)
 
 SLOW = textwrap.dedent("""
@@ -94,6 +107,39 @@ def test_a_chain_runs_in_sandboxes_and_succeeds(stack: Stack) -> None:
     health = stack.runner("health")
     assert health.returncode == 0, health.stdout
     assert stack.stop("supervisor") == 0
+
+
+def _exit_codes(stack: Stack, run_id: str) -> dict[str, int | None]:
+    """Each attempt's ``exit_code`` column, read from the server's database itself: only an
+    outcome POST from the supervisor ever writes it, so it shows whether one arrived."""
+    (db,) = stack.home.rglob("privsep.db")
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute(
+            "SELECT task_id, exit_code FROM task_attempts WHERE run_id = ?", (run_id,)
+        ).fetchall()
+    return dict(rows)
+
+
+def test_a_task_that_reported_its_end_and_exited_0_gets_no_second_outcome(stack: Stack) -> None:
+    stack.start("supervisor", "supervisor")
+    run_id = stack.trigger_when_parsed("chain")
+    stack.wait_for(lambda: stack.run_state(run_id) in ("success", "failed"), 90, "chain run")
+    assert stack.run_state(run_id) == "success"
+    # Reaped, and (had it been sent) the outcome long answered: the supervisor drains.
+    assert stack.stop("supervisor") == 0
+    assert _exit_codes(stack, run_id) == {"extract": None, "load": None}
+
+
+def test_a_task_that_exited_0_without_reporting_is_failed_by_its_outcome(stack: Stack) -> None:
+    # Only here: another workflow in the shared folder would add parse sandboxes to every test.
+    (stack.home / "workflows" / "silent.py").write_text(SILENT)
+    stack.start("supervisor", "supervisor")
+    run_id = stack.trigger_when_parsed("silent")
+    stack.wait_for(lambda: stack.run_state(run_id) in ("success", "failed"), 90, "silent run")
+    (attempt,) = stack.attempts(run_id)
+    assert (stack.run_state(run_id), attempt["state"]) == ("failed", "failed")
+    assert "sandbox exited without reporting an outcome" in (attempt["error"] or "")
+    assert _exit_codes(stack, run_id) == {"vanish": 0}
 
 
 def test_a_failing_task_is_retried_then_fails(stack: Stack) -> None:

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from privsep.runner.keepalive import HttpUnavailable, KeepAliveClient
 from privsep.secrets.tokens import create_assertion
 
 log = logging.getLogger("privsep.supervisor.api")
@@ -81,7 +81,8 @@ class SupervisorApi:
         self._key = key
         self.audience = audience or self.base_url
         self.timeout = timeout
-        self._http = requests.Session()
+        # One kept connection per calling thread; see keepalive.py for why not requests.
+        self._http = KeepAliveClient(self.base_url, timeout=timeout)
         self._lock = threading.Lock()
         self._session: _Session | None = None
         self.supervisor_id = ""
@@ -152,23 +153,17 @@ class SupervisorApi:
         return self._send(method, path, body, token=token)
 
     def _send(self, method: str, path: str, body: Any, *, token: str | None) -> Any:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            resp = self._http.request(
-                method, self.base_url + path, json=body, headers=headers, timeout=self.timeout
-            )
-        except requests.RequestException as exc:
-            raise ServerUnavailable(f"{type(exc).__name__} talking to {self.base_url}") from None
-        if resp.status_code >= 500:
-            raise ServerUnavailable(f"server answered {resp.status_code}")
-        try:
-            data = resp.json() if resp.content else None
-        except ValueError:
-            data = None
-        if resp.status_code >= 400:
+            reply = self._http.request(method, path, body, token=token)
+        except HttpUnavailable as exc:
+            raise ServerUnavailable(str(exc)) from None
+        if reply.status >= 500:
+            raise ServerUnavailable(f"server answered {reply.status}")
+        data = reply.data
+        if reply.status >= 400:
             code = data.get("code", "error") if isinstance(data, dict) else "error"
-            message = data.get("message", "") if isinstance(data, dict) else resp.text[:200]
-            raise ApiRefused(resp.status_code, str(code), str(message))
+            message = data.get("message", "") if isinstance(data, dict) else reply.text
+            raise ApiRefused(reply.status, str(code), str(message))
         return data
 
     def close(self) -> None:

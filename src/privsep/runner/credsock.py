@@ -103,11 +103,14 @@ _ACCEPT_PAUSE = 0.5  # after EMFILE/ENFILE: stop accepting on that socket for a 
 _WARN_INTERVAL = 1.0  # per socket and kind of event
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-ProxyHandler = Callable[[str, str, Any, str], tuple[int, Any]]
-"""``proxy_handler(method, path, body, token) -> (status, json_body)``, run off the selector
-thread. Raising :class:`OSError` (which includes every ``requests`` exception) means "the API
-could not be reached" and becomes ``ErrorReply(code="server_unavailable")``. It must time out
-on its own: a call that never returns holds one pool thread for good."""
+ProxyHandler = Callable[[str, str, str, Any, str], tuple[int, Any]]
+"""``proxy_handler(sandbox_id, method, path, body, token) -> (status, json_body)``, run off the
+selector thread. ``sandbox_id`` says whose call it is, so the supervisor can note what a
+sandbox reported (a task's own ``succeed``, say) without parsing its token. Raising
+:class:`OSError` (which includes every ``requests`` exception and the supervisor's
+``HttpUnavailable``) means "the API could not be reached" and becomes
+``ErrorReply(code="server_unavailable")``. It must time out on its own: a call that never
+returns holds one pool thread for good."""
 
 ViolationHandler = Callable[[str, str], None]
 """``on_violation(sandbox_id, reason)``: the sandbox broke the protocol; the supervisor kills
@@ -461,6 +464,7 @@ class CredentialServer:
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._commands: deque[Callable[[], None]] = deque()
+        self._wake_pending = False
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._proxy_pool = ThreadPoolExecutor(
@@ -631,6 +635,11 @@ class CredentialServer:
     # -- cross-thread plumbing ------------------------------------------------------------------
 
     def _wake(self) -> None:
+        # One byte per turn of the loop is enough: a sandbox's start and end post several
+        # commands in a row, and each send() was a syscall the loop then had to drain.
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"\0")
 
@@ -720,6 +729,10 @@ class CredentialServer:
         with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
                 pass
+        # Cleared after draining (a byte drained here may be a later wake's, which must then
+        # not be left "pending" with nothing in the socket) and before this turn runs the
+        # commands: a command posted from here on sends a new byte, earlier ones run now.
+        self._wake_pending = False
 
     def _register_listener(self, entry: SocketEntry) -> None:
         if entry._closed:
@@ -958,7 +971,9 @@ class CredentialServer:
         """Runs on a pool thread: one API call, turned into the reply for the child."""
         what = f"{request.method} {request.path}"
         try:
-            status, body = handler(request.method, request.path, request.body, token.reveal())
+            status, body = handler(
+                sandbox_id, request.method, request.path, request.body, token.reveal()
+            )
         except OSError as exc:  # includes every requests exception
             log.warning(
                 "credential socket %s: proxy %s: API unreachable: %s",

@@ -55,6 +55,11 @@ class Discovery:
         return changes
 
     def commit(self, changes: Changes) -> None:
+        """Remember what the server has taken. A scan that found nothing new writes nothing:
+        scans run every few seconds, and rewriting an unchanged state file each time was a
+        visible share of an idle supervisor's work."""
+        if changes.seen == self.known:
+            return
         self.known = dict(changes.seen)
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.known, sort_keys=True))

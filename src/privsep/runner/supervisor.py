@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from privsep.runner.bundles import BundleStore, pinned_uri
 from privsep.runner.check_perms import PermissionViolation, enforce_at_start
 from privsep.runner.config import Config, load_config
 from privsep.runner.errors import CommandError
+from privsep.runner.keepalive import KeepAliveClient
+from privsep.runner.loopwake import LoopWaker
 from privsep.runner.orphans import OrphanRecords
 from privsep.secrets.files import InsecureFileError, make_private_dir
 from privsep.secrets.keys import KeyFormatError, load_private_key
@@ -44,8 +47,22 @@ ENTRY_POINTS = {
 # Claim polling: fast while work flows, backing off to this when the queue is empty.
 POLL_MIN = 0.02
 POLL_MAX = 1.0
-LOOP_TICK = 0.02
+# The loop waits for a wake (a sandbox ended, a report was accepted, a signal) or its next
+# timer, but never longer than this: a sandbox end the watcher missed is still reaped.
+LOOP_MAX_WAIT = 0.25
 MAX_CLAIM = 100  # the server's ClaimRequest.max_items limit
+# A sandbox's own report of its work item's end. Once the server has answered one of these
+# with a 2xx, it has ended the item (the attempt or parse job is no longer running), so a clean
+# exit needs no outcome from us. Trigger sandboxes have no such call: they always get one.
+REPORT_CALLS = frozenset(
+    {
+        ("POST", "/v1/task/succeed"),
+        ("POST", "/v1/task/fail"),
+        ("POST", "/v1/task/retry"),
+        ("POST", "/v1/task/defer"),
+        ("POST", "/v1/parse/result"),
+    }
+)
 # Outcomes the server could not take: first retry after this, doubling up to the cap.
 OUTCOME_RETRY_MIN = 0.5
 OUTCOME_RETRY_MAX = 5.0
@@ -174,6 +191,12 @@ class Supervisor:
         self.config_path = config_path
         self.active: dict[str, Active] = {}
         self.unreported: list[Unreported] = []
+        # Sandboxes whose own report the server accepted (REPORT_CALLS). Added to by the
+        # proxy threads, read and emptied by the loop; set.add/discard are atomic.
+        self._reported: set[str] = set()
+        self._waker = LoopWaker()
+        self._cleaner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privsep-cleanup")
+        self._claim_soon = False  # set by a proxy thread: a report may have freed new work
         self.draining = False
         self.stopped = False
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -192,7 +215,7 @@ class Supervisor:
         self.notifier: Any = None
         self.watchdog: Any = None
         self.discovery: Any = None
-        self._proxy_http: Any = None  # requests.Session, made on the first proxied call
+        self._proxy_http: KeepAliveClient | None = None  # made in start()
         self.records = OrphanRecords(settings.state_dir / "sandboxes")
         self.bundles = BundleStore(settings.runtime_dir / "bundles")
 
@@ -223,7 +246,12 @@ class Supervisor:
         killed = self.records.reap_orphans()
         if killed:
             log.warning("killed %d sandbox processes left over from an earlier run", killed)
-        self.api = SupervisorApi(self.settings.server_url, self.settings.name, key)
+        try:
+            self.api = SupervisorApi(self.settings.server_url, self.settings.name, key)
+            # Proxied sandbox calls: 10 s, under the client SDK's own 10 s + 5 s wait.
+            self._proxy_http = KeepAliveClient(self.settings.server_url, timeout=10)
+        except ValueError as exc:
+            raise CommandError(f"server.url: {exc}") from None
         if self.notifier:
             self.notifier.status("opening a session with the server")
         if not self.api.open_session_with_backoff(self._stop_event):
@@ -258,6 +286,7 @@ class Supervisor:
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        self._waker.wake_on_signals()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signals.put_nowait(signum)  # no logging, no I/O, no locks
@@ -287,6 +316,10 @@ class Supervisor:
             self._discover()
         if now >= self._next_retention:
             self._apply_retention()
+        if self._claim_soon:
+            self._claim_soon = False
+            self._poll = POLL_MIN
+            self._next_claim = 0.0
         if self.draining:
             self._drain_step()
         elif now >= self._next_claim and len(self.active) < self.settings.parallelism:
@@ -296,7 +329,26 @@ class Supervisor:
         if now >= self._next_health:
             self._next_health = now + 1.0
             self._write_health()
-        time.sleep(LOOP_TICK)
+        self._waker.wait(self._wait_time())
+
+    def _wait_time(self) -> float:
+        """Seconds until the earliest timer of the loop; 0 if one is due already."""
+        now = time.monotonic()
+        due = [now + LOOP_MAX_WAIT, self._next_heartbeat, self._next_health, self._next_retention]
+        if self.watchdog:
+            due.append(now + self.watchdog.max_tick_age / 4)
+        if self.draining:
+            due.append(self._drain_deadline)
+        elif len(self.active) < self.settings.parallelism:
+            due.append(self._next_claim)
+        if self.discovery is not None and not self.draining:
+            due.append(self._next_discovery)
+        if self.unreported:
+            due.append(min(p.next_try for p in self.unreported))
+        refresh = [i.next_refresh for i in self.active.values() if i.refreshable]
+        if refresh:
+            due.append(now + min(refresh) - time.time())
+        return max(0.0, min(due) - now)
 
     def _write_health(self) -> None:
         from privsep.runner.health import write_heartbeat
@@ -460,6 +512,7 @@ class Supervisor:
             next_refresh=refresh_time(now, int(item["expires_at"]), self._rng),
             refreshable=kind != "trigger",
         )
+        self._waker.watch(handle)
 
     # --- running work -----------------------------------------------------------------------------
 
@@ -496,15 +549,31 @@ class Supervisor:
             if status is None:
                 continue
             del self.active[sandbox_id]
-            item.socket.end()
-            self.creds.close_socket(sandbox_id)
+            item.socket.end()  # from here on its token is gone and proxying out of turn
+            self._cleaner.submit(self._clean_up, sandbox_id)
             self.records.remove(sandbox_id)
-            code = getattr(status, "exit_code", None)
-            reason = "" if code == 0 else str(getattr(status, "detail", "") or status)
-            self._report(item.kind, item.item_id, code, reason)
-            shutil.rmtree(self.settings.work_dir / sandbox_id, ignore_errors=True)
+            reported = sandbox_id in self._reported
+            self._reported.discard(sandbox_id)
+            if reported and getattr(status, "ok", False):
+                # The server heard the sandbox's own report and ended the item; an outcome
+                # now would only be ignored (it cost a request and a write transaction).
+                log.debug("%s %s reported its own outcome", item.kind, item.item_id)
+            else:
+                code = getattr(status, "exit_code", None)
+                reason = "" if code == 0 else str(getattr(status, "detail", "") or status)
+                self._report(item.kind, item.item_id, code, reason)
             self._poll = POLL_MIN  # a finished task may have made its downstream runnable
             self._next_claim = 0.0
+
+    def _clean_up(self, sandbox_id: str) -> None:
+        """Off the loop: remove an ended sandbox's socket and work directory. Both were
+        mount points in its (dying) mount namespace, and removing one can wait in the kernel
+        for that namespace's mounts to be detached: milliseconds the loop need not spend."""
+        try:
+            self.creds.close_socket(sandbox_id)
+        except Exception:
+            log.error("cannot close the credential socket of %s", sandbox_id, exc_info=True)
+        shutil.rmtree(self.settings.work_dir / sandbox_id, ignore_errors=True)
 
     def _report(self, kind: str, item_id: str, exit_code: int | None, reason: str) -> None:
         assert self.api is not None  # noqa: S101
@@ -595,26 +664,21 @@ class Supervisor:
 
     # --- callbacks from the credential server (its thread) -----------------------------------
 
-    def _proxy(self, method: str, path: str, body: Any, token: str) -> tuple[int, Any]:
-        """Forward one sandbox's API call. One pooled session for all of them: a fresh
-        ``requests.request`` per call opened a new connection each time, on a hot path."""
-        if self._proxy_http is None:
-            import requests
-
-            self._proxy_http = requests.Session()
-            self._proxy_http.trust_env = False  # no proxies or netrc from our environment
-        resp = self._proxy_http.request(
-            method,
-            self.settings.server_url.rstrip("/") + path,
-            json=body,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,  # under the client SDK's own 10 s + 5 s wait
-        )
-        try:
-            data = resp.json() if resp.content else None
-        except ValueError:
-            data = None
-        return resp.status_code, data
+    def _proxy(
+        self, sandbox_id: str, method: str, path: str, body: Any, token: str
+    ) -> tuple[int, Any]:
+        """Forward one sandbox's API call, on the calling pool thread's kept connection, and
+        note an accepted report of the item's end (see :data:`REPORT_CALLS`).
+        :class:`~privsep.runner.keepalive.HttpUnavailable` is an OSError: the credential
+        server turns it into ``server_unavailable`` for the child."""
+        assert self._proxy_http is not None  # noqa: S101 - set in start(), before creds
+        reply = self._proxy_http.request(method, path, body, token=token)
+        if 200 <= reply.status < 300 and (method, path) in REPORT_CALLS:
+            self._reported.add(sandbox_id)
+            # Its downstream may be runnable now: claim at once, not at the next poll.
+            self._claim_soon = True
+            self._waker.wake()
+        return reply.status, reply.data
 
     def _on_violation(self, sandbox_id: str, reason: str) -> None:
         item = self.active.get(sandbox_id)
@@ -642,6 +706,7 @@ class Supervisor:
                 )
         if self.watchdog:
             self.watchdog.stop()
+        self._cleaner.shutdown(wait=True)
         if self.creds is not None:
             self.creds.stop()
         if self.backend is not None:
@@ -650,6 +715,7 @@ class Supervisor:
             self.api.close()
         if self._proxy_http is not None:
             self._proxy_http.close()
+        self._waker.close()
 
 
 def run_supervisor(cfg: Config, *, config_path: str | None, daemon: bool = False) -> int:

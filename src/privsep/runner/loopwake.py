@@ -1,0 +1,91 @@
+"""End the supervisor loop's wait the moment there is something to do.
+
+The loop used to sleep a fixed 20 ms between passes, so every event (a sandbox ending, a
+task's report making its downstream runnable, a signal) waited for the next tick, and an idle
+supervisor still woke 50 times a second. Now the loop waits on one socket until its next
+timer is due, and whatever has news writes a byte to it: another thread through
+:meth:`LoopWaker.wake`, a signal through :func:`signal.set_wakeup_fd` (the Python handler still
+only enqueues; the C-level wakeup byte is what ends the wait), and a sandbox's end through
+:meth:`LoopWaker.watch`: a pooled thread per running sandbox, blocked in ``handle.wait()``
+(threads are reused; starting one per sandbox cost more than the wait itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import signal
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+__all__ = ["LoopWaker"]
+
+# A watcher re-checks whether the waker closed this often; it costs nothing while it waits.
+_WATCH_SLICE = 1.0
+# Sandboxes beyond this many at once are not watched: the loop's longest wait reaps them.
+_MAX_WATCHERS = 512
+
+
+class LoopWaker:
+    """One self-pipe (a socket pair) the loop waits on. Thread-safe; :meth:`wait` is the
+    loop's alone."""
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._pending = False  # a byte is on its way: more wakes add nothing
+        self._closed = threading.Event()
+        self._signals = False
+        self._watchers = ThreadPoolExecutor(
+            max_workers=_MAX_WATCHERS, thread_name_prefix="privsep-exit-watch"
+        )
+
+    def wake(self) -> None:
+        """End the loop's current (or next) wait. Cheap when a wake is already pending."""
+        if self._pending:
+            return
+        self._pending = True
+        with contextlib.suppress(OSError):  # full (a wake is pending anyway) or closed
+            self._w.send(b"\0")
+
+    def wake_on_signals(self) -> None:
+        """Make every signal end the wait too. Main thread only (a rule of ``signal``)."""
+        signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        self._signals = True
+
+    def watch(self, handle: Any) -> None:
+        """Wake the loop when ``handle`` (a sandbox handle) has ended."""
+        with contextlib.suppress(RuntimeError):  # closed: the loop is stopping anyway
+            self._watchers.submit(self._watch, handle)
+
+    def _watch(self, handle: Any) -> None:
+        while not self._closed.is_set():
+            if handle.wait(_WATCH_SLICE) is not None:
+                self.wake()
+                return
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a wake, then take every pending one."""
+        if timeout > 0:
+            with contextlib.suppress(InterruptedError):
+                select.select([self._r], [], [], timeout)
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._r.recv(4096):
+                pass
+        # After draining: the bytes just drained may include a later wake's, and a flag left
+        # set with an empty socket would silence every wake after it. A wake that found the
+        # flag still set is seen by the pass that follows this wait.
+        self._pending = False
+
+    def close(self) -> None:
+        """Stop the watchers (within a slice) and release the sockets."""
+        self._closed.set()
+        self._watchers.shutdown(wait=False, cancel_futures=True)
+        if self._signals:
+            with contextlib.suppress(ValueError):  # not the main thread
+                signal.set_wakeup_fd(-1)
+        self._r.close()
+        self._w.close()
