@@ -19,12 +19,12 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from privsep.secrets.keyring import key_id
 from privsep.secrets.tokens import create_assertion
 from privsep.server.db import Database
-from privsep.server.db.models import AuditLog, Connection, Run, RunState
+from privsep.server.db.models import AuditLog, Connection, Run, RunState, Supervisor
 
 from .api import AUDIENCE, ApiHarness, Work, bearer, error_code, task, workflow
 
@@ -272,6 +272,28 @@ def test_a_parse_token_submits_only_its_own_job_once(api: ApiHarness) -> None:
     assert resp.status_code == 200
     resp = api.client.post("/v1/parse/result", json={"workflows": []}, headers=bearer(job.token))
     assert resp.status_code == 401 and error_code(resp) == "revoked"
+
+
+def test_a_deactivated_supervisors_session_is_refused_and_audited(api: ApiHarness) -> None:
+    sess = api.supervisor_session("sup-a")
+    assert api.claim(sess, ["task"]) == []
+    with api.state.db.write_session() as session:
+        session.execute(update(Supervisor).where(Supervisor.name == "sup-a").values(active=False))
+    before = _denials(api)
+    for path, body in (
+        ("/v1/supervisor/claim", {"kinds": ["task"]}),
+        ("/v1/supervisor/heartbeat", None),
+    ):
+        resp = api.client.post(path, json=body, headers=bearer(sess))
+        assert resp.status_code == 401 and error_code(resp) == "revoked", path
+    assert _denials(api) == before + 2
+
+
+def _denials(api: ApiHarness) -> int:
+    with api.state.db.read_session() as session:
+        return len(
+            session.scalars(select(AuditLog.id).where(AuditLog.event == "request_denied")).all()
+        )
 
 
 def test_a_cyclic_definition_is_refused(api: ApiHarness) -> None:
