@@ -274,6 +274,22 @@ def test_a_parse_token_submits_only_its_own_job_once(api: ApiHarness) -> None:
     assert resp.status_code == 401 and error_code(resp) == "revoked"
 
 
+def test_every_token_a_claim_issues_is_audited(api: ApiHarness) -> None:
+    sess = api.supervisor_session("sup-a")
+    op = api.operator_session()
+    api.define_workflow(sess, workflow("wf_audit", task("x"), task("y")))
+    api.trigger_run(op, "wf_audit")
+    claimed = api.claim(sess, ["task"])
+    with api.state.db.read_session() as session:
+        rows = session.execute(
+            select(AuditLog.subject, AuditLog.actor, AuditLog.detail).where(
+                AuditLog.event == "token_issued", AuditLog.subject.in_([w.id for w in claimed])
+            )
+        ).all()
+    assert len(claimed) == 2
+    assert sorted(rows) == sorted((w.id, "sup-a", {"scope": "task"}) for w in claimed)
+
+
 def test_a_deactivated_supervisors_session_is_refused_and_audited(api: ApiHarness) -> None:
     sess = api.supervisor_session("sup-a")
     assert api.claim(sess, ["task"]) == []
