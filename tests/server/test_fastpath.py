@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from privsep.server.app import serving_app
 from privsep.server.db import Database
-from privsep.server.db.models import AuditLog
+from privsep.server.db.models import AuditLog, Supervisor
 from privsep.server.fastpath import MAX_FAST_BODY, TaskFastPath
 
 from .api import ApiHarness, Work, bearer, error_code, task, workflow
@@ -274,4 +274,70 @@ def test_refusals_come_from_the_routes_and_are_audited(
     resp = c.post("/v1/task/succeed", json={}, headers=bearer(a1.token))
     assert resp.status_code == 401 and error_code(resp) == "revoked"
     assert denials(api) == audited + 5
+    assert fast.served == served
+
+
+def test_claims_through_the_fast_path_match_the_routes(api: ApiHarness) -> None:
+    sess = api.supervisor_session("sup")
+    op = api.operator_session()
+    fast = fast_path_of(api)
+    c = api.client
+    body = {"kinds": ["task", "parse", "trigger"], "max_items": 1}
+    # Nothing to claim: byte-identical answers.
+    first = c.post("/v1/supervisor/claim", json=body, headers=bearer(sess))
+    second = c.post("/v1/supervisor/claim?x=1", json=body, headers=bearer(sess))
+    same(first, second)
+    assert first.json() == {"items": []}
+
+    api.define_workflow(sess, workflow("wf_k", task("k1")))
+    api.trigger_run(op, "wf_k", {"n": 1})
+    api.trigger_run(op, "wf_k", {"n": 1})
+    served = fast.served
+    by_fast = c.post("/v1/supervisor/claim", json=body, headers=bearer(sess))
+    assert fast.served == served + 1
+    by_route = c.post("/v1/supervisor/claim?x=1", json=body, headers=bearer(sess))
+    assert fast.served == served + 1
+    assert by_fast.status_code == by_route.status_code == 200
+    (one,), (other,) = by_fast.json()["items"], by_route.json()["items"]
+    differ = {"id", "token", "expires_at", "run_id"}
+    assert one.keys() == other.keys()
+    assert {k: v for k, v in one.items() if k not in differ} == {
+        k: v for k, v in other.items() if k not in differ
+    }
+    assert one["id"] != other["id"]
+    # The token the fast path issued is a working task token, and it was audited.
+    ctx = c.get("/v1/task/context", headers=bearer(one["token"]))
+    assert ctx.status_code == 200 and ctx.json()["attempt_id"] == one["id"]
+    with api.state.db.read_session() as session:
+        issued = session.scalars(
+            select(AuditLog.subject).where(AuditLog.event == "token_issued")
+        ).all()
+    assert one["id"] in issued and other["id"] in issued
+
+
+def test_claims_the_fast_path_must_not_answer_go_to_the_route(api: ApiHarness) -> None:
+    sess = api.supervisor_session("sup")
+    fast = fast_path_of(api)
+    c = api.client
+    served = fast.served
+    # A body the route refuses (read by the fast path and replayed: the 422 names the field).
+    resp = c.post(
+        "/v1/supervisor/claim", json={"kinds": ["task"], "surprise": 1}, headers=bearer(sess)
+    )
+    assert resp.status_code == 422 and "surprise" in resp.text
+    # A task token is not a supervisor token.
+    op = api.operator_session()
+    api.define_workflow(sess, workflow("wf_t", task("t1")))
+    api.trigger_run(op, "wf_t")
+    (work,) = api.claim(sess, ["task"])
+    served = fast.served
+    audited = denials(api)
+    resp = c.post("/v1/supervisor/claim", json={"kinds": ["task"]}, headers=bearer(work.token))
+    assert resp.status_code == 401
+    # A deactivated supervisor: refused and audited by the route.
+    with api.state.db.write_session() as session:
+        session.execute(update(Supervisor).where(Supervisor.name == "sup").values(active=False))
+    resp = c.post("/v1/supervisor/claim", json={"kinds": ["task"]}, headers=bearer(sess))
+    assert resp.status_code == 401 and error_code(resp) == "revoked"
+    assert denials(api) == audited + 2
     assert fast.served == served

@@ -44,6 +44,7 @@ _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]
 _TOKEN_PARAMS = frozenset({"access_token", "token", "jwt", "authorization", "bearer"})
 
 TASK_SCOPES = frozenset({"task"})
+SUPERVISOR_SCOPES = frozenset({"supervisor"})
 
 
 def get_state(request: Request) -> ServerState:
@@ -248,16 +249,25 @@ async def _fetch(state: ServerState, sql: str, params: dict[str, Any]) -> Sequen
 _SUPERVISOR_SQL = "SELECT s.name, s.active FROM supervisors s WHERE s.id = :id"
 
 
+async def active_supervisor(state: ServerState, supervisor_id: str) -> SupervisorPrincipal | None:
+    """The supervisor, if it is registered and active (one statement; raises on a database
+    error, such as a busy SQLite file)."""
+    rows = await _fetch(state, _SUPERVISOR_SQL, {"id": supervisor_id})
+    if not rows or not rows[0][1]:
+        return None
+    return SupervisorPrincipal(supervisor_id, rows[0][0])
+
+
 async def supervisor_principal(request: Request) -> SupervisorPrincipal:
     """The calling supervisor, if its token verifies and it is still registered and active.
     Async, one statement: every supervisor call (claims above all) pays for it."""
     state = get_state(request)
-    claims = await verified_claims_async(request, frozenset({"supervisor"}))
+    claims = await verified_claims_async(request, SUPERVISOR_SCOPES)
     try:
-        rows = await _fetch(state, _SUPERVISOR_SQL, {"id": claims.sub})
+        me = await active_supervisor(state, claims.sub)
     except Exception:  # a busy database on the loop: the full check, in a worker thread
         return await run_in_threadpool(_supervisor_principal_slow, request, claims)
-    if not rows or not rows[0][1]:
+    if me is None:
         raise await run_in_threadpool(
             _deny,
             state,
@@ -265,7 +275,7 @@ async def supervisor_principal(request: Request) -> SupervisorPrincipal:
             unauthorized("revoked", "this supervisor is unknown or deactivated"),
             claims.sub,
         )
-    return SupervisorPrincipal(claims.sub, rows[0][0])
+    return me
 
 
 def _supervisor_principal_slow(request: Request, claims: Claims) -> SupervisorPrincipal:

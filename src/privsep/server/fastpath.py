@@ -10,6 +10,10 @@ answers these requests itself when they have the ordinary shape:
 * ``GET /v1/task/xcoms/{task_id}/{key}``
 * ``POST /v1/task/heartbeat`` without a body
 * ``POST /v1/task/succeed`` with a small JSON body (every successful task's last request)
+* ``POST /v1/supervisor/claim`` with a small JSON body (a supervisor's request for work,
+  about one per task), checked by :func:`~privsep.server.auth.active_supervisor` and done by
+  :func:`~privsep.server.routes.supervisor.claim_work`, whose answer is made before its
+  transaction commits
 
 and hands everything else to the application, untouched. The routes stay declared in FastAPI
 (and in the OpenAPI document) and keep serving every request the fast path passes on.
@@ -52,12 +56,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from privsep.server.auth import (
+    SUPERVISOR_SCOPES,
     TASK_SCOPES,
     TaskToken,
+    active_supervisor,
     task_token_of,
     token_in_header,
     verify_silently,
 )
+from privsep.server.routes.supervisor import claim_work
 from privsep.server.routes.task import (
     beat,
     finish_success,
@@ -65,7 +72,7 @@ from privsep.server.routes.task import (
     read_variable,
     read_xcom,
 )
-from privsep.server.schemas import SucceedRequest
+from privsep.server.schemas import ClaimRequest, SucceedRequest
 from privsep.server.state import ServerState
 
 _CONTEXT = "/v1/task/context"
@@ -73,13 +80,14 @@ _VARIABLES = "/v1/task/variables/"
 _XCOMS = "/v1/task/xcoms/"
 _HEARTBEAT = "/v1/task/heartbeat"
 _SUCCEED = "/v1/task/succeed"
+_CLAIM = "/v1/supervisor/claim"
 _OK = b'{"ok":true}'
 _SUCCESS = b'{"state":"success"}'
 # A success body the fast path reads itself; anything larger goes to the route, unread, and
 # meets the application's own body cap there.
 MAX_FAST_BODY = 64 * 1024
 
-_GET_CONTEXT, _GET_VARIABLE, _GET_XCOM, _HEARTBEAT_ROUTE, _SUCCEED_ROUTE = range(5)
+_GET_CONTEXT, _GET_VARIABLE, _GET_XCOM, _HEARTBEAT_ROUTE, _SUCCEED_ROUTE, _CLAIM_ROUTE = range(6)
 
 
 class TaskFastPath:
@@ -137,6 +145,8 @@ class TaskFastPath:
             route = _HEARTBEAT_ROUTE
         elif method == "POST" and path == _SUCCEED:
             route = _SUCCEED_ROUTE
+        elif method == "POST" and path == _CLAIM:
+            return await self._claim(scope, receive)
         else:
             return None, receive
         if scope.get("query_string") or scope.get("root_path"):
@@ -183,9 +193,35 @@ class TaskFastPath:
         except Exception:  # a refusal, a bad body, a busy database: the route answers
             return None, receive
 
-    def _token(self, scope: Scope) -> tuple[TaskToken | None, int | None]:
-        """The task token, if it verifies, and the body's declared length (0 for none,
-        ``None`` when unknown: chunked); ``(None, ...)`` to pass the request on."""
+    async def _claim(self, scope: Scope, receive: Receive) -> tuple[bytes | None, Receive]:
+        """A supervisor's claim: its token, that it is active, a valid small body; then the
+        claim, whose answer was made before it committed."""
+        if scope.get("query_string") or scope.get("root_path"):
+            return None, receive
+        raw_token, length = self._headers(scope)
+        if raw_token is None or length is None or not 0 < length <= MAX_FAST_BODY:
+            return None, receive
+        raw, taken = await _read_body(receive, length)
+        receive = _replaying(taken, receive)
+        if raw is None:
+            return None, receive
+        state = self.state
+        try:
+            claims = verify_silently(state, raw_token, SUPERVISOR_SCOPES)
+            if claims is None:
+                return None, receive
+            me = await active_supervisor(state, claims.sub)
+            if me is None:
+                return None, receive
+            request = ClaimRequest.model_validate_json(raw)
+            _, answer = await run_in_threadpool(claim_work, state, me, request)
+            return answer, receive
+        except Exception:  # a refusal, a bad body, a busy database: the route answers
+            return None, receive
+
+    def _headers(self, scope: Scope) -> tuple[str | None, int | None]:
+        """The bearer token of a JSON request (else ``None``) and the body's declared length
+        (``None`` when unknown: chunked)."""
         authorization: bytes | None = None
         length: int | None = 0
         content_type: bytes | None = None
@@ -202,12 +238,20 @@ class TaskFastPath:
                 length = None
             elif name == b"content-type":
                 content_type = value
-        if authorization is None:
-            return None, length
-        if length and content_type != b"application/json":
+        if authorization is None or (length and content_type != b"application/json"):
             return None, length
         try:
-            raw_token = token_in_header(authorization.decode("latin-1"))
+            return token_in_header(authorization.decode("latin-1")), length
+        except Exception:
+            return None, length
+
+    def _token(self, scope: Scope) -> tuple[TaskToken | None, int | None]:
+        """The task token, if it verifies, and the body's declared length (0 for none,
+        ``None`` when unknown: chunked); ``(None, ...)`` to pass the request on."""
+        raw_token, length = self._headers(scope)
+        if raw_token is None:
+            return None, length
+        try:
             claims = verify_silently(self.state, raw_token, TASK_SCOPES)
             return (task_token_of(claims) if claims is not None else None), length
         except Exception:

@@ -10,6 +10,7 @@ from datetime import timedelta
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Request
+from pydantic_core import to_json
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
@@ -193,6 +194,16 @@ def claim(
 ) -> ClaimResponse:
     """Take up to ``max_items`` queued items. Each row moves queued → running in one
     conditional UPDATE, so two supervisors racing for it cannot both win."""
+    response, _ = claim_work(state, me, body)
+    return response
+
+
+def claim_work(
+    state: ServerState, me: SupervisorPrincipal, body: ClaimRequest
+) -> tuple[ClaimResponse, bytes]:
+    """The claim itself (see :func:`claim`), and its answer as JSON bytes, serialised before
+    the transaction commits: the fast path sends those bytes, and if making them failed,
+    nothing was claimed and the route can claim again."""
     items: list[TaskWork | ParseWork | TriggerWork] = []
     with state.db.write_session() as session:
         if "task" in body.kinds:
@@ -218,7 +229,9 @@ def claim(
                     for item in items
                 ],
             )
-    return ClaimResponse(items=items)
+        response = ClaimResponse(items=items)
+        answer = to_json(response.model_dump(mode="json"))
+    return response, answer
 
 
 def _claim_tasks(
