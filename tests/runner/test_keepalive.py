@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import socketserver
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -155,3 +157,47 @@ def test_an_unreachable_server_and_a_closed_client_raise_unavailable(server: _Se
 def test_a_url_that_is_not_http_is_refused_at_once(url: str) -> None:
     with pytest.raises(ValueError, match="must be http"):
         KeepAliveClient(url)
+
+
+class _UnixServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, _UnixHandler)
+        self.seen: list[dict[str, Any]] = []
+
+
+class _UnixHandler(_Handler):
+    def address_string(self) -> str:
+        return "unix"
+
+    def setup(self) -> None:
+        super().setup()
+        self.client_address = ("unix", id(self.connection))  # one per connection
+
+
+def test_over_a_unix_socket_with_the_urls_host_in_the_header(tmp_path: Path) -> None:
+    path = str(tmp_path / "api.sock")
+    srv = _UnixServer(path)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    # The URL's port is closed: only the socket can answer.
+    client = KeepAliveClient("http://api.internal:1/p/", timeout=5, unix_socket=path)
+    try:
+        first = client.request("POST", "/v1/x", {"a": 1}, token="tok")
+        second = client.request("GET", "/v1/y")
+    finally:
+        client.close()
+        srv.shutdown()
+        srv.server_close()
+        thread.join()
+    assert (first.status, first.data) == (200, {"echo": "/p/v1/x"})
+    assert second.data == {"echo": "/p/v1/y"}
+    a, b = srv.seen
+    assert a["body"] == {"a": 1} and a["auth"] == "Bearer tok"
+    assert a["port"] == b["port"], "the second call should reuse the first call's connection"
+
+
+def test_a_unix_socket_with_https_is_refused() -> None:
+    with pytest.raises(ValueError, match="plain HTTP"):
+        KeepAliveClient("https://api.internal/", unix_socket="/run/x.sock")

@@ -75,6 +75,7 @@ class SupervisorApi:
         *,
         audience: str | None = None,
         timeout: float = 10.0,
+        unix_socket: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.name = name
@@ -82,7 +83,7 @@ class SupervisorApi:
         self.audience = audience or self.base_url
         self.timeout = timeout
         # One kept connection per calling thread; see keepalive.py for why not requests.
-        self._http = KeepAliveClient(self.base_url, timeout=timeout)
+        self._http = KeepAliveClient(self.base_url, timeout=timeout, unix_socket=unix_socket)
         self._lock = threading.Lock()
         self._session: _Session | None = None
         self.supervisor_id = ""

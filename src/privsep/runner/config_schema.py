@@ -227,6 +227,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "supervisor",
+        "api_socket",
+        "str",
+        "",
+        "Reach the internal API through this unix socket (the server's [server] socket) "
+        "instead of over TCP, when both run on one host; empty means use server.url.",
+    ),
+    Option(
+        "supervisor",
         "credential",
         "str",
         "credentials/supervisor.key",

@@ -62,6 +62,24 @@ class _TlsConnection(http.client.HTTPSConnection):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket; the URL's host still names the server in the Host header."""
+
+    def __init__(self, path: str, host: str, port: int, *, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 def _tls_context() -> ssl.SSLContext:
     try:
         import certifi
@@ -90,7 +108,11 @@ class KeepAliveClient:
     supervisor's loop and the credential socket's proxy pool never wait on each other.
     """
 
-    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float = 10.0, unix_socket: str | None = None
+    ) -> None:
+        """``unix_socket``: connect there instead of to the URL's host and port (a server on
+        the same host; loopback TCP costs both sides more CPU per call)."""
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"server URL {base_url!r} must be http:// or https://HOST[:PORT]")
@@ -101,13 +123,17 @@ class KeepAliveClient:
         self._port = parts.port or (443 if self._tls else 80)
         self._prefix = parts.path.rstrip("/")
         self._context = _tls_context() if self._tls else None
+        self._unix_socket = unix_socket or None
+        if self._unix_socket and self._tls:
+            raise ValueError("a unix socket to the API is plain HTTP: use an http:// URL with it")
         self._local = threading.local()
         self._all: weakref.WeakSet[http.client.HTTPConnection] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"KeepAliveClient({self.base_url!r})"
+        via = f", unix_socket={self._unix_socket!r}" if self._unix_socket else ""
+        return f"KeepAliveClient({self.base_url!r}{via})"
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._closed:
@@ -119,7 +145,11 @@ class KeepAliveClient:
             with self._lock:
                 if self._closed:
                     raise HttpUnavailable(f"the client for {self.base_url} is closed")
-                if self._tls:
+                if self._unix_socket:
+                    conn = _UnixConnection(
+                        self._unix_socket, self._host, self._port, timeout=self.timeout
+                    )
+                elif self._tls:
                     conn = _TlsConnection(
                         self._host, self._port, timeout=self.timeout, context=self._context
                     )

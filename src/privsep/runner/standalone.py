@@ -444,6 +444,10 @@ def run_standalone(opts: Options, base_env: dict[str, str] | None = None) -> int
 
     cfg = load_config(environ=env)
     url = str(cfg.get("server.url"))
+    if not str(cfg.get("supervisor.api_socket")):
+        # Both run here: the supervisor talks to the API over its unix socket (cheaper than
+        # loopback TCP for both sides), unless the configuration says otherwise.
+        env["PRIVSEP__SUPERVISOR__API_SOCKET"] = str(cfg.path_of("server.socket"))
     app = Standalone(opts, env, url)
     if first_run(opts.home, env, app.progress):
         app.progress(f"created {opts.home}")

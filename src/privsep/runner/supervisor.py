@@ -124,6 +124,7 @@ class SupervisorSettings:
     uid_first: int
     uid_count: int
     prewarm: int = 4
+    api_socket: str = ""  # the API's unix socket, when it runs on this host ("" = TCP)
     hidden_paths: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -145,6 +146,7 @@ class SupervisorSettings:
         return cls(
             name=str(cfg.get("supervisor.name")) or socket.gethostname(),
             server_url=str(cfg.get("server.url")),
+            api_socket=str(cfg.get("supervisor.api_socket")),
             credential=str(cfg.path_of("supervisor.credential")),
             state_dir=cfg.path_of("core.state_dir"),
             runtime_dir=cfg.path_of("core.runtime_dir"),
@@ -247,9 +249,16 @@ class Supervisor:
         if killed:
             log.warning("killed %d sandbox processes left over from an earlier run", killed)
         try:
-            self.api = SupervisorApi(self.settings.server_url, self.settings.name, key)
+            self.api = SupervisorApi(
+                self.settings.server_url,
+                self.settings.name,
+                key,
+                unix_socket=self.settings.api_socket or None,
+            )
             # Proxied sandbox calls: 10 s, under the client SDK's own 10 s + 5 s wait.
-            self._proxy_http = KeepAliveClient(self.settings.server_url, timeout=10)
+            self._proxy_http = KeepAliveClient(
+                self.settings.server_url, timeout=10, unix_socket=self.settings.api_socket or None
+            )
         except ValueError as exc:
             raise CommandError(f"server.url: {exc}") from None
         if self.notifier:
