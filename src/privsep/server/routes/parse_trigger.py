@@ -6,7 +6,8 @@ import hashlib
 import json
 
 from fastapi import APIRouter, Request
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
 
 from privsep.server.auth import (
     Parse_,
@@ -83,54 +84,71 @@ def submit_result(
     for wf in body.workflows:
         _check_graph(wf)
     with state.db.write_session() as session:
-        job = session.get(ParseJob, me.job_id, with_for_update=True)
-        if (
-            job is None
-            or job.state != ParseJobState.RUNNING
-            or job.supervisor_id != me.supervisor_id
-        ):
+        # Checks the job (still running, under this supervisor) and ends it in one statement.
+        ended = session.execute(
+            update(ParseJob)
+            .where(
+                ParseJob.id == me.job_id,
+                ParseJob.state == ParseJobState.RUNNING,
+                ParseJob.supervisor_id == me.supervisor_id,
+            )
+            .values(
+                state=ParseJobState.FAILED if body.error is not None else ParseJobState.SUCCESS,
+                finished_at=utcnow(),
+            )
+            .returning(ParseJob.uri, ParseJob.bundle_version)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if ended is None:
             raise conflict("this parse job is no longer running", "not_running")
-        job.finished_at = utcnow()
+        uri, bundle_version = ended
         if body.error is not None:
-            job.state = ParseJobState.FAILED
-            session.add(
-                ParseError(
-                    file_path=_plain(job.uri), message=body.error, bundle_version=job.bundle_version
+            session.execute(
+                insert(ParseError).values(
+                    file_path=_plain(uri), message=body.error, bundle_version=bundle_version
                 )
             )
             return Ok()
-        job.state = ParseJobState.SUCCESS
         for wf in body.workflows:
-            text = json.dumps(wf.model_dump(), sort_keys=True, separators=(",", ":"))
-            # The same definition from different file contents (a task body changed) is a new
-            # version: the pinned file URI is part of what the version is.
-            digest = hashlib.sha256(f"{text}\n{job.uri}".encode()).hexdigest()
-            workflow = session.get(Workflow, wf.workflow_id)
-            if workflow is None:
-                workflow = Workflow(id=wf.workflow_id)
-                session.add(workflow)
-                session.flush()
-            version = session.scalars(
-                select(WorkflowVersion).where(
-                    WorkflowVersion.workflow_id == wf.workflow_id,
-                    WorkflowVersion.bundle_version == job.bundle_version,
-                    WorkflowVersion.content_hash == digest,
-                )
-            ).first()
-            if version is None:
-                version = WorkflowVersion(
-                    workflow_id=wf.workflow_id,
-                    definition=text,
-                    bundle_version=job.bundle_version,
-                    content_hash=digest,
-                    source_uri=job.uri,
-                )
-                session.add(version)
-                session.flush()
-            workflow.current_version_id = version.id
-            workflow.source_uri = _plain(job.uri)  # the file; the version keeps the pin
-            workflow.active = True
+            _store_definition(session, wf, uri, bundle_version)
     return Ok()
+
+
+def _store_definition(session: Session, wf: WorkflowDefinition, uri: str, bundle: str) -> None:
+    """Make ``wf`` its workflow's current version (a new version only if this exact
+    definition from this exact file is not stored yet). Core statements: the ORM's unit of
+    work cost more than the rows on the parse path."""
+    text = json.dumps(wf.model_dump(), sort_keys=True, separators=(",", ":"))
+    # The same definition from different file contents (a task body changed) is a new
+    # version: the pinned file URI is part of what the version is.
+    digest = hashlib.sha256(f"{text}\n{uri}".encode()).hexdigest()
+    if session.scalar(select(Workflow.id).where(Workflow.id == wf.workflow_id)) is None:
+        session.execute(insert(Workflow).values(id=wf.workflow_id))
+    version_id = session.scalar(
+        select(WorkflowVersion.id).where(
+            WorkflowVersion.workflow_id == wf.workflow_id,
+            WorkflowVersion.bundle_version == bundle,
+            WorkflowVersion.content_hash == digest,
+        )
+    )
+    if version_id is None:
+        version_id = session.scalar(
+            insert(WorkflowVersion)
+            .values(
+                workflow_id=wf.workflow_id,
+                definition=text,
+                bundle_version=bundle,
+                content_hash=digest,
+                source_uri=uri,
+            )
+            .returning(WorkflowVersion.id)
+        )
+    session.execute(
+        update(Workflow)
+        .where(Workflow.id == wf.workflow_id)
+        .values(current_version_id=version_id, source_uri=_plain(uri), active=True)
+        .execution_options(synchronize_session=False)
+    )
 
 
 @trigger_router.get("/assigned", response_model=AssignedTriggers)

@@ -321,29 +321,28 @@ def _claim_parse(
         .order_by(ParseJob.created_at)
         .limit(limit * 4)
     ).all()
+    if not candidates:
+        return []
+    won = session.execute(
+        update(ParseJob)
+        .where(ParseJob.id.in_(candidates[:limit]), ParseJob.state == ParseJobState.QUEUED)
+        .values(state=ParseJobState.RUNNING, supervisor_id=me.supervisor_id, claimed_at=now)
+        .returning(ParseJob.id, ParseJob.uri, ParseJob.bundle_version)
+        .execution_options(synchronize_session=False)
+    ).all()
+    order = {job_id: index for index, job_id in enumerate(candidates)}
     out: list[TaskWork | ParseWork | TriggerWork] = []
-    for job_id in candidates:
-        if len(out) >= limit:
-            break
-        won = affected(
-            session,
-            update(ParseJob)
-            .where(ParseJob.id == job_id, ParseJob.state == ParseJobState.QUEUED)
-            .values(state=ParseJobState.RUNNING, supervisor_id=me.supervisor_id, claimed_at=now),
-        )
-        job = session.get(ParseJob, job_id) if won else None
-        if job is None:
-            continue
+    for job_id, uri, bundle_version in sorted(won, key=lambda row: order[row[0]]):
         token = _issue(
-            state, "parse", job.id, state.settings.work_token_ttl, {"sup": me.supervisor_id}
+            state, "parse", job_id, state.settings.work_token_ttl, {"sup": me.supervisor_id}
         )
         out.append(
             ParseWork(
-                id=job.id,
+                id=job_id,
                 token=token.reveal(),
                 expires_at=token.exp,
-                uri=job.uri,
-                bundle_version=job.bundle_version,
+                uri=uri,
+                bundle_version=bundle_version,
             )
         )
     return out
