@@ -60,3 +60,35 @@ def test_code_and_system_paths_are_read_only(hostile: Hostile) -> None:
         assert out.report[path] in ("EROFS", "EACCES"), (path, out.report[path])
     assert out.report["/tmp"] == "wrote"  # the private tmpfs is the writable scratch space
     assert out.status.reason is ExitReason.SUCCEEDED
+
+
+def test_mount_flags_read_only_nosuid_nodev(hostile: Hostile, workroot: Path) -> None:
+    """Every mount is nosuid; all but /dev and its device binds are nodev; all but the work
+    dir and the scratch filesystems are read-only, and those flags hold against real attempts:
+    a device node and a world-writable file in the bundle stay unusable."""
+    bundle = workroot / "flags"
+    bundle.mkdir(mode=0o755)
+    device, writable = bundle / "null", bundle / "open"
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+    os.chmod(device, 0o666)
+    writable.write_bytes(b"")
+    writable.chmod(0o666)
+    spec_bundles = (str(ATTACKS), str(bundle))
+    out = hostile.run(
+        "mount_flags", str(device), str(writable), bundle_paths=spec_bundles, timeout=60
+    )
+    assert out.status.ok, out.log
+    assert out.report["device"] == "EACCES"  # nodev
+    assert out.report["write"] == "EROFS"  # read-only mount, not file permissions
+    assert out.report["urandom"] == 8
+    mounts: dict[str, list[str]] = out.report["mounts"]
+    devices = {"/dev", *(f"/dev/{name}" for name in ("null", "zero", "full", "random", "urandom"))}
+    writable_points = {"/tmp", "/dev/shm", "/proc"}
+    rw = [point for point, flags in mounts.items() if "ro" not in flags]
+    assert len(mounts) > 10, mounts
+    for point, flags in mounts.items():
+        assert "nosuid" in flags, (point, flags)
+        assert ("nodev" in flags) == (point not in devices), (point, flags)
+    extra_rw = set(rw) - writable_points
+    assert len(extra_rw) == 1 and next(iter(extra_rw)).startswith(str(workroot)), rw
+    assert "ro" in mounts[str(bundle)] and "ro" in mounts["/"] and "ro" in mounts["/usr"]

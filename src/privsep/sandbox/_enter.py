@@ -24,6 +24,7 @@ the host, so the user process gets a ``SIGTERM`` handler that raises ``SystemExi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import select
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from privsep.sandbox import _libc as libc
-from privsep.sandbox._rootfs import finish_root, prepare_root
+from privsep.sandbox._rootfs import HostLayout, finish_root, host_layout, prepare_root
 from privsep.sandbox._steps import SetupStep
 from privsep.sandbox._wire import (
     CREDENTIAL_SOCKET_ENV,
@@ -95,7 +96,7 @@ def enter(plan: Plan, status_fd: int, request_fd: int = -1, lifeline: int = -1) 
         elif os.getpid() != 1:
             raise _StepFailed(f"forked into a new PID namespace but pid is {os.getpid()}")
         step = SetupStep.FILESYSTEM
-        bound = prepare_root(system_paths=plan.system_paths, runtime_paths=_runtime_paths())
+        bound = prepare_root(root_layout(plan))
 
         # Pre-warmed sandboxes wait here for the launch request (having made the likely
         # network namespace already); the others have their plan.
@@ -328,8 +329,19 @@ def _monitor(pid: int, status_fd: int) -> NoReturn:
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 
+def root_layout(plan: Plan) -> HostLayout:
+    """The host paths the plan's view is built from; cached, so the zygote calls this before
+    forking and its children inherit the answer."""
+    return host_layout(plan.system_paths, _runtime_paths())
+
+
+@functools.cache
 def _runtime_paths() -> list[str]:
-    """What this interpreter needs to keep importing: prefixes and absolute sys.path dirs."""
+    """What this interpreter needs to keep importing: prefixes and absolute sys.path dirs.
+
+    Computed once per process (the zygote's children inherit it); ``sys.path`` does not
+    change before user code runs.
+    """
     candidates = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
     candidates += [p for p in sys.path if p.startswith("/")]
     out = []

@@ -51,6 +51,7 @@ from typing import NamedTuple, NoReturn
 
 from privsep.sandbox import _child
 from privsep.sandbox import _libc as libc
+from privsep.sandbox._enter import root_layout
 from privsep.sandbox._wire import Plan, write_exit_record
 
 DEFAULT_PRELOAD = (
@@ -205,6 +206,9 @@ def _serve(ctl: socket.socket, forker: _Forker) -> _Child:
             ctl.send(marshal.dumps((None, 0, f"bad request: {exc}")))
             continue
         plan.parent_pid = os.getpid()
+        if not plan.unsafe_inline:
+            with contextlib.suppress(OSError):  # the child reports it, as a setup step
+                root_layout(plan)  # resolved here once, inherited by every child
         pid, direct = forker.fork(plan)
         out_w, status_w = fds[:2]
         if pid == 0:

@@ -437,6 +437,30 @@ def write_readonly(*paths: str) -> dict[str, object]:
     return out
 
 
+def mount_flags(device: str, writable_file: str) -> dict[str, object]:
+    """Every mount's flags as the kernel reports them, and two attempts that only mount flags
+    stop: opening a world-readable device node and writing a world-writable file, both in
+    the bundle."""
+    mounts: dict[str, list[str]] = {}
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            mounts[fields[4]] = sorted(set(fields[5].split(",")) & {"ro", "nosuid", "nodev"})
+    out: dict[str, object] = {"mounts": mounts}
+    attempts = (("device", device, os.O_RDONLY), ("write", writable_file, os.O_WRONLY))
+    for name, path, flags in attempts:
+        try:
+            os.close(os.open(path, flags))
+            out[name] = "opened"
+        except OSError as exc:
+            out[name] = err(exc)
+    with open("/dev/null", "wb") as null:  # the sandbox's own devices still work
+        null.write(b"x")
+    with open("/dev/urandom", "rb") as rnd:
+        out["urandom"] = len(rnd.read(8))
+    return out
+
+
 def sleep(seconds: str) -> dict[str, object]:
     print("RESULT " + json.dumps({"sleeping": True}), flush=True)
     time.sleep(float(seconds))
