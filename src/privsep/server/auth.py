@@ -119,6 +119,14 @@ def verified_claims(request: Request, scopes: frozenset[str]) -> Claims:
     return _verify(request, token, scopes)
 
 
+def _check(state: ServerState, token: str, scopes: frozenset[str]) -> Claims:
+    """Signature, issuer, audience, scope and times against the keys loaded now."""
+    settings = state.settings
+    return verify_token(
+        token, state.verifiers, issuer=settings.issuer, audience=settings.audience, scopes=scopes
+    )
+
+
 def verify_silently(state: ServerState, token: str, scopes: frozenset[str]) -> Claims | None:
     """The token's claims if it verifies against the keys already loaded (and then cached),
     else ``None``: no key reload, no audit record, nothing that touches the database. For the
@@ -126,15 +134,8 @@ def verify_silently(state: ServerState, token: str, scopes: frozenset[str]) -> C
     cached = state.token_cache.get(token, scopes)
     if cached is not None:
         return cached
-    settings = state.settings
     try:
-        claims = verify_token(
-            token,
-            state.verifiers,
-            issuer=settings.issuer,
-            audience=settings.audience,
-            scopes=scopes,
-        )
+        claims = _check(state, token, scopes)
     except TokenRejected:
         return None
     state.token_cache.put(token, claims)
@@ -145,25 +146,12 @@ def _verify(request: Request, token: str, scopes: frozenset[str]) -> Claims:
     """The full check of a token the cache does not hold. It may read the published keys and
     write an audit record, so async callers run it in a worker thread."""
     state = get_state(request)
-    settings = state.settings
     try:
-        claims = verify_token(
-            token,
-            state.verifiers,
-            issuer=settings.issuer,
-            audience=settings.audience,
-            scopes=scopes,
-        )
+        claims = _check(state, token, scopes)
     except TokenRejected as exc:
         if exc.code == "unknown_key" and state.reload_verifiers():
             try:  # another replica may have rotated its key since we last looked
-                claims = verify_token(
-                    token,
-                    state.verifiers,
-                    issuer=settings.issuer,
-                    audience=settings.audience,
-                    scopes=scopes,
-                )
+                claims = _check(state, token, scopes)
             except TokenRejected as again:
                 raise _deny(state, request, unauthorized(again.code, again.message)) from None
         else:
