@@ -214,8 +214,7 @@ class TaskFastPath:
             if me is None:
                 return None, receive
             request = ClaimRequest.model_validate_json(raw)
-            _, answer = await run_in_threadpool(claim_work, state, me, request)
-            return answer, receive
+            return await run_in_threadpool(claim_work, state, me, request), receive
         except Exception:  # a refusal, a bad body, a busy database: the route answers
             return None, receive
 

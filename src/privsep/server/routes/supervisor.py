@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic_core import to_json
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
@@ -191,19 +191,16 @@ def restarted(me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
 @router.post("/claim", response_model=ClaimResponse)
 def claim(
     body: ClaimRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
-) -> ClaimResponse:
+) -> Response:
     """Take up to ``max_items`` queued items. Each row moves queued → running in one
     conditional UPDATE, so two supervisors racing for it cannot both win."""
-    response, _ = claim_work(state, me, body)
-    return response
+    return Response(claim_work(state, me, body), media_type="application/json")
 
 
-def claim_work(
-    state: ServerState, me: SupervisorPrincipal, body: ClaimRequest
-) -> tuple[ClaimResponse, bytes]:
-    """The claim itself (see :func:`claim`), and its answer as JSON bytes, serialised before
-    the transaction commits: the fast path sends those bytes, and if making them failed,
-    nothing was claimed and the route can claim again."""
+def claim_work(state: ServerState, me: SupervisorPrincipal, body: ClaimRequest) -> bytes:
+    """The claim itself (see :func:`claim`): its :class:`ClaimResponse` as JSON bytes, made
+    before the transaction commits, so that if making them failed nothing was claimed. The
+    route and the fast path send these very bytes."""
     items: list[TaskWork | ParseWork | TriggerWork] = []
     with state.db.write_session() as session:
         if "task" in body.kinds:
@@ -229,9 +226,8 @@ def claim_work(
                     for item in items
                 ],
             )
-        response = ClaimResponse(items=items)
-        answer = to_json(response.model_dump(mode="json"))
-    return response, answer
+        answer = to_json(ClaimResponse(items=items).model_dump(mode="json"))
+    return answer
 
 
 def _claim_tasks(
