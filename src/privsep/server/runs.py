@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from privsep.server.db.models import (
@@ -69,20 +70,25 @@ class Graph:
 
 
 class _GraphCache:
-    """The graphs of the most recently used workflow versions, by database and version id
-    (a process may serve more than one database: tests do)."""
+    """The graphs of the most recently used workflow versions, per engine (a process may
+    serve more than one database: tests do) and version id. Keyed by the engine object, not
+    its URL: nothing is rendered on the hot path, and a database made again at the same path
+    by a new engine never sees the old one's graphs."""
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
-        self._graphs: OrderedDict[tuple[str, int], Graph] = OrderedDict()
+        self._graphs: weakref.WeakKeyDictionary[Engine, OrderedDict[int, Graph]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.Lock()
 
     def get(self, session: Session, version_id: int) -> Graph:
-        key = (str(session.get_bind().engine.url), version_id)
+        engine = session.get_bind().engine
         with self._lock:
-            graph = self._graphs.get(key)
-            if graph is not None:
-                self._graphs.move_to_end(key)
+            graphs = self._graphs.get(engine)
+            graph = graphs.get(version_id) if graphs is not None else None
+            if graphs is not None and graph is not None:
+                graphs.move_to_end(version_id)
                 return graph
         row = session.execute(
             select(
@@ -97,9 +103,10 @@ class _GraphCache:
         definition = WorkflowDefinition.model_validate(json.loads(text), strict=False)
         graph = Graph.of(definition, bundle_version or "", source_uri)
         with self._lock:
-            self._graphs[key] = graph
-            while len(self._graphs) > self._size:
-                self._graphs.popitem(last=False)
+            graphs = self._graphs.setdefault(engine, OrderedDict())
+            graphs[version_id] = graph
+            while len(graphs) > self._size:
+                graphs.popitem(last=False)
         return graph
 
 
