@@ -122,6 +122,40 @@ def test_bad_schedules_are_refused_at_declaration(
         Workflow("s", schedule=schedule)
 
 
+def test_a_task_looks_like_what_it_wraps_function_or_not() -> None:
+    wf = Workflow("looks")
+
+    def extract(ctx: Context) -> int:
+        return 1
+
+    extract.owner = "data-team"  # type: ignore[attr-defined]
+    task = wf.task(extract)
+    assert (task.__name__, task.__qualname__, task.__module__) == (
+        "extract",
+        extract.__qualname__,
+        __name__,
+    )
+    assert task.__wrapped__ is extract
+    assert task.__annotations__ == {"ctx": "Context", "return": "int"}
+    assert task.owner == "data-team"  # type: ignore[attr-defined]
+    assert task.task_id == "extract"  # the function's attributes never replace the task's own
+
+    class Callable:
+        """A callable object, not a function."""
+
+        __name__ = "load"
+
+        def __call__(self, ctx: Context) -> int:
+            return 2
+
+    other = wf.task(Callable())
+    assert (other.task_id, other.__doc__, other(None)) == (  # type: ignore[arg-type]
+        "load",
+        "A callable object, not a function.",
+        2,
+    )
+
+
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
@@ -132,6 +166,7 @@ def test_bad_schedules_are_refused_at_declaration(
         ({"retry_delay": -1}, ValueError, "zero or more"),
         ({"retry_delay": math.nan}, ValueError, "zero or more"),
         ({"retry_delay": "5s"}, TypeError, "seconds"),
+        ({"retry_delay": False}, TypeError, "seconds"),  # equal to 0, but not a number of seconds
         ({"timeout": 0}, ValueError, "more than zero"),
         ({"timeout": math.inf}, ValueError, "more than zero"),
         ({"upstream": [3]}, TypeError, "tasks or task ids"),
