@@ -39,6 +39,15 @@ Baselines in the same run: the trivial workload called in-process (``bench_basel
 ``os.fork()`` + ``waitpid``, the CPU of spawning ``python -I -c pass`` and the USS of an idle
 ``python -I -c``. Needs root (pool uids, cgroups).
 
+**The one-sandbox-per-item floor**, also in the same run: the CPU of one template sandbox that
+runs a trivial script (``bench_sandbox``'s measure: fork to reaped, no API, no definition
+file, no supervisor). Two rows are derived from it, so that the reader can see in one table
+what the targets ask of the design: the tasks/s no system that starts one such sandbox per
+task can exceed on these cores (cores ÷ that CPU), and the isolation overhead of parsing
+measured against a baseline that also pays one sandbox per file (CPU per file sandboxed ÷
+(direct CPU per file + the sandbox floor) - 1). DESIGN.md asks for one definition file per
+sandbox; the ≤ 5 % target compares against no sandbox at all.
+
     python -m benchmarks e2e [--smoke]
 """
 
@@ -78,6 +87,7 @@ DESCRIPTION = (
 MiB = 1 << 20
 CORES = len(os.sched_getaffinity(0))
 UID_FIRST = 180_000
+FLOOR_UID_FIRST = 178_000  # the sandbox floor's own pool, below the system's
 # The server takes at most this many items per claim (ClaimRequest.max_items), but the
 # supervisor asks for all its free slots at once, so with parallelism above it every claim is
 # refused with 422 and nothing runs. The sleepers' parallelism is therefore raised in steps
@@ -958,6 +968,25 @@ def measure_memory(system: Standalone, count: int, step: int, settle_s: float) -
 # --- same-run baselines ------------------------------------------------------------------------
 
 
+def template_sandbox_cpu_ms(launches: int) -> Stats:
+    """CPU of one template sandbox running a trivial script, fork to reaped (the floor of
+    any one-sandbox-per-item design here); ``bench_sandbox``'s own measure, same machine."""
+    from benchmarks.bench_sandbox import SandboxBench, sandbox_cpu, sandbox_latency
+    from privsep.sandbox.process import ProcessBackend
+    from privsep.sandbox.uidpool import UidPool
+
+    prewarm = 4
+    work = Path(tempfile.mkdtemp(prefix="e2e-floor-", dir="/tmp"))
+    try:
+        bench = SandboxBench(work)
+        pool = UidPool(FLOOR_UID_FIRST, prewarm + 16)
+        with ProcessBackend(launch_mode="template", uid_pool=pool, prewarm=prewarm) as backend:
+            sandbox_latency(backend, bench, 5)  # warm-up
+            return Stats.single(sandbox_cpu(backend, bench, launches, prewarm) * 1e3)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def spawn_python_cpu_ms(repeat: int) -> Stats:
     """CPU (user + system) of one ``python -I -c pass``, from this process's reaped children."""
     samples = []
@@ -1049,6 +1078,8 @@ def _run(scale: Scale, parallelism: int, root: Path) -> list[Row]:
     ).scaled(1e3)
     python_cpu = spawn_python_cpu_ms(3 if scale is SMOKE else 20)
     python_uss = idle_python_uss_mib(2 if scale is SMOKE else 5)
+    progress("the one-sandbox-per-item floor: CPU of a template sandbox running a trivial script")
+    sandbox_cpu = template_sandbox_cpu_ms(5 if scale is SMOKE else 300)
 
     return rows(
         scale,
@@ -1064,6 +1095,7 @@ def _run(scale: Scale, parallelism: int, root: Path) -> list[Row]:
         forks,
         python_cpu,
         python_uss,
+        sandbox_cpu,
     )
 
 
@@ -1081,6 +1113,7 @@ def rows(
     forks: Stats,
     python_cpu: Stats,
     python_uss: float,
+    sandbox_cpu: Stats,
 ) -> list[Row]:
     where = f"runner standalone, SQLite, process sandbox (template), local executor, {CORES} cores"
     per_file = [r.wall_s / len(r.files) * 1e3 for r in parse_rounds]
@@ -1093,6 +1126,8 @@ def rows(
         c / len(r.files) * 1e3 for c, r in zip(direct_cpus, parse_rounds, strict=True)
     )
     fork_what = "os.fork() + waitpid"
+    floor_ms = sandbox_cpu.median
+    sandboxed_direct_cpu = direct_cpu + floor_ms
     return [
         figure(
             f"e2e: trivial tasks/s, {scale.tasks} independent tasks, parallelism {parallelism}",
@@ -1192,6 +1227,34 @@ def rows(
             target="<= 5 %",
             note=f"wall time per file, same files, same parallelism ({parallelism}); "
             f"per round: {', '.join(f'{o:.0f}%' for o in overhead)}",
+        ),
+        figure(
+            "e2e: one-sandbox-per-item floor: CPU of a template sandbox running a trivial script",
+            sandbox_cpu,
+            "ms",
+            baseline=python_cpu,
+            baseline_measure="CPU of spawning `python -I -c pass`",
+            note="fork to reaped, as bench_sandbox measures it: no API, no definition file, "
+            "no supervisor; every task and every parsed file pays at least this",
+        ),
+        figure(
+            "e2e: ceiling on trivial tasks/s with one template sandbox per task "
+            f"({CORES} cores ÷ the floor above)",
+            Stats.single(CORES * 1e3 / floor_ms),
+            "tasks/s",
+            higher_is_better=True,
+            note=f"what no one-sandbox-per-task system can exceed on these cores, before any "
+            f"API call, scheduling or import; the tasks/s target is "
+            f"{150 if CORES == 2 else 75 * CORES}/s",
+        ),
+        figure(
+            "e2e: isolation overhead of parsing, CPU, against a baseline that also pays one "
+            "sandbox per file",
+            Stats.single((parse_cpu / sandboxed_direct_cpu - 1) * 100),
+            "%",
+            note=f"{parse_cpu:.1f} ms of CPU per file sandboxed vs {direct_cpu:.1f} ms direct + "
+            f"{floor_ms:.1f} ms for the sandbox DESIGN.md requires; what remains is the API, "
+            f"the tokens, the supervisor and discovery",
         ),
         figure(
             "floor: the trivial workload in-process (no sandbox, no API)",

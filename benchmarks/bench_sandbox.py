@@ -54,7 +54,7 @@ if sys.argv[1:] == ["idle"]:
 MiB = 1 << 20
 
 
-class _Bench:
+class SandboxBench:
     """A temporary bundle and work area; one listening socket per sandbox."""
 
     def __init__(self, root: Path) -> None:
@@ -86,7 +86,7 @@ class _Bench:
         return spec, listener
 
 
-def sandbox_latency(backend: ProcessBackend, bench: _Bench, n: int) -> list[float]:
+def sandbox_latency(backend: ProcessBackend, bench: SandboxBench, n: int) -> list[float]:
     """Seconds from ``launch()`` to the first byte from user code, ``n`` times in a row."""
     out = []
     for _ in range(n):
@@ -149,7 +149,7 @@ def _wait_warm(backend: ProcessBackend, count: int) -> None:
     time.sleep(0.2)
 
 
-def sandbox_cpu(backend: ProcessBackend, bench: _Bench, n: int, prewarm: int) -> float:
+def sandbox_cpu(backend: ProcessBackend, bench: SandboxBench, n: int, prewarm: int) -> float:
     """Mean CPU seconds of everything a template sandbox runs, from fork to reaped, ``n`` times.
 
     Every process of a sandbox descends from the zygote, which reaps its own children, so the
@@ -192,7 +192,7 @@ def _tree_uss(pid: int) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def idle_sandboxes(backend: ProcessBackend, bench: _Bench, n: int) -> Iterator[list[Any]]:
+def idle_sandboxes(backend: ProcessBackend, bench: SandboxBench, n: int) -> Iterator[list[Any]]:
     """``n`` sandboxes whose user code has started and now blocks; closed on exit."""
     live: list[Any] = []
     try:
@@ -213,7 +213,7 @@ def idle_sandboxes(backend: ProcessBackend, bench: _Bench, n: int) -> Iterator[l
                 handle.wait(30)
 
 
-def idle_uss(backend: ProcessBackend, bench: _Bench, n: int) -> tuple[float, float]:
+def idle_uss(backend: ProcessBackend, bench: SandboxBench, n: int) -> tuple[float, float]:
     """Mean USS (bytes) of an idle sandbox: all its processes (with any monitor); user only."""
     with idle_sandboxes(backend, bench, n) as live:
         time.sleep(0.3)
@@ -254,7 +254,7 @@ def python_idle_uss(n: int) -> float:
             p.wait()
 
 
-def scale(backend: ProcessBackend, bench: _Bench, n: int) -> tuple[int, float]:
+def scale(backend: ProcessBackend, bench: SandboxBench, n: int) -> tuple[int, float]:
     """Start ``n`` idle sandboxes at once; returns how many ran and the seconds it took."""
     start = time.perf_counter()
     with idle_sandboxes(backend, bench, n) as live:
@@ -270,7 +270,7 @@ def run(smoke: bool, scale_n: int | None = None) -> list[Row]:
     scale_n = scale_n if scale_n is not None else (5 if smoke else 200)
     root = Path(tempfile.mkdtemp(prefix="privsep-bench-"))
     try:
-        bench = _Bench(root)
+        bench = SandboxBench(root)
         progress("baselines: os.fork() and python -I -c")
         fork_ms = Stats.of(fork_latency(iterations)).scaled(1e3)
         fork_cpu_ms = Stats.single(fork_cpu(iterations) * 1e3)
