@@ -275,6 +275,17 @@ class CpuMeter:
                 time.sleep(0.1)
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (every CPU, from ``/proc/stat``).
+
+    Includes what no process of the system is charged for: kernel worker threads, such as the
+    deferred teardown of every sandbox's network namespace, and whatever else runs (this
+    benchmark's own polling, anything else on a shared machine)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def _tree(pid: int) -> list[psutil.Process]:
     try:
         root = psutil.Process(pid)
@@ -570,6 +581,7 @@ class Throughput:
     split_ms: dict[str, float]  # ms per task by role, summed over the runs
     idle_cpu_pct: float  # the system's CPU use while idle, % of one core
     kernel_share: float | None  # the part of the CPU spent in the kernel, where known
+    machine_ms: list[float]  # ms of the whole machine's busy CPU per task per run
 
 
 def _timestamp(value: datetime | None) -> float:
@@ -585,16 +597,17 @@ def measure_throughput(system: Standalone, scale: Scale) -> Throughput:
     idle = (system.cpu.seconds() - before) / scale.settle_s * 100
     progress("warm-up run")
     system.wait_run(system.trigger("e2e_warm"), timeout=120)
-    rates, cpu_ms = [], []
+    rates, cpu_ms, machine_ms = [], [], []
     split: dict[str, float] = {}
     kernel_before, cpu_start = system.cpu.kernel_seconds(), system.cpu.seconds()
     for index in range(scale.rounds):
         progress(f"throughput run {index + 1}/{scale.rounds}: {scale.tasks} trivial tasks")
         roles_before = system.cpu_by_role()
-        cpu_before = system.cpu.seconds()
+        cpu_before, machine_before = system.cpu.seconds(), machine_busy_seconds()
         start = time.time()
         run = system.wait_run(system.trigger("e2e_trivial"), timeout=60 + scale.tasks)
         cpu_used = system.cpu.seconds() - cpu_before
+        machine_ms.append((machine_busy_seconds() - machine_before) / scale.tasks * 1e3)
         roles_after = system.cpu_by_role()
         elapsed = _timestamp(run.ended_at) - start
         rates.append(scale.tasks / elapsed)
@@ -610,7 +623,7 @@ def measure_throughput(system: Standalone, scale: Scale) -> Throughput:
     kernel_share = None
     if kernel_before is not None and kernel_after is not None:
         kernel_share = (kernel_after - kernel_before) / max(system.cpu.seconds() - cpu_start, 1e-9)
-    return Throughput(rates, cpu_ms, split, idle, kernel_share)
+    return Throughput(rates, cpu_ms, split, idle, kernel_share, machine_ms)
 
 
 @dataclass
@@ -1155,7 +1168,10 @@ def rows(
                 if throughput.kernel_share is not None
                 else ""
             )
-            + f"the idle system uses {throughput.idle_cpu_pct:.1f}% of a core",
+            + f"the idle system uses {throughput.idle_cpu_pct:.1f}% of a core; the whole "
+            f"machine was busy {statistics.median(throughput.machine_ms):.1f} ms per task "
+            "(/proc/stat: also kernel worker threads, such as network-namespace teardown, "
+            "and this benchmark's polling)",
         ),
         figure(
             f"e2e: chain step latency (upstream success → downstream user code running), "
