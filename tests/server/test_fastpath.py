@@ -8,17 +8,20 @@ route, with their audit record. Real database, real auth, on SQLite and PostgreS
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from privsep.server.app import serving_app
 from privsep.server.db import Database
-from privsep.server.db.models import AuditLog, Supervisor
+from privsep.server.db.models import AuditLog, ParseError, ParseJob, Supervisor, WorkflowVersion
 from privsep.server.fastpath import MAX_FAST_BODY, TaskFastPath
 
 from .api import ApiHarness, Work, bearer, error_code, task, workflow
@@ -341,3 +344,133 @@ def test_claims_the_fast_path_must_not_answer_go_to_the_route(api: ApiHarness) -
     assert resp.status_code == 401 and error_code(resp) == "revoked"
     assert denials(api) == audited + 2
     assert fast.served == served
+
+
+# --- parse results ----------------------------------------------------------------------------
+
+
+def parse_job(api: ApiHarness, sess: str, uri: str) -> Work:
+    resp = api.client.post("/v1/supervisor/parse-jobs", json={"uri": uri}, headers=bearer(sess))
+    assert resp.status_code == 200, resp.text
+    (job,) = api.claim(sess, ["parse"], 1)
+    assert job.id == resp.json()["id"]
+    return job
+
+
+def stored(api: ApiHarness, job_id: str) -> tuple[str, int, int]:
+    """The job's state, and how many versions and parse errors are stored in all."""
+    with api.state.db.read_session() as session:
+        state = session.scalar(select(ParseJob.state).where(ParseJob.id == job_id))
+        versions = session.scalar(select(func.count()).select_from(WorkflowVersion))
+        errors = session.scalar(select(func.count()).select_from(ParseError))
+    return str(state), int(versions or 0), int(errors or 0)
+
+
+def test_parse_results_through_the_fast_path_are_the_routes(api: ApiHarness) -> None:
+    sess = api.supervisor_session("sup")
+    fast = fast_path_of(api)
+    first, second = parse_job(api, sess, "file:///w/p1.py"), parse_job(api, sess, "file:///w/p2.py")
+    served = fast.served
+    definition = {"workflows": [workflow("wf_p", task("p1"), task("p2", "p1", retries=2))]}
+    by_fast = api.client.post("/v1/parse/result", json=definition, headers=bearer(first.token))
+    assert fast.served == served + 1
+    by_route = api.client.post(
+        "/v1/parse/result?x=1", json=definition, headers=bearer(second.token)
+    )
+    assert fast.served == served + 1
+    same(by_fast, by_route)
+    assert by_fast.json() == {"ok": True}
+    assert stored(api, first.id) == stored(api, second.id) == ("success", 2, 0)
+    # A parse error takes the fast path too.
+    failing = parse_job(api, sess, "file:///w/p3.py")
+    served = fast.served
+    resp = api.client.post(
+        "/v1/parse/result", json={"error": "boom"}, headers=bearer(failing.token)
+    )
+    assert resp.json() == {"ok": True} and fast.served == served + 1
+    assert stored(api, failing.id) == ("failed", 2, 1)
+
+
+def test_parse_results_the_fast_path_must_not_answer_go_to_the_route(api: ApiHarness) -> None:
+    """Forged and foreign tokens, a job that is over or is another supervisor's now, bodies
+    the route refuses: each is refused by the route, with its audit record, and writes
+    nothing."""
+    sess = api.supervisor_session("sup")
+    fast = fast_path_of(api)
+    c = api.client
+    job = parse_job(api, sess, "file:///w/target.py")
+    body = {"workflows": [workflow("wf_target", task("t1"))]}
+    served, audited = fast.served, denials(api)
+    head, payload, signature = job.token.split(".")
+    forged = {
+        "bad signature": f"{head}.{payload}.{signature[:-4]}AAAA",
+        "foreign key": jwt.encode(
+            jwt.decode(job.token, options={"verify_signature": False}),
+            Ed25519PrivateKey.generate(),
+            algorithm="EdDSA",
+            headers={"kid": api.state.signer.kid},
+        ),
+        "supervisor token": sess,
+    }
+    for name, token in forged.items():
+        resp = c.post("/v1/parse/result", json=body, headers=bearer(token))
+        assert resp.status_code == 401, (name, resp.text)
+    assert denials(api) == audited + len(forged)
+    # A token in the URL, even with the genuine token in the header.
+    resp = c.post(f"/v1/parse/result?token={job.token}", json=body, headers=bearer(job.token))
+    assert resp.status_code == 400 and error_code(resp) == "token_in_url"
+    # Bodies the fast path read and refused reach the route whole: its answers show it.
+    resp = c.post(
+        "/v1/parse/result",
+        json={"workflows": [workflow("wf_cycle", task("x", "y"), task("y", "x"))]},
+        headers=bearer(job.token),
+    )
+    assert resp.status_code == 400 and error_code(resp) == "invalid_definition"
+    resp = c.post("/v1/parse/result", json={**body, "surprise": 1}, headers=bearer(job.token))
+    assert resp.status_code == 422 and "surprise" in resp.text
+    resp = c.post(
+        "/v1/parse/result",
+        content=b'{"workflows": [], "workflows": "x"}',
+        headers={**bearer(job.token), "Content-Type": "application/json"},
+    )
+    assert resp.status_code == 422
+    assert fast.served == served
+    assert stored(api, job.id) == ("running", 0, 0)
+
+    # Its supervisor restarted: the job went back to the queue and another supervisor runs
+    # it now. The old token names the old supervisor: refused, the new run untouched.
+    api.register_supervisor("sup-b")
+    assert c.post("/v1/supervisor/restarted", headers=bearer(sess)).status_code == 200
+    (again,) = api.claim(api.supervisor_session("sup-b"), ["parse"])
+    assert again.id == job.id
+    served, audited = fast.served, denials(api)
+    resp = c.post("/v1/parse/result", json=body, headers=bearer(job.token))
+    assert resp.status_code == 401 and error_code(resp) == "revoked"
+    assert denials(api) == audited + 1
+    assert stored(api, job.id) == ("running", 0, 0)
+    assert fast.served == served
+
+    # The new token works once, through the fast path; sent again, the route refuses it.
+    assert c.post("/v1/parse/result", json=body, headers=bearer(again.token)).json() == {"ok": True}
+    assert fast.served == served + 1
+    resp = c.post("/v1/parse/result", json=body, headers=bearer(again.token))
+    assert resp.status_code == 401 and error_code(resp) == "revoked"
+    assert denials(api) == audited + 2
+    assert stored(api, job.id) == ("success", 1, 0)
+    assert fast.served == served + 1
+
+
+def test_parse_results_larger_than_the_fast_path_reads_are_stored_by_the_route(
+    api: ApiHarness,
+) -> None:
+    sess = api.supervisor_session("sup")
+    fast = fast_path_of(api)
+    job = parse_job(api, sess, "file:///w/big.py")
+    tasks = [task(f"t{n:05d}") for n in range(1200)]
+    body = {"workflows": [workflow("wf_big", *tasks)]}
+    assert len(json.dumps(body)) > MAX_FAST_BODY
+    served = fast.served
+    resp = api.client.post("/v1/parse/result", json=body, headers=bearer(job.token))
+    assert resp.status_code == 200 and resp.json() == {"ok": True}
+    assert fast.served == served
+    assert stored(api, job.id) == ("success", 1, 0)

@@ -45,6 +45,7 @@ _TOKEN_PARAMS = frozenset({"access_token", "token", "jwt", "authorization", "bea
 
 TASK_SCOPES = frozenset({"task"})
 SUPERVISOR_SCOPES = frozenset({"supervisor"})
+PARSE_SCOPES = frozenset({"parse"})
 
 
 def get_state(request: Request) -> ServerState:
@@ -381,15 +382,21 @@ async def parse_principal(request: Request) -> ParsePrincipal:
     """The parse job of the token, if it is still running under the token's supervisor.
     Async, one statement (as :func:`supervisor_principal`)."""
     state = get_state(request)
-    claims = await verified_claims_async(request, frozenset({"parse"}))
-    sup = _claim_str(claims, "sup")
+    claims = await verified_claims_async(request, PARSE_SCOPES)
+    me = parse_token_of(claims)
     try:
-        rows = await _fetch(state, _PARSE_JOB_SQL, {"id": claims.sub})
+        rows = await _fetch(state, _PARSE_JOB_SQL, {"id": me.job_id})
     except Exception:  # a busy database on the loop: the full check, in a worker thread
-        return await run_in_threadpool(_parse_principal_slow, request, claims, sup)
-    if not rows or rows[0][0] != ParseJobState.RUNNING.value or rows[0][1] != sup:
-        raise await run_in_threadpool(_parse_revoked, state, request, claims.sub)
-    return ParsePrincipal(claims.sub, sup)
+        return await run_in_threadpool(_parse_principal_slow, request, claims, me.supervisor_id)
+    if not rows or rows[0][0] != ParseJobState.RUNNING.value or rows[0][1] != me.supervisor_id:
+        raise await run_in_threadpool(_parse_revoked, state, request, me.job_id)
+    return me
+
+
+def parse_token_of(claims: Claims) -> ParsePrincipal:
+    """What a verified parse token names: its job and the supervisor it was issued to (the
+    job itself is checked against them by the caller)."""
+    return ParsePrincipal(claims.sub, _claim_str(claims, "sup"))
 
 
 def _parse_revoked(state: ServerState, request: Request, job_id: str) -> ApiError:

@@ -1,4 +1,4 @@
-"""The hottest task routes served without the FastAPI layer, with the same checks.
+"""The hottest task and parse routes served without the FastAPI layer, with the same checks.
 
 A running task reads variables and XComs and sends heartbeats; with small JSON bodies, the
 routing, dependency solving, validation and serialisation of FastAPI cost several times the
@@ -14,6 +14,10 @@ answers these requests itself when they have the ordinary shape:
   about one per task), checked by :func:`~privsep.server.auth.active_supervisor` and done by
   :func:`~privsep.server.routes.supervisor.claim_work`, whose answer is made before its
   transaction commits
+* ``POST /v1/parse/result`` with a small JSON body (every parsed definition file's last
+  request), done by :func:`~privsep.server.routes.parse_trigger.submit_result`, whose first
+  statement is the conditional write that checks what the route's dependency checks first:
+  the job is running under the supervisor the token names
 
 and hands everything else to the application, untouched. The routes stay declared in FastAPI
 (and in the OpenAPI document) and keep serving every request the fast path passes on.
@@ -30,7 +34,9 @@ same checks as the routes, done by the same functions:
   :func:`~privsep.server.routes.task.read_xcom`, :func:`~privsep.server.routes.task.beat` and
   :func:`~privsep.server.routes.task.finish_success`, exactly as the routes run them. The
   success is one write transaction that either commits whole or not at all, so when it fails
-  (a refusal, a busy database) the route can do it again from the start.
+  (a refusal, a busy database) the route can do it again from the start. So is a parse
+  result; its body is decoded and validated as FastAPI does it (``json.loads``, then the
+  model), so the fast path takes no body that the route would refuse.
 
 Anything else passes the request on to FastAPI, which checks it all again and answers with
 the usual status, ``{code, message}`` body and audit record: a query string (the route refuses
@@ -49,6 +55,7 @@ heartbeat writes, so it always runs in a worker thread.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic_core import to_json
@@ -56,14 +63,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from privsep.server.auth import (
+    PARSE_SCOPES,
     SUPERVISOR_SCOPES,
     TASK_SCOPES,
     TaskToken,
     active_supervisor,
+    parse_token_of,
     task_token_of,
     token_in_header,
     verify_silently,
 )
+from privsep.server.routes.parse_trigger import submit_result
 from privsep.server.routes.supervisor import claim_work
 from privsep.server.routes.task import (
     beat,
@@ -72,7 +82,7 @@ from privsep.server.routes.task import (
     read_variable,
     read_xcom,
 )
-from privsep.server.schemas import ClaimRequest, SucceedRequest
+from privsep.server.schemas import ClaimRequest, ParseResultRequest, SucceedRequest
 from privsep.server.state import ServerState
 
 _CONTEXT = "/v1/task/context"
@@ -81,6 +91,7 @@ _XCOMS = "/v1/task/xcoms/"
 _HEARTBEAT = "/v1/task/heartbeat"
 _SUCCEED = "/v1/task/succeed"
 _CLAIM = "/v1/supervisor/claim"
+_PARSE_RESULT = "/v1/parse/result"
 _OK = b'{"ok":true}'
 _SUCCESS = b'{"state":"success"}'
 # A success body the fast path reads itself; anything larger goes to the route, unread, and
@@ -147,6 +158,8 @@ class TaskFastPath:
             route = _SUCCEED_ROUTE
         elif method == "POST" and path == _CLAIM:
             return await self._claim(scope, receive)
+        elif method == "POST" and path == _PARSE_RESULT:
+            return await self._parse_result(scope, receive)
         else:
             return None, receive
         if scope.get("query_string") or scope.get("root_path"):
@@ -193,17 +206,24 @@ class TaskFastPath:
         except Exception:  # a refusal, a bad body, a busy database: the route answers
             return None, receive
 
+    async def _small_json(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[str | None, bytes | None, Receive]:
+        """The bearer token and the whole body of a small JSON request without a query string
+        (else ``None`` for either), and the ``receive`` to pass the request on with."""
+        if scope.get("query_string") or scope.get("root_path"):
+            return None, None, receive
+        raw_token, length = self._headers(scope)
+        if raw_token is None or length is None or not 0 < length <= MAX_FAST_BODY:
+            return None, None, receive
+        raw, taken = await _read_body(receive, length)
+        return raw_token, raw, _replaying(taken, receive)
+
     async def _claim(self, scope: Scope, receive: Receive) -> tuple[bytes | None, Receive]:
         """A supervisor's claim: its token, that it is active, a valid small body; then the
         claim, whose answer was made before it committed."""
-        if scope.get("query_string") or scope.get("root_path"):
-            return None, receive
-        raw_token, length = self._headers(scope)
-        if raw_token is None or length is None or not 0 < length <= MAX_FAST_BODY:
-            return None, receive
-        raw, taken = await _read_body(receive, length)
-        receive = _replaying(taken, receive)
-        if raw is None:
+        raw_token, raw, receive = await self._small_json(scope, receive)
+        if raw_token is None or raw is None:
             return None, receive
         state = self.state
         try:
@@ -215,6 +235,24 @@ class TaskFastPath:
                 return None, receive
             request = ClaimRequest.model_validate_json(raw)
             return await run_in_threadpool(claim_work, state, me, request), receive
+        except Exception:  # a refusal, a bad body, a busy database: the route answers
+            return None, receive
+
+    async def _parse_result(self, scope: Scope, receive: Receive) -> tuple[bytes | None, Receive]:
+        """A parse sandbox's result: its token, a valid small body; then the result, which
+        ends the job only if it is running under the token's supervisor and otherwise rolls
+        back and raises (the route then refuses the token, with its audit record)."""
+        raw_token, raw, receive = await self._small_json(scope, receive)
+        if raw_token is None or raw is None:
+            return None, receive
+        state = self.state
+        try:
+            claims = verify_silently(state, raw_token, PARSE_SCOPES)
+            if claims is None:
+                return None, receive
+            result = ParseResultRequest.model_validate(json.loads(raw))
+            await run_in_threadpool(submit_result, result, parse_token_of(claims), state)
+            return _OK, receive
         except Exception:  # a refusal, a bad body, a busy database: the route answers
             return None, receive
 

@@ -72,7 +72,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol, TypeVar, cast
 
 from croniter import croniter  # type: ignore[import-untyped]
-from sqlalchemy import Subquery, func, or_, select
+from sqlalchemy import Integer, Subquery, Table, bindparam, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -643,6 +643,20 @@ def _running_per_workflow() -> Subquery:
     )
 
 
+_ATTEMPTS = cast(Table, TaskAttempt.__table__)
+# The candidate query without limits, built once as a Core statement on the table: every claim
+# runs it, most often to find nothing queued, and building it cost more than running it.
+_READY_OLDEST = (
+    select(_ATTEMPTS.c.id)
+    .where(
+        _ATTEMPTS.c.state == AttemptState.QUEUED,
+        or_(_ATTEMPTS.c.next_try_at.is_(None), _ATTEMPTS.c.next_try_at <= bindparam("b_now")),
+    )
+    .order_by(_ATTEMPTS.c.created_at, _ATTEMPTS.c.id)
+    .limit(bindparam("b_limit", type_=Integer))
+)
+
+
 def claim_candidates(
     session: Session,
     now: datetime,
@@ -662,16 +676,15 @@ def claim_candidates(
     other workflows that still have room, as filtering an "oldest N" list afterwards would.
     """
     now = _require_aware(now)
+    if want <= 0:
+        return []
+    if not _check_limits(per_workflow, global_limit):
+        return list(session.scalars(_READY_OLDEST, {"b_now": now, "b_limit": want * 4}))
     ready = (
         TaskAttempt.state == AttemptState.QUEUED,
         or_(TaskAttempt.next_try_at.is_(None), TaskAttempt.next_try_at <= now),
     )
     oldest = (TaskAttempt.created_at, TaskAttempt.id)
-    if want <= 0:
-        return []
-    if not _check_limits(per_workflow, global_limit):
-        query = select(TaskAttempt.id).where(*ready).order_by(*oldest).limit(want * 4)
-        return list(session.scalars(query))
     _serialize_claims(session)
     budget = want
     if global_limit is not None:

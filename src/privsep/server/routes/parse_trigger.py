@@ -6,7 +6,9 @@ import hashlib
 import json
 
 from fastapi import APIRouter, Request
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from privsep.server.auth import (
@@ -30,6 +32,7 @@ from privsep.server.db.models import (
     utcnow,
 )
 from privsep.server.errors import ERROR_RESPONSES, bad_request, conflict
+from privsep.server.routes._sql import for_dialect, table_of
 from privsep.server.runs import fail_or_retry
 from privsep.server.schemas import (
     AssignedTrigger,
@@ -86,27 +89,21 @@ def submit_result(
     with state.db.write_session() as session:
         # Checks the job (still running, under this supervisor) and ends it in one statement.
         ended = session.execute(
-            update(ParseJob)
-            .where(
-                ParseJob.id == me.job_id,
-                ParseJob.state == ParseJobState.RUNNING,
-                ParseJob.supervisor_id == me.supervisor_id,
-            )
-            .values(
-                state=ParseJobState.FAILED if body.error is not None else ParseJobState.SUCCESS,
-                finished_at=utcnow(),
-            )
-            .returning(ParseJob.uri, ParseJob.bundle_version)
-            .execution_options(synchronize_session=False)
+            _END_PARSE_JOB,
+            {
+                "b_job_id": me.job_id,
+                "b_supervisor_id": me.supervisor_id,
+                "b_state": ParseJobState.SUCCESS if body.error is None else ParseJobState.FAILED,
+                "b_now": utcnow(),
+            },
         ).first()
         if ended is None:
             raise conflict("this parse job is no longer running", "not_running")
         uri, bundle_version = ended
         if body.error is not None:
             session.execute(
-                insert(ParseError).values(
-                    file_path=_plain(uri), message=body.error, bundle_version=bundle_version
-                )
+                _NEW_PARSE_ERROR,
+                {"file_path": _plain(uri), "message": body.error, "bundle_version": bundle_version},
             )
             return Ok()
         for wf in body.workflows:
@@ -114,40 +111,67 @@ def submit_result(
     return Ok()
 
 
+# Built once, as Core statements on the tables (see privsep.server.routes._sql).
+_JOBS = table_of(ParseJob)
+_WORKFLOWS = table_of(Workflow)
+_VERSIONS = table_of(WorkflowVersion)
+_END_PARSE_JOB = (
+    update(_JOBS)
+    .where(
+        _JOBS.c.id == bindparam("b_job_id"),
+        _JOBS.c.state == ParseJobState.RUNNING,
+        _JOBS.c.supervisor_id == bindparam("b_supervisor_id"),
+    )
+    .values(state=bindparam("b_state"), finished_at=bindparam("b_now"))
+    .returning(_JOBS.c.uri, _JOBS.c.bundle_version)
+)
+_NEW_PARSE_ERROR = insert(table_of(ParseError))
+# The workflow row is made by the first definition of it and kept after: an upsert that does
+# nothing when it exists, so two first parses of one workflow cannot both try to make it.
+_NEW_WORKFLOW = {
+    "sqlite": sqlite_insert(_WORKFLOWS).on_conflict_do_nothing(index_elements=[_WORKFLOWS.c.id]),
+    "postgresql": pg_insert(_WORKFLOWS).on_conflict_do_nothing(index_elements=[_WORKFLOWS.c.id]),
+}
+_VERSION_KEY = (_VERSIONS.c.workflow_id, _VERSIONS.c.bundle_version, _VERSIONS.c.content_hash)
+# A new version's id; no row when this exact version is stored already (then _VERSION_ID).
+_NEW_VERSION = {
+    "sqlite": sqlite_insert(_VERSIONS)
+    .on_conflict_do_nothing(index_elements=_VERSION_KEY)
+    .returning(_VERSIONS.c.id),
+    "postgresql": pg_insert(_VERSIONS)
+    .on_conflict_do_nothing(index_elements=_VERSION_KEY)
+    .returning(_VERSIONS.c.id),
+}
+_VERSION_ID = select(_VERSIONS.c.id).where(
+    *(column == bindparam(column.key) for column in _VERSION_KEY)
+)
+_MAKE_CURRENT = (
+    update(_WORKFLOWS)
+    .where(_WORKFLOWS.c.id == bindparam("b_workflow_id"))
+    .values(
+        current_version_id=bindparam("b_version_id"), source_uri=bindparam("b_uri"), active=True
+    )
+)
+
+
 def _store_definition(session: Session, wf: WorkflowDefinition, uri: str, bundle: str) -> None:
     """Make ``wf`` its workflow's current version (a new version only if this exact
-    definition from this exact file is not stored yet). Core statements: the ORM's unit of
-    work cost more than the rows on the parse path."""
+    definition from this exact file is not stored yet). Three statements when the version is
+    new (the usual case: discovery parses a file when it changed), four when it is not."""
     text = json.dumps(wf.model_dump(), sort_keys=True, separators=(",", ":"))
     # The same definition from different file contents (a task body changed) is a new
     # version: the pinned file URI is part of what the version is.
     digest = hashlib.sha256(f"{text}\n{uri}".encode()).hexdigest()
-    if session.scalar(select(Workflow.id).where(Workflow.id == wf.workflow_id)) is None:
-        session.execute(insert(Workflow).values(id=wf.workflow_id))
+    session.execute(for_dialect(session, _NEW_WORKFLOW), {"id": wf.workflow_id})
+    key = {"workflow_id": wf.workflow_id, "bundle_version": bundle, "content_hash": digest}
     version_id = session.scalar(
-        select(WorkflowVersion.id).where(
-            WorkflowVersion.workflow_id == wf.workflow_id,
-            WorkflowVersion.bundle_version == bundle,
-            WorkflowVersion.content_hash == digest,
-        )
+        for_dialect(session, _NEW_VERSION), {**key, "definition": text, "source_uri": uri}
     )
     if version_id is None:
-        version_id = session.scalar(
-            insert(WorkflowVersion)
-            .values(
-                workflow_id=wf.workflow_id,
-                definition=text,
-                bundle_version=bundle,
-                content_hash=digest,
-                source_uri=uri,
-            )
-            .returning(WorkflowVersion.id)
-        )
+        version_id = session.scalar(_VERSION_ID, key)
     session.execute(
-        update(Workflow)
-        .where(Workflow.id == wf.workflow_id)
-        .values(current_version_id=version_id, source_uri=_plain(uri), active=True)
-        .execution_options(synchronize_session=False)
+        _MAKE_CURRENT,
+        {"b_workflow_id": wf.workflow_id, "b_version_id": version_id, "b_uri": _plain(uri)},
     )
 
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Request, Response
 from pydantic_core import to_json
-from sqlalchemy import insert, select, update
+from sqlalchemy import Integer, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from privsep.secrets.tokens import Token, TokenRejected, issue_token, unverified_issuer
@@ -36,10 +36,11 @@ from privsep.server.db.models import (
     TriggerState,
     Workflow,
     WorkflowVersion,
+    new_id,
     utcnow,
 )
 from privsep.server.errors import ERROR_RESPONSES, conflict, not_found, unauthorized
-from privsep.server.routes._sql import affected
+from privsep.server.routes._sql import affected, table_of
 from privsep.server.runs import fail_or_retry, version_graph
 from privsep.server.scheduler import claim_candidates
 from privsep.server.schemas import (
@@ -307,24 +308,39 @@ def _claim_tasks(
     return out
 
 
+# Built once, as Core statements on the table (see privsep.server.routes._sql).
+_JOBS = table_of(ParseJob)
+_QUEUED_PARSE_JOBS = (
+    select(_JOBS.c.id)
+    .where(_JOBS.c.state == ParseJobState.QUEUED)
+    .order_by(_JOBS.c.created_at)
+    .limit(bindparam("b_limit", type_=Integer))
+)
+_TAKE_PARSE_JOBS = (
+    update(_JOBS)
+    .where(
+        _JOBS.c.id.in_(bindparam("b_ids", expanding=True)),
+        _JOBS.c.state == ParseJobState.QUEUED,
+    )
+    .values(
+        state=ParseJobState.RUNNING,
+        supervisor_id=bindparam("b_supervisor_id"),
+        claimed_at=bindparam("b_now"),
+    )
+    .returning(_JOBS.c.id, _JOBS.c.uri, _JOBS.c.bundle_version)
+)
+_NEW_PARSE_JOB = insert(_JOBS)
+
+
 def _claim_parse(
     session: Session, state: ServerState, me: SupervisorPrincipal, limit: int
 ) -> list[TaskWork | ParseWork | TriggerWork]:
-    now = utcnow()
-    candidates = session.scalars(
-        select(ParseJob.id)
-        .where(ParseJob.state == ParseJobState.QUEUED)
-        .order_by(ParseJob.created_at)
-        .limit(limit * 4)
-    ).all()
+    candidates = session.scalars(_QUEUED_PARSE_JOBS, {"b_limit": limit * 4}).all()
     if not candidates:
         return []
     won = session.execute(
-        update(ParseJob)
-        .where(ParseJob.id.in_(candidates[:limit]), ParseJob.state == ParseJobState.QUEUED)
-        .values(state=ParseJobState.RUNNING, supervisor_id=me.supervisor_id, claimed_at=now)
-        .returning(ParseJob.id, ParseJob.uri, ParseJob.bundle_version)
-        .execution_options(synchronize_session=False)
+        _TAKE_PARSE_JOBS,
+        {"b_ids": candidates[:limit], "b_supervisor_id": me.supervisor_id, "b_now": utcnow()},
     ).all()
     order = {job_id: index for index, job_id in enumerate(candidates)}
     out: list[TaskWork | ParseWork | TriggerWork] = []
@@ -492,13 +508,18 @@ def submit_parse_job(
     body: ParseJobRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
 ) -> ParseJobResponse:
     """Discovery found a new or changed definition file: queue a parse of it."""
+    job_id = new_id()
     with state.db.write_session() as session:
-        job = ParseJob(
-            uri=body.uri, content_hash=body.content_hash or None, bundle_version=body.bundle_version
+        session.execute(
+            _NEW_PARSE_JOB,
+            {
+                "id": job_id,
+                "uri": body.uri,
+                "content_hash": body.content_hash or None,
+                "bundle_version": body.bundle_version,
+            },
         )
-        session.add(job)
-        session.flush()
-        return ParseJobResponse(id=job.id)
+    return ParseJobResponse(id=job_id)
 
 
 @router.post("/deleted-files", response_model=Ok)
