@@ -32,8 +32,10 @@ from privsep.server.db.models import (
     TriggerState,
     Workflow,
     WorkflowVersion,
+    version_digest,
 )
 from privsep.server.routes._sql import affected
+from privsep.server.routes.parse_trigger import _store_definition
 from privsep.server.runs import start_run
 from privsep.server.scheduler import (
     CronSchedule,
@@ -53,6 +55,7 @@ from privsep.server.scheduler import (
     parse_schedule,
     scheduler_pass,
 )
+from privsep.server.schemas import WorkflowDefinition
 
 from .api import ApiHarness, task, workflow
 
@@ -87,12 +90,14 @@ def definition(
 def add_version(db: Database, wf: dict[str, Any], bundle_version: str = "") -> int:
     """Store ``wf`` as its workflow's current version, exactly as the parse route would."""
     text = json.dumps(wf, sort_keys=True, separators=(",", ":"))
+    uri = f"file:///w/{wf['workflow_id']}.py#sha256={hashlib.sha256(text.encode()).hexdigest()}"
     with db.write_session() as session:
         version = WorkflowVersion(
             workflow_id=wf["workflow_id"],
             definition=text,
             bundle_version=bundle_version,
-            content_hash=hashlib.sha256(text.encode()).hexdigest(),
+            content_hash=version_digest(text, uri),
+            source_uri=uri,
         )
         session.add(version)
         session.flush()
@@ -276,6 +281,33 @@ def test_cron_workflow_fires_exactly_on_its_tick(db: Database) -> None:
         assert create_scheduled_runs(db, moment) == 0
     assert create_scheduled_runs(db, at(11, 30)) == 1
     assert logical_dates(db) == [at(10, 30), at(11, 30)]
+
+
+def test_a_version_the_parse_route_stored_is_parsed_once_then_cached(db: Database) -> None:
+    wf = WorkflowDefinition.model_validate(definition("stored", "@hourly"))
+    with db.write_session() as session:
+        _store_definition(session, wf, "file:///w/stored.py#sha256=" + "0" * 64, "")
+    with db.read_session() as session:
+        content_hash = session.scalar(
+            select(WorkflowVersion.content_hash).where(WorkflowVersion.workflow_id == "stored")
+        )
+    assert content_hash is not None and content_hash not in _facts
+    # The workflow row was made now, by the route: its first tick is in the future.
+    assert create_scheduled_runs(db, datetime.now(UTC) + timedelta(hours=2)) == 1
+    assert content_hash in _facts  # the next passes do not load and parse it again
+
+
+def test_a_version_whose_hash_does_not_match_is_never_cached(db: Database) -> None:
+    make_workflow(db, "handmade", "@hourly")
+    with db.write_session() as session:
+        session.execute(
+            update(WorkflowVersion)
+            .where(WorkflowVersion.workflow_id == "handmade")
+            .values(content_hash="not-the-digest")
+        )
+    assert create_scheduled_runs(db, at(11)) == 1
+    assert "not-the-digest" not in _facts
+    assert create_scheduled_runs(db, at(12)) == 1  # still scheduled, parsed every time
 
 
 def test_hourly_preset(db: Database) -> None:

@@ -60,7 +60,6 @@ Concurrency
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -87,6 +86,7 @@ from privsep.server.db.models import (
     TriggerState,
     Workflow,
     WorkflowVersion,
+    version_digest,
 )
 from privsep.server.runs import fail_or_retry, start_run
 from privsep.server.schemas import WorkflowDefinition
@@ -235,9 +235,10 @@ class _FactsCache:
 
     Each pass looks at every active workflow's schedule and every long-running attempt's
     timeout; loading and parsing a definition (up to 10,000 tasks of JSON) for each of them on
-    every pass would dominate the pass. The content hash is the SHA-256 of the definition text
-    (see the parse route), so an entry can never describe a different definition; a row whose
-    hash does not match its text (hand-made) is parsed every time but never cached.
+    every pass would dominate the pass. The content hash is recomputed from the row's
+    definition text and source URI (:func:`~privsep.server.db.models.version_digest`, as the
+    parse route made it), so an entry can never describe a different definition; a row whose
+    hash does not match (hand-made) is parsed every time but never cached.
     """
 
     def __init__(self, size: int = _FACTS_CACHE_SIZE) -> None:
@@ -250,11 +251,14 @@ class _FactsCache:
             found = self._entries.get(content_hash)
         if found is not None:
             return found
-        text = session.scalar(
-            select(WorkflowVersion.definition).where(WorkflowVersion.id == version_id)
-        )
+        row = session.execute(
+            select(WorkflowVersion.definition, WorkflowVersion.source_uri).where(
+                WorkflowVersion.id == version_id
+            )
+        ).first()
+        text = None if row is None else row.definition
         facts = self._parse(version_id, text or "")
-        if text is not None and hashlib.sha256(text.encode()).hexdigest() == content_hash:
+        if row is not None and version_digest(row.definition, row.source_uri) == content_hash:
             with self._lock:
                 if len(self._entries) >= self._size:
                     self._entries.pop(next(iter(self._entries)))
@@ -280,6 +284,10 @@ class _FactsCache:
             )
             return _VersionFacts(None, str(exc), timeouts)
         return _VersionFacts(schedule, None, timeouts)
+
+    def __contains__(self, content_hash: str) -> bool:
+        with self._lock:
+            return content_hash in self._entries
 
     def clear(self) -> None:
         with self._lock:

@@ -34,6 +34,7 @@ The tables are created by the Alembic migrations in ``privsep/server/migrations`
 from __future__ import annotations
 
 import enum
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -227,13 +228,21 @@ class Workflow(Base):
     )
 
 
+def version_digest(definition: str, source_uri: str | None) -> str:
+    """A workflow version's ``content_hash``: its definition text and the (content-pinned)
+    file URI it was parsed from, since the same definition from changed file contents (a task
+    body edited) is another version."""
+    text = definition if source_uri is None else f"{definition}\n{source_uri}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 class WorkflowVersion(Base):
     """One serialized definition of a workflow, as parsed from one bundle version.
 
-    ``definition`` is the JSON text exactly as the parser produced it, so ``content_hash`` can be
-    recomputed from it. ``bundle_version`` is ``""`` when the bundle has no version; it is not
-    NULL so the unique constraint deduplicates resubmitted parse results on every backend (NULLs
-    are distinct in unique constraints).
+    ``definition`` is the JSON text exactly as the parser produced it, so ``content_hash`` can
+    be recomputed from it and ``source_uri`` (:func:`version_digest`). ``bundle_version`` is
+    ``""`` when the bundle has no version; it is not NULL so the unique constraint deduplicates
+    resubmitted parse results on every backend (NULLs are distinct in unique constraints).
     """
 
     __tablename__ = "workflow_versions"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 from fastapi import APIRouter, Request
@@ -30,6 +29,7 @@ from privsep.server.db.models import (
     Workflow,
     WorkflowVersion,
     utcnow,
+    version_digest,
 )
 from privsep.server.errors import ERROR_RESPONSES, bad_request, conflict
 from privsep.server.routes._sql import for_dialect, table_of
@@ -159,9 +159,7 @@ def _store_definition(session: Session, wf: WorkflowDefinition, uri: str, bundle
     definition from this exact file is not stored yet). Three statements when the version is
     new (the usual case: discovery parses a file when it changed), four when it is not."""
     text = json.dumps(wf.model_dump(), sort_keys=True, separators=(",", ":"))
-    # The same definition from different file contents (a task body changed) is a new
-    # version: the pinned file URI is part of what the version is.
-    digest = hashlib.sha256(f"{text}\n{uri}".encode()).hexdigest()
+    digest = version_digest(text, uri)
     session.execute(for_dialect(session, _NEW_WORKFLOW), {"id": wf.workflow_id})
     key = {"workflow_id": wf.workflow_id, "bundle_version": bundle, "content_hash": digest}
     version_id = session.scalar(
