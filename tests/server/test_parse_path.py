@@ -298,3 +298,62 @@ def test_a_bad_definition_is_refused_before_the_job_ends(api: ApiHarness) -> Non
     with api.state.db.read_session() as session:
         assert session.get(Workflow, "wf_bad") is None
     assert job_row(api, job_id)["state"] == ParseJobState.RUNNING
+
+
+# --- many files at once ----------------------------------------------------------------------
+
+
+def queued(api: ApiHarness) -> list[tuple[str, str, str | None, str]]:
+    with api.state.db.read_session() as session:
+        return [
+            (job.id, job.uri, job.content_hash, job.bundle_version)
+            for job in session.scalars(select(ParseJob).order_by(ParseJob.created_at, ParseJob.id))
+        ]
+
+
+def test_a_batch_queues_every_job_in_one_request(api: ApiHarness) -> None:
+    sess = api.supervisor_session("sup-a")
+    jobs = [
+        {"uri": f"file:///w/f{n}.py#sha256={n:064x}", "content_hash": f"{n:064x}"} for n in range(5)
+    ]
+    jobs[2]["bundle_version"] = "v7"
+    resp = api.client.post(
+        "/v1/supervisor/parse-jobs/batch", json={"jobs": jobs}, headers=bearer(sess)
+    )
+    assert resp.status_code == 200, resp.text
+    ids = resp.json()["ids"]
+    assert len(set(ids)) == 5
+    rows = {job_id: (uri, digest, bundle) for job_id, uri, digest, bundle in queued(api)}
+    assert [rows[job_id] for job_id in ids] == [
+        (j["uri"], j["content_hash"], j.get("bundle_version", "")) for j in jobs
+    ]
+    assert sorted(w.id for w in api.claim(sess, ["parse"], 10)) == sorted(ids)
+
+
+@pytest.mark.parametrize(
+    "jobs",
+    [
+        [{"uri": "file:///w/ok.py"}, {"uri": ""}],  # one bad job refuses the whole batch
+        [{"uri": f"file:///w/{n}.py"} for n in range(1001)],  # over the limit
+        [],
+    ],
+    ids=["one-bad-job", "too-many", "empty"],
+)
+def test_a_refused_batch_queues_nothing(api: ApiHarness, jobs: list[dict[str, str]]) -> None:
+    sess = api.supervisor_session("sup-a")
+    resp = api.client.post(
+        "/v1/supervisor/parse-jobs/batch", json={"jobs": jobs}, headers=bearer(sess)
+    )
+    assert resp.status_code == 422, resp.text
+    assert queued(api) == []
+
+
+def test_only_a_supervisor_may_queue_a_batch(api: ApiHarness) -> None:
+    sess = api.supervisor_session("sup-a")
+    queue(api, sess, "file:///w/p.py")
+    (job,) = api.claim(sess, ["parse"], 1)
+    body = {"jobs": [{"uri": "file:///w/x.py"}, {"uri": "file:///w/y.py"}]}
+    for headers in ({}, bearer(job.token), bearer(api.operator_session())):
+        resp = api.client.post("/v1/supervisor/parse-jobs/batch", json=body, headers=headers)
+        assert resp.status_code == 401, resp.text
+    assert [uri for _, uri, _, _ in queued(api)] == ["file:///w/p.py"]

@@ -51,6 +51,7 @@ POLL_MAX = 1.0
 # timer, but never longer than this: a sandbox end the watcher missed is still reaped.
 LOOP_MAX_WAIT = 0.25
 MAX_CLAIM = 100  # the server's ClaimRequest.max_items limit
+PARSE_JOBS_PER_REQUEST = 1000  # the server's ParseJobBatchRequest limit
 # A sandbox's own report of its work item's end. Once the server has answered one of these
 # with a 2xx, it has ended the item (the attempt or parse job is no longer running), so a clean
 # exit needs no outcome from us. Trigger sandboxes have no such call: they always get one.
@@ -199,6 +200,7 @@ class Supervisor:
         self._waker = LoopWaker()
         self._cleaner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privsep-cleanup")
         self._claim_soon = False  # set by a proxy thread: a report may have freed new work
+        self._batch_parse_jobs = True  # until the server says it has no batch route
         self.draining = False
         self.stopped = False
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -640,13 +642,11 @@ class Supervisor:
         self._next_discovery = time.monotonic() + self.settings.discovery_interval
         try:
             changes = self.discovery.scan()
+            jobs = []
             for path, digest in changes.changed:
                 self.bundles.keep(path, digest, changes.contents[digest])
-                self.api.call(
-                    "POST",
-                    "/v1/supervisor/parse-jobs",
-                    {"uri": pinned_uri(path, digest), "content_hash": digest},
-                )
+                jobs.append({"uri": pinned_uri(path, digest), "content_hash": digest})
+            self._batch_parse_jobs = queue_parse_jobs(self.api, jobs, batch=self._batch_parse_jobs)
             if changes.deleted:
                 self.api.call(
                     "POST",
@@ -725,6 +725,29 @@ class Supervisor:
         if self._proxy_http is not None:
             self._proxy_http.close()
         self._waker.close()
+
+
+def queue_parse_jobs(api: SupervisorApi, jobs: list[dict[str, str]], *, batch: bool) -> bool:
+    """Queue a parse of each changed file: one request per :data:`PARSE_JOBS_PER_REQUEST`
+    files, not one per file (a checkout or a first scan changes thousands at once).
+
+    ``batch=False``, or a server without the batch route (older than this supervisor), sends
+    them one by one. Returns whether to batch next time.
+    """
+    for start in range(0, len(jobs), PARSE_JOBS_PER_REQUEST):
+        chunk = jobs[start : start + PARSE_JOBS_PER_REQUEST]
+        if len(chunk) > 1 and batch:
+            try:
+                api.call("POST", "/v1/supervisor/parse-jobs/batch", {"jobs": chunk})
+                continue
+            except ApiRefused as exc:
+                if exc.status not in (404, 405):
+                    raise
+                batch = False
+                log.info("the server has no batch parse-job route: queueing files one by one")
+        for job in chunk:
+            api.call("POST", "/v1/supervisor/parse-jobs", job)
+    return batch
 
 
 def run_supervisor(cfg: Config, *, config_path: str | None, daemon: bool = False) -> int:

@@ -135,6 +135,17 @@ class ParseJobResponse(Open):
     id: str
 
 
+MAX_PARSE_JOBS_PER_BATCH = 1000
+
+
+class ParseJobBatchRequest(Strict):
+    jobs: list[ParseJobRequest] = Field(min_length=1, max_length=MAX_PARSE_JOBS_PER_BATCH)
+
+
+class ParseJobBatchResponse(Open):
+    ids: list[str]
+
+
 class DeletedFilesRequest(Strict):
     uris: list[str] = Field(max_length=10_000)
 

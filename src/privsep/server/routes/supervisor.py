@@ -49,6 +49,8 @@ from privsep.server.schemas import (
     DeletedFilesRequest,
     Ok,
     OutcomeRequest,
+    ParseJobBatchRequest,
+    ParseJobBatchResponse,
     ParseJobRequest,
     ParseJobResponse,
     ParseWork,
@@ -508,18 +510,34 @@ def submit_parse_job(
     body: ParseJobRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
 ) -> ParseJobResponse:
     """Discovery found a new or changed definition file: queue a parse of it."""
-    job_id = new_id()
-    with state.db.write_session() as session:
-        session.execute(
-            _NEW_PARSE_JOB,
-            {
-                "id": job_id,
-                "uri": body.uri,
-                "content_hash": body.content_hash or None,
-                "bundle_version": body.bundle_version,
-            },
-        )
+    (job_id,) = _queue_parse_jobs(state, [body])
     return ParseJobResponse(id=job_id)
+
+
+@router.post("/parse-jobs/batch", response_model=ParseJobBatchResponse)
+def submit_parse_jobs(
+    body: ParseJobBatchRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
+) -> ParseJobBatchResponse:
+    """Discovery found many new or changed files at once (a checkout, a first scan): queue a
+    parse of each in one request and one transaction, all or none. The ids are in the order
+    of ``jobs``."""
+    return ParseJobBatchResponse(ids=_queue_parse_jobs(state, body.jobs))
+
+
+def _queue_parse_jobs(state: ServerState, jobs: list[ParseJobRequest]) -> list[str]:
+    ids = [new_id() for _ in jobs]
+    rows = [
+        {
+            "id": job_id,
+            "uri": job.uri,
+            "content_hash": job.content_hash or None,
+            "bundle_version": job.bundle_version,
+        }
+        for job_id, job in zip(ids, jobs, strict=True)
+    ]
+    with state.db.write_session() as session:
+        session.execute(_NEW_PARSE_JOB, rows)
+    return ids
 
 
 @router.post("/deleted-files", response_model=Ok)
