@@ -294,7 +294,8 @@ OPTIONS: tuple[Option, ...] = (
         "discovery_interval",
         "float",
         10.0,
-        "Seconds between scans of the workflows folder.",
+        "Seconds between scans of the workflows folder. A scan reads a file again only when "
+        "its size, times or inode changed.",
         minimum=0.1,
     ),
     Option(
