@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from privsep.runner.loopwake import LoopWaker
+from privsep.sandbox.handle import SandboxHandle
 
 LONG = 60.0
 
@@ -64,9 +65,10 @@ def test_a_signal_ends_the_wait_and_the_handler_still_runs(waker: LoopWaker) -> 
     assert got == [signal.SIGUSR1]
 
 
-class _Handle:
-    """Stands in for a sandbox handle: the watcher relies only on ``wait(timeout)`` returning
-    a status once the sandbox ended and ``None`` before (the ``SandboxHandle`` contract)."""
+class _Handle(SandboxHandle):
+    """A sandbox handle whose end the test decides; the ``SandboxHandle`` base's own
+    ``add_done_callback`` (a thread that waits) is what the waker relies on here. The process
+    backend's own callback is tested with real sandboxes in tests/sandbox."""
 
     def __init__(self) -> None:
         self._ended = threading.Event()
@@ -76,6 +78,19 @@ class _Handle:
 
     def wait(self, timeout: float | None = None) -> Any:
         return "ended" if self._ended.wait(timeout) else None
+
+    sandbox_id = "test"
+    pid = None
+    status = None
+
+    def wait_running(self, timeout: float | None = None) -> bool:
+        return True
+
+    def kill(self, grace: float | None = None) -> None:
+        self.end()
+
+    def output(self) -> Any:
+        return None
 
 
 def test_a_watched_sandbox_that_ends_wakes_the_loop(waker: LoopWaker) -> None:

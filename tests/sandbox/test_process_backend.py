@@ -225,3 +225,30 @@ def test_unsafe_inline_mode_is_loud_and_never_default(bundle: Path) -> None:
         text = handle.output().text
         assert text.startswith("privsep: UNSAFE-INLINE MODE: this child runs WITHOUT namespaces")
         assert text.endswith(f"uid {os.getuid()}\n")
+
+
+def test_done_callbacks_run_once_when_the_status_is_final(
+    backend: ProcessBackend, bundle: Path
+) -> None:
+    """What the supervisor's loop waits on instead of a thread per sandbox."""
+    path = script(bundle, "gate.py", "import time\ntime.sleep(60)\n")  # ends on our kill
+    handle = backend.launch(spec_for(bundle, path))
+    assert handle.wait_running(30)
+    seen: list[tuple[str, object]] = []
+    done = threading.Event()
+
+    def failing() -> None:
+        raise RuntimeError("a broken callback must not stop the others")
+
+    handle.add_done_callback(lambda: seen.append(("first", handle.status)))
+    handle.add_done_callback(failing)
+    handle.add_done_callback(lambda: (seen.append(("second", handle.status)), done.set()))
+    assert seen == []  # still running
+    handle.kill(grace=0)
+    assert done.wait(30)
+    status = handle.wait(30)
+    assert status is not None
+    assert seen == [("first", status), ("second", status)]  # once each, with the final status
+    caller = threading.current_thread()
+    handle.add_done_callback(lambda: seen.append(("late", threading.current_thread())))
+    assert seen[-1] == ("late", caller)  # already ended: called at once, in the caller

@@ -6,8 +6,8 @@ supervisor still woke 50 times a second. Now the loop waits on one socket until 
 timer is due, and whatever has news writes a byte to it: another thread through
 :meth:`LoopWaker.wake`, a signal through :func:`signal.set_wakeup_fd` (the Python handler still
 only enqueues; the C-level wakeup byte is what ends the wait), and a sandbox's end through
-:meth:`LoopWaker.watch`: a pooled thread per running sandbox, blocked in ``handle.wait()``
-(threads are reused; starting one per sandbox cost more than the wait itself).
+:meth:`LoopWaker.watch`, which asks the handle to call :meth:`LoopWaker.wake` when it ends
+(the process backend does so from the thread that sees the end: no thread waits per sandbox).
 """
 
 from __future__ import annotations
@@ -16,16 +16,9 @@ import contextlib
 import select
 import signal
 import socket
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 __all__ = ["LoopWaker"]
-
-# A watcher re-checks whether the waker closed this often; it costs nothing while it waits.
-_WATCH_SLICE = 1.0
-# Sandboxes beyond this many at once are not watched: the loop's longest wait reaps them.
-_MAX_WATCHERS = 512
 
 
 class LoopWaker:
@@ -37,11 +30,7 @@ class LoopWaker:
         self._r.setblocking(False)
         self._w.setblocking(False)
         self._pending = False  # a byte is on its way: more wakes add nothing
-        self._closed = threading.Event()
         self._signals = False
-        self._watchers = ThreadPoolExecutor(
-            max_workers=_MAX_WATCHERS, thread_name_prefix="privsep-exit-watch"
-        )
 
     def wake(self) -> None:
         """End the loop's current (or next) wait. Cheap when a wake is already pending."""
@@ -57,15 +46,9 @@ class LoopWaker:
         self._signals = True
 
     def watch(self, handle: Any) -> None:
-        """Wake the loop when ``handle`` (a sandbox handle) has ended."""
-        with contextlib.suppress(RuntimeError):  # closed: the loop is stopping anyway
-            self._watchers.submit(self._watch, handle)
-
-    def _watch(self, handle: Any) -> None:
-        while not self._closed.is_set():
-            if handle.wait(_WATCH_SLICE) is not None:
-                self.wake()
-                return
+        """Wake the loop when ``handle`` (a sandbox handle) has ended. A wake after
+        :meth:`close` does nothing."""
+        handle.add_done_callback(self.wake)
 
     def wait(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for a wake, then take every pending one."""
@@ -81,9 +64,7 @@ class LoopWaker:
         self._pending = False
 
     def close(self) -> None:
-        """Stop the watchers (within a slice) and release the sockets."""
-        self._closed.set()
-        self._watchers.shutdown(wait=False, cancel_futures=True)
+        """Release the sockets (and the signal wake-up fd)."""
         if self._signals:
             with contextlib.suppress(ValueError):  # not the main thread
                 signal.set_wakeup_fd(-1)

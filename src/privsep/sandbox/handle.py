@@ -7,7 +7,9 @@ how the isolation is done.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from privsep.sandbox.status import ExitStatus, SandboxOutput
 
@@ -28,6 +30,19 @@ class SandboxHandle(ABC):
     @abstractmethod
     def wait(self, timeout: float | None = None) -> ExitStatus | None:
         """Block until the sandbox has ended and its output is drained; ``None`` on timeout."""
+
+    def add_done_callback(self, fn: Callable[[], object]) -> None:
+        """Call ``fn()`` once, from any thread, when the sandbox has ended (at once if it has).
+
+        ``fn`` must be quick and must not raise. This default waits in a thread of its own;
+        a backend that learns of the end itself calls ``fn`` from there instead.
+        """
+
+        def wait_then_call() -> None:
+            self.wait()
+            fn()
+
+        threading.Thread(target=wait_then_call, name="privsep-sandbox-done", daemon=True).start()
 
     @abstractmethod
     def wait_running(self, timeout: float | None = None) -> bool:

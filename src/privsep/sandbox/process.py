@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, NamedTuple
 
@@ -672,6 +672,8 @@ class ProcessHandle(SandboxHandle):
         self._status: ExitStatus | None = None
         self._running = threading.Event()
         self._done = threading.Event()
+        self._done_callbacks: list[Callable[[], object]] = []
+        self._callbacks_lock = threading.Lock()
 
     # -- public API (any thread) ------------------------------------------------------------
 
@@ -694,6 +696,15 @@ class ProcessHandle(SandboxHandle):
     def wait_running(self, timeout: float | None = None) -> bool:
         self._running.wait(timeout)
         return self._ready
+
+    def add_done_callback(self, fn: Callable[[], object]) -> None:
+        """Called from the reactor thread the moment the status is final (no waiting thread:
+        the supervisor watches every running sandbox this way)."""
+        with self._callbacks_lock:
+            if not self._done.is_set():
+                self._done_callbacks.append(fn)
+                return
+        fn()
 
     def kill(self, grace: float | None = None) -> None:
         if self._done.is_set():
@@ -847,6 +858,13 @@ class ProcessHandle(SandboxHandle):
         self._backend._finished(self, release_uid=clean)
         self._running.set()
         self._done.set()
+        with self._callbacks_lock:  # after the set: a callback added from now on runs at once
+            callbacks, self._done_callbacks = self._done_callbacks, []
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:
+                log.exception("privsep: a done-callback of sandbox %s failed", self.sandbox_id)
 
     def _compute_status(self) -> ExitStatus:
         lim = self.spec.limits
