@@ -404,6 +404,28 @@ def machine() -> dict[str, Any]:
     return info
 
 
+class StealMeter:
+    """The share of CPU time the hypervisor gave to other guests (``steal`` in ``/proc/stat``)
+    between two readings. On a shared VM it inflates every absolute figure, the baselines'
+    too, and the load average does not show it."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            return fields[7], sum(fields[:8])  # steal, and user..steal together
+        return None
+
+    def percent(self) -> float | None:
+        end = self._read()
+        if self._start is None or end is None or end[1] <= self._start[1]:
+            return None
+        return round((end[0] - self._start[0]) / (end[1] - self._start[1]) * 100, 1)
+
+
 def _proc_field(path: str, name: str) -> str:
     with contextlib.suppress(OSError):
         for line in Path(path).read_text().splitlines():
@@ -424,6 +446,8 @@ def describe_machine(info: dict[str, Any]) -> str:
     parts.append(f"Python {info['python']}")
     if "load_average_1m" in info:
         parts.append(f"load average {info['load_average_1m']} at start")
+    if info.get("cpu_steal_pct") is not None:
+        parts.append(f"CPU steal {info['cpu_steal_pct']}% during the run (the host's other guests)")
     return ", ".join(parts)
 
 
@@ -597,11 +621,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     info = machine()
     results: list[dict[str, Any]] = []
+    whole_run = StealMeter()
     for index, module in enumerate(chosen, 1):
+        steal = StealMeter()
         result = run_benchmark(module, smoke=args.smoke, position=f"{index}/{len(chosen)}")
+        result["cpu_steal_pct"] = steal.percent()
         path = write_result(result, info, args.results_dir)
         print(f"    wrote {path}", file=sys.stderr, flush=True)
         results.append(result)
+    info["cpu_steal_pct"] = whole_run.percent()
     if args.json_only:
         combined = {
             "date": dt.date.today().isoformat(),

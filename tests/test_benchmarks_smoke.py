@@ -121,3 +121,13 @@ def test_figures_carry_median_p99_toward_the_bad_end_and_the_ratio() -> None:
     assert rates.p99 is not None and rates.p99 < 3 < 98 < (times.p99 or 0)
     row = harness.figure("m", times, "ms", baseline=harness.Stats.single(10.1))
     assert row["ratio"] == pytest.approx(5.0)
+
+
+def test_the_report_header_says_how_much_cpu_the_host_stole() -> None:
+    meter = harness.StealMeter()
+    sum(range(200_000))  # let some CPU time pass
+    steal = meter.percent()
+    assert steal is None or 0.0 <= steal <= 100.0
+    info = {"usable_cores": 2, "python": "3.11.7", "cpu_steal_pct": 12.5}
+    assert "CPU steal 12.5% during the run" in harness.describe_machine(info)
+    assert "steal" not in harness.describe_machine({**info, "cpu_steal_pct": None})
