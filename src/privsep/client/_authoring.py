@@ -99,8 +99,6 @@ def _json_check(value: object, what: str) -> None:
 
 # --- workflows and tasks ------------------------------------------------------------------
 
-_WRAPPED = ("__module__", "__name__", "__qualname__", "__doc__", "__annotations__")
-
 
 def _look_like(wrapper: object, func: object) -> None:
     """``functools.update_wrapper(wrapper, func)``, in one dict update for plain functions.

@@ -23,7 +23,13 @@ from pathlib import Path
 RACY_SECONDS = 2.0
 """A file modified this recently is hashed on every scan, whatever its ``stat`` says."""
 
-_StatKey = tuple[int, int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)
+_StatKey = tuple[int, int, int, int, int]
+
+
+def _stat_key(st: os.stat_result) -> _StatKey:
+    """What says a file may have changed: another file (dev, inode), size, content or
+    metadata times."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass
@@ -77,13 +83,12 @@ class Discovery:
             st = os.stat(path)
         except OSError:
             return None
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         last = self._hashed.get(path)
         # A change no server has taken yet (a failed report) is read again: its bytes are
         # needed for the pinned copy.
         if (
             last is not None
-            and last[0] == key
+            and last[0] == _stat_key(st)
             and st.st_mtime_ns < racy_after
             and self.known.get(path) == last[1]
         ):
@@ -99,8 +104,7 @@ class Discovery:
         changes.read += 1
         digest = hashlib.sha256(data).hexdigest()
         changes.contents[digest] = data
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        return key, digest
+        return _stat_key(st), digest
 
     def commit(self, changes: Changes) -> None:
         """Remember what the server has taken. A scan that found nothing new writes nothing:

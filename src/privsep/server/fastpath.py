@@ -62,6 +62,7 @@ from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from privsep.secrets.tokens import Claims
 from privsep.server.auth import (
     PARSE_SCOPES,
     SUPERVISOR_SCOPES,
@@ -207,29 +208,34 @@ class TaskFastPath:
             return None, receive
 
     async def _small_json(
-        self, scope: Scope, receive: Receive
-    ) -> tuple[str | None, bytes | None, Receive]:
-        """The bearer token and the whole body of a small JSON request without a query string
-        (else ``None`` for either), and the ``receive`` to pass the request on with."""
+        self, scope: Scope, receive: Receive, scopes: frozenset[str]
+    ) -> tuple[Claims | None, bytes, Receive]:
+        """The verified claims (of one of ``scopes``) and the whole body of a small JSON
+        request without a query string, else ``None`` claims; and the ``receive`` to pass the
+        request on with (replaying whatever body was read)."""
         if scope.get("query_string") or scope.get("root_path"):
-            return None, None, receive
+            return None, b"", receive
         raw_token, length = self._headers(scope)
         if raw_token is None or length is None or not 0 < length <= MAX_FAST_BODY:
-            return None, None, receive
+            return None, b"", receive
         raw, taken = await _read_body(receive, length)
-        return raw_token, raw, _replaying(taken, receive)
+        receive = _replaying(taken, receive)
+        if raw is None:
+            return None, b"", receive
+        try:
+            claims = verify_silently(self.state, raw_token, scopes)
+        except Exception:  # anything doubtful: the route answers
+            return None, b"", receive
+        return claims, raw, receive
 
     async def _claim(self, scope: Scope, receive: Receive) -> tuple[bytes | None, Receive]:
         """A supervisor's claim: its token, that it is active, a valid small body; then the
         claim, whose answer was made before it committed."""
-        raw_token, raw, receive = await self._small_json(scope, receive)
-        if raw_token is None or raw is None:
+        claims, raw, receive = await self._small_json(scope, receive, SUPERVISOR_SCOPES)
+        if claims is None:
             return None, receive
         state = self.state
         try:
-            claims = verify_silently(state, raw_token, SUPERVISOR_SCOPES)
-            if claims is None:
-                return None, receive
             me = await active_supervisor(state, claims.sub)
             if me is None:
                 return None, receive
@@ -242,16 +248,12 @@ class TaskFastPath:
         """A parse sandbox's result: its token, a valid small body; then the result, which
         ends the job only if it is running under the token's supervisor and otherwise rolls
         back and raises (the route then refuses the token, with its audit record)."""
-        raw_token, raw, receive = await self._small_json(scope, receive)
-        if raw_token is None or raw is None:
+        claims, raw, receive = await self._small_json(scope, receive, PARSE_SCOPES)
+        if claims is None:
             return None, receive
-        state = self.state
         try:
-            claims = verify_silently(state, raw_token, PARSE_SCOPES)
-            if claims is None:
-                return None, receive
             result = ParseResultRequest.model_validate(json.loads(raw))
-            await run_in_threadpool(submit_result, result, parse_token_of(claims), state)
+            await run_in_threadpool(submit_result, result, parse_token_of(claims), self.state)
             return _OK, receive
         except Exception:  # a refusal, a bad body, a busy database: the route answers
             return None, receive
