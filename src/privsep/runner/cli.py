@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from privsep import __version__
-from privsep.runner import operator_cmd
+from privsep.runner import manifest_cmd, operator_cmd
 from privsep.runner.errors import EXIT_OK, EXIT_USAGE, CommandError
 
 if TYPE_CHECKING:
@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = keys_sub.add_parser("rotate", help="add a signing key (creates the ring if absent)")
     p.set_defaults(handler=cmd_keys_rotate)
+    manifest_cmd.register(sub)
     operator_cmd.register(sub)
     return parser
 

@@ -300,6 +300,16 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "supervisor",
+        "discovery_sources",
+        "str",
+        "manifest,crawl",
+        "Where discovery finds definition files, comma-separated: manifest (the files "
+        "manifest.json in the workflows folder names), crawl (every *.py there) or "
+        "module:function (called with the folder, returns paths). A failing source makes "
+        "the scan report nothing, so nothing is deleted.",
+    ),
+    Option(
+        "supervisor",
         "task_timeout",
         "float",
         3600.0,

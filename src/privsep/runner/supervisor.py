@@ -29,7 +29,8 @@ from typing import Any
 from privsep.runner.api_session import ApiRefused, ServerUnavailable, SupervisorApi
 from privsep.runner.bundles import BundleStore, pinned_uri
 from privsep.runner.check_perms import PermissionViolation, enforce_at_start
-from privsep.runner.config import Config, load_config
+from privsep.runner.config import Config, ConfigError, load_config
+from privsep.runner.discovery import Discovery, DiscoveryError, load_sources
 from privsep.runner.errors import CommandError
 from privsep.runner.keepalive import KeepAliveClient
 from privsep.runner.loopwake import LoopWaker
@@ -127,6 +128,7 @@ class SupervisorSettings:
     prewarm: int = 4
     api_socket: str = ""  # the API's unix socket, when it runs on this host ("" = TCP)
     hidden_paths: tuple[str, ...] = field(default_factory=tuple)
+    discovery_sources: str = "manifest,crawl"
 
     @classmethod
     def from_config(cls, cfg: Config) -> SupervisorSettings:
@@ -144,6 +146,11 @@ class SupervisorSettings:
         }
         if cfg.file_exists:
             hidden.add(str(cfg.path))
+        sources = str(cfg.get("supervisor.discovery_sources"))
+        try:
+            load_sources(sources)
+        except ValueError as exc:
+            raise ConfigError(f"supervisor.discovery_sources {exc}") from None
         return cls(
             name=str(cfg.get("supervisor.name")) or socket.gethostname(),
             server_url=str(cfg.get("server.url")),
@@ -158,6 +165,7 @@ class SupervisorSettings:
             log_retention_days=float(cfg.get("supervisor.log_retention_days")),
             discovery=bool(cfg.get("supervisor.discovery")),
             discovery_interval=float(cfg.get("supervisor.discovery_interval")),
+            discovery_sources=sources,
             task_timeout=float(cfg.get("supervisor.task_timeout")),
             parse_timeout=float(cfg.get("supervisor.parse_timeout")),
             trigger_timeout=float(cfg.get("supervisor.trigger_timeout")),
@@ -209,6 +217,7 @@ class Supervisor:
         self._next_claim = 0.0
         self._next_heartbeat = 0.0
         self._next_discovery = 0.0
+        self._discovery_failure = ""  # the last scan's error, logged once
         self._next_retention = 0.0
         self._next_health = 0.0
         self._drain_deadline = 0.0
@@ -278,10 +287,10 @@ class Supervisor:
         self.creds = CredentialServer(proxy_handler=self._proxy, on_violation=self._on_violation)
         self.creds.start()
         if self.settings.discovery:
-            from privsep.runner.discovery import Discovery
-
             self.discovery = Discovery(
-                self.settings.workflows_dir, self.settings.state_dir / "discovery.json"
+                self.settings.workflows_dir,
+                self.settings.state_dir / "discovery.json",
+                load_sources(self.settings.discovery_sources),
             )
         log.info(
             "supervisor %s started: %s, parallelism %d",
@@ -408,12 +417,15 @@ class Supervisor:
             "drain_grace",
             "log_retention_days",
             "discovery_interval",
+            "discovery_sources",
             "task_timeout",
             "parse_timeout",
             "trigger_timeout",
             "network",
         ):
             setattr(self.settings, name, getattr(settings, name))
+        if self.discovery is not None:
+            self.discovery.sources = load_sources(settings.discovery_sources)
         self._next_retention = 0.0  # apply a changed log retention now, not within the hour
         log.info("SIGHUP: configuration reloaded (parallelism %d)", self.settings.parallelism)
 
@@ -642,6 +654,17 @@ class Supervisor:
         self._next_discovery = time.monotonic() + self.settings.discovery_interval
         try:
             changes = self.discovery.scan()
+        except DiscoveryError as exc:
+            # Nothing is reported, so nothing is deleted: a broken manifest must not read as
+            # "every workflow is gone". Said once, not at every scan.
+            if str(exc) != self._discovery_failure:
+                log.error("discovery found nothing this time: %s", exc)
+            self._discovery_failure = str(exc)
+            return
+        if self._discovery_failure:
+            log.info("discovery works again")
+            self._discovery_failure = ""
+        try:
             jobs = []
             for path, digest in changes.changed:
                 self.bundles.keep(path, digest, changes.contents[digest])
