@@ -142,6 +142,9 @@ def test_none_and_literal_sources(repo: Path) -> None:
     source = BundleVersionSource(repo / "flows")
     assert source.read("none") == ""
     assert source.read("literal:release-2024.06") == "release-2024.06"
+    assert source.read("literal:" + "r" * 250) == "r" * 250  # the server's limit
+    with pytest.raises(ValueError):  # the configuration never lets these through
+        source.read("literal:" + "r" * 251)
 
 
 # --- attacks from the repository's authors --------------------------------------------------

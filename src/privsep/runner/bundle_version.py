@@ -43,6 +43,7 @@ log = logging.getLogger("privsep.supervisor")
 
 LITERAL_PREFIX = "literal:"
 """``supervisor.bundle_version = "literal:TEXT"`` records TEXT itself (a release name)."""
+MAX_LENGTH = 250  # the server's ParseJobRequest.bundle_version limit
 
 MAX_SMALL_FILE = 4096
 """``.git`` files, ``HEAD``, ``commondir`` and loose refs are one short line each."""
@@ -94,10 +95,11 @@ class BundleVersionSource:
         configuration loader has already rejected anything else."""
         if source == "none":
             return ""
-        if source.startswith(LITERAL_PREFIX):
-            return source[len(LITERAL_PREFIX) :]
+        literal = source[len(LITERAL_PREFIX) :]
+        if source.startswith(LITERAL_PREFIX) and 0 < len(literal) <= MAX_LENGTH:
+            return literal
         if source != "git":
-            raise ValueError(f"unknown bundle version source {source!r}")
+            raise ValueError(f"bad bundle version source {source[:60]!r}")
         try:
             version = git_head_commit(self.folder)
         except NoVersion as exc:
