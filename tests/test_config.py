@@ -305,6 +305,14 @@ def test_get_unknown_key_suggests_and_exits_2(home: Path) -> None:
         ),
         ("[sandbox]\nuid_first = 0\n", "privsep.toml:2: key sandbox.uid_first: must be at least 1"),
         (
+            "[supervisor]\nbundle_version = 'literal:'\n",
+            "privsep.toml:2: key supervisor.bundle_version: must be git, none or literal:TEXT",
+        ),
+        (
+            "[supervisor]\nbundle_version = 'gti'\n",
+            "privsep.toml:2: key supervisor.bundle_version: must be git, none or literal:TEXT",
+        ),
+        (
             "[supervisor]\nparallelism = 2\nparallelism = 3\n",
             "privsep.toml:3: key 'parallelism': invalid TOML: Cannot overwrite a value",
         ),

@@ -279,6 +279,9 @@ def _check_type(opt: Option, value: object, where: str) -> Value:
         )
     if opt.choices and checked not in opt.choices:
         raise ConfigError(f"{where}: must be one of {', '.join(opt.choices)}, got {checked!r}")
+    if opt.pattern and isinstance(checked, str) and not re.fullmatch(opt.pattern, checked):
+        shown = checked if len(checked) <= 60 else checked[:57] + "..."
+        raise ConfigError(f"{where}: must be {opt.pattern_words}, got {shown!r}")
     if opt.minimum is not None and not isinstance(checked, str) and checked < opt.minimum:
         raise ConfigError(f"{where}: must be at least {opt.minimum}, got {checked!r}")
     return checked

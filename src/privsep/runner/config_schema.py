@@ -21,7 +21,8 @@ class Option:
     line of a command's output) or ``KEY_file`` (a file that must pass the permission check).
     ``secret_path`` values name a file or directory that holds a secret: ``check-perms`` checks
     them, and they may also be given as ``KEY_cmd``. ``path`` values are resolved against
-    ``PRIVSEP_HOME`` when relative.
+    ``PRIVSEP_HOME`` when relative. A ``pattern`` is for values with a shape rather than a
+    fixed list of ``choices``; ``pattern_words`` says that shape in the error message.
     """
 
     section: str
@@ -35,6 +36,9 @@ class Option:
     choices: tuple[str, ...] = ()
     minimum: int | float | None = None
     directory: bool = False
+    # A string the value must match as a whole (re.fullmatch), and how to say so to a person.
+    pattern: str = ""
+    pattern_words: str = ""
 
     @property
     def name(self) -> str:
@@ -331,6 +335,19 @@ OPTIONS: tuple[Option, ...] = (
         3600.0,
         "Wall-clock limit of a trigger sandbox, in seconds.",
         minimum=1,
+    ),
+    Option(
+        "supervisor",
+        "bundle_version",
+        "str",
+        "git",
+        "The bundle version recorded with each parse: git (the commit checked out in the git "
+        "work tree holding core.workflows_dir, read from its files; git is never run), none, "
+        "or literal:TEXT to record TEXT, such as a release name.",
+        # The server's ParseJobRequest.bundle_version takes at most 250 characters.
+        pattern=r"git|none|literal:[^\x00-\x1f\x7f]{1,250}",
+        pattern_words="git, none or literal:TEXT (TEXT: 1 to 250 characters, no control "
+        "characters)",
     ),
     # [operator]
     Option(

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from privsep.runner.api_session import ApiRefused, ServerUnavailable, SupervisorApi
+from privsep.runner.bundle_version import BundleVersionSource
 from privsep.runner.bundles import BundleStore, pinned_uri
 from privsep.runner.check_perms import PermissionViolation, enforce_at_start
 from privsep.runner.config import Config, ConfigError, load_config
@@ -125,6 +126,7 @@ class SupervisorSettings:
     launch_mode: str
     uid_first: int
     uid_count: int
+    bundle_version: str = "git"  # git, none or literal:TEXT (supervisor.bundle_version)
     prewarm: int = 4
     api_socket: str = ""  # the API's unix socket, when it runs on this host ("" = TCP)
     hidden_paths: tuple[str, ...] = field(default_factory=tuple)
@@ -169,6 +171,7 @@ class SupervisorSettings:
             task_timeout=float(cfg.get("supervisor.task_timeout")),
             parse_timeout=float(cfg.get("supervisor.parse_timeout")),
             trigger_timeout=float(cfg.get("supervisor.trigger_timeout")),
+            bundle_version=str(cfg.get("supervisor.bundle_version")),
             network=str(cfg.get("sandbox.network")),
             launch_mode=str(cfg.get("sandbox.launch_mode")),
             uid_first=int(cfg.get("sandbox.uid_first")),
@@ -231,6 +234,7 @@ class Supervisor:
         self._proxy_http: KeepAliveClient | None = None  # made in start()
         self.records = OrphanRecords(settings.state_dir / "sandboxes")
         self.bundles = BundleStore(settings.runtime_dir / "bundles")
+        self.bundle_source = BundleVersionSource(settings.workflows_dir)
 
     # --- start-up -----------------------------------------------------------------------------
 
@@ -422,6 +426,7 @@ class Supervisor:
             "parse_timeout",
             "trigger_timeout",
             "network",
+            "bundle_version",
         ):
             setattr(self.settings, name, getattr(settings, name))
         if self.discovery is not None:
@@ -666,9 +671,16 @@ class Supervisor:
             self._discovery_failure = ""
         try:
             jobs = []
+            bundle = self.bundle_source.read(self.settings.bundle_version)  # once per scan
             for path, digest in changes.changed:
                 self.bundles.keep(path, digest, changes.contents[digest])
-                jobs.append({"uri": pinned_uri(path, digest), "content_hash": digest})
+                jobs.append(
+                    {
+                        "uri": pinned_uri(path, digest),
+                        "content_hash": digest,
+                        "bundle_version": bundle,
+                    }
+                )
             self._batch_parse_jobs = queue_parse_jobs(self.api, jobs, batch=self._batch_parse_jobs)
             if changes.deleted:
                 self.api.call(
