@@ -671,7 +671,10 @@ class Supervisor:
             self._discovery_failure = ""
         try:
             jobs = []
-            bundle = self.bundle_source.read(self.settings.bundle_version)  # once per scan
+            # Once per scan, and only when there is something to stamp with it.
+            bundle = (
+                self.bundle_source.read(self.settings.bundle_version) if changes.changed else ""
+            )
             for path, digest in changes.changed:
                 self.bundles.keep(path, digest, changes.contents[digest])
                 jobs.append(
