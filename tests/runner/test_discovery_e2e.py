@@ -98,3 +98,49 @@ def test_manifest_discovery_in_a_real_supervisor(stack: Stack) -> None:
     assert "discovery works again" in stack.output("supervisor")
     assert _workflows(stack)["listed"]["active"]
     assert stack.output("supervisor").count("leak.py not read") == 1  # said once, not per scan
+
+
+@pytest.fixture
+def default_stack() -> Iterator[Stack]:
+    """A stack with the default discovery sources: the manifest and the crawl."""
+    home = Path(tempfile.mkdtemp(prefix="pd-", dir="/tmp"))
+    home.chmod(0o700)
+    s = Stack(home, uid_first=206_000)
+    s.setup()
+    s.start_server()
+    try:
+        yield s
+    finally:
+        s.stop_all()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_file_cannot_take_over_a_workflow_the_manifest_gives_another(
+    default_stack: Stack,
+) -> None:
+    stack = default_stack
+    folder = stack.home / "workflows"
+    (folder / "payroll.py").write_text(_workflow("payroll"))
+    # Another author's file, found by the crawl, declares the payroll team's workflow.
+    (folder / "sneaky.py").write_text(_workflow("payroll").replace("return None", "return 1"))
+    (folder / "mine.py").write_text(_workflow("mine"))
+    _manifest(folder, {"payroll": "payroll.py"})
+    stack.start("supervisor", "supervisor")
+
+    def refused() -> list[Any]:
+        errors = stack.operator("GET", "/v1/operator/parse-errors").json()["errors"]
+        return [e for e in errors if e["file_path"].endswith("/sneaky.py")]
+
+    [error] = stack.wait_for(refused, 60, "sneaky.py's result to be refused")
+    assert "declares workflow 'payroll', which manifest.json does not assign" in error["message"]
+    stack.wait_for(lambda: "payroll" in _workflows(stack), 60, "payroll.py to be parsed")
+    assert _workflows(stack)["payroll"]["source_uri"].endswith("/payroll.py")
+    assert any(
+        e["file_path"].endswith("/mine.py")
+        for e in stack.operator("GET", "/v1/operator/parse-errors").json()["errors"]
+    )  # the crawl found it, the manifest does not list it: refused too
+
+    # Listing mine.py in the manifest parses it again, unchanged, and it is stored.
+    _manifest(folder, {"payroll": "payroll.py", "mine": "mine.py"})
+    stack.wait_for(lambda: "mine" in _workflows(stack), 60, "mine.py to be parsed again")
+    assert _workflows(stack)["payroll"]["source_uri"].endswith("/payroll.py")

@@ -181,6 +181,36 @@ def test_a_broken_manifest_fails_the_scan_and_deletes_nothing(folder: Path, tmp_
     assert json.loads(state.read_text()) == known
 
 
+def test_the_manifest_says_which_workflows_each_file_may_declare(
+    folder: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.json"
+    crawl_only = Discovery(folder, state, load_sources("crawl")).scan()
+    assert crawl_only.workflow_ids(str(folder / "etl.py")) is None  # no manifest in use
+    _manifest(folder, {"etl": "etl.py", "alpha": "sub/two.py", "beta": "sub/two.py"})
+    assert Discovery(folder, state, load_sources("crawl")).scan().owners is None
+    discovery = Discovery(folder, state)
+    changes = discovery.scan()
+    assert changes.workflow_ids(str(folder / "etl.py")) == ("etl",)
+    assert changes.workflow_ids(str(folder / "sub" / "two.py")) == ("alpha", "beta")
+    (folder / "stray.py").write_text(ETL)
+    assert discovery.scan().workflow_ids(str(folder / "stray.py")) == ()  # crawled only
+
+
+def test_a_manifest_edit_alone_queues_the_files_it_reassigns(folder: Path, tmp_path: Path) -> None:
+    _manifest(folder, {"etl": "etl.py", "alpha": "sub/two.py"})
+    discovery = Discovery(folder, tmp_path / "state.json")
+    discovery.commit(discovery.scan())
+    assert discovery.scan().changed == []
+    _manifest(folder, {"etl": "etl.py", "alpha": "sub/two.py", "beta": "sub/two.py"})
+    changes = discovery.scan()
+    # two.py did not change, but may now declare "beta": parsed again, with its bytes.
+    [(path, digest)] = changes.changed
+    assert path == str(folder / "sub" / "two.py")
+    assert changes.contents[digest] == TWO.encode()
+    assert changes.workflow_ids(path) == ("alpha", "beta")
+
+
 def test_a_custom_source_is_imported_by_name(
     folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

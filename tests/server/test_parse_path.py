@@ -52,7 +52,7 @@ def principal(api: ApiHarness, name: str) -> SupervisorPrincipal:
     return SupervisorPrincipal(sup_id, name)
 
 
-def queue(api: ApiHarness, sess: str, uri: str, **fields: str) -> str:
+def queue(api: ApiHarness, sess: str, uri: str, **fields: Any) -> str:
     resp = api.client.post(
         "/v1/supervisor/parse-jobs", json={"uri": uri, **fields}, headers=bearer(sess)
     )
@@ -283,6 +283,70 @@ def test_one_file_defines_several_workflows_and_a_deleted_file_comes_back(
     parse_once(api, sess, uri, workflow("wf_one", task("a")))
     assert current(api, "wf_one")[2] is True and current(api, "wf_two")[2] is False
     assert len(versions(api, "wf_one")) == 1 and len(versions(api, "wf_two")) == 1
+
+
+def answer(api: ApiHarness, sess: str, job_id: str, *definitions: dict[str, Any]) -> None:
+    """Claim the queued job ``job_id`` and answer it with ``definitions``."""
+    (job,) = api.claim(sess, ["parse"], 1)
+    assert job.id == job_id
+    resp = api.client.post(
+        "/v1/parse/result", json={"workflows": list(definitions)}, headers=bearer(job.token)
+    )
+    assert resp.status_code == 200, resp.text
+
+
+def parse_errors(api: ApiHarness) -> list[tuple[str, str]]:
+    with api.state.db.read_session() as session:
+        rows = session.execute(select(ParseError.file_path, ParseError.message)).all()
+    return [(row[0], row[1]) for row in rows]
+
+
+def test_a_file_may_declare_only_the_workflows_the_manifest_gives_it(api: ApiHarness) -> None:
+    sess = api.supervisor_session("sup-a")
+    parse_once(api, sess, "file:///w/payroll.py#sha256=01", workflow("payroll", task("pay")))
+    owner = current(api, "payroll")
+    # A file the manifest gives "etl" also declares "payroll", the other team's workflow.
+    job_id = queue(api, sess, "file:///w/etl.py#sha256=02", workflow_ids=["etl"])
+    assert job_row(api, job_id)["workflow_ids"] == ["etl"]
+    answer(api, sess, job_id, workflow("etl", task("a")), workflow("payroll", task("steal")))
+    assert job_row(api, job_id)["state"] == ParseJobState.FAILED
+    assert current(api, "payroll") == owner and len(versions(api, "payroll")) == 1
+    assert versions(api, "etl") == []  # refused whole: nothing from the file is stored
+    ((path, message),) = parse_errors(api)
+    assert path == "file:///w/etl.py"
+    assert "declares workflow 'payroll', which manifest.json does not assign" in message
+    # The same file, declaring only what it was given, is stored.
+    job_id = queue(api, sess, "file:///w/etl.py#sha256=03", workflow_ids=["etl"])
+    answer(api, sess, job_id, workflow("etl", task("a")))
+    assert job_row(api, job_id)["state"] == ParseJobState.SUCCESS
+    assert current(api, "etl")[1:] == ("file:///w/etl.py", True)
+
+
+def test_a_file_the_manifest_does_not_list_may_declare_no_workflow(api: ApiHarness) -> None:
+    sess = api.supervisor_session("sup-a")
+    helper = queue(api, sess, "file:///w/helpers.py#sha256=04", workflow_ids=[])
+    answer(api, sess, helper)  # a module of shared code: nothing declared, nothing refused
+    assert job_row(api, helper)["state"] == ParseJobState.SUCCESS
+    stray = queue(api, sess, "file:///w/stray.py#sha256=05", workflow_ids=[])
+    answer(api, sess, stray, workflow("stray", task("a")), workflow("other", task("a")))
+    assert job_row(api, stray)["state"] == ParseJobState.FAILED
+    ((_, message),) = parse_errors(api)
+    assert "declares workflow 'other' (and 1 more)" in message
+    assert versions(api, "stray") == [] and versions(api, "other") == []
+    # Without a manifest (no workflow_ids), any id goes, as before.
+    parse_once(api, sess, "file:///w/stray.py#sha256=05", workflow("stray", task("a")))
+    assert current(api, "stray")[2] is True
+
+
+@pytest.mark.parametrize("ids", [["no spaces"], [""], "etl", ["x"] * 1001])
+def test_malformed_workflow_ids_are_refused_when_queued(api: ApiHarness, ids: Any) -> None:
+    sess = api.supervisor_session("sup-a")
+    resp = api.client.post(
+        "/v1/supervisor/parse-jobs",
+        json={"uri": "file:///w/a.py", "workflow_ids": ids},
+        headers=bearer(sess),
+    )
+    assert resp.status_code == 422, resp.text
 
 
 def test_a_bad_definition_is_refused_before_the_job_ends(api: ApiHarness) -> None:

@@ -9,7 +9,9 @@ Which files there are comes from *discovery sources*: callables that take the wo
 and return paths of definition files. Two are built in, and the default list has both:
 :func:`from_manifest` (the files ``manifest.json`` names, see :mod:`privsep.runner.manifest`)
 and :func:`crawl` (every ``*.py`` below the folder). A source that raises fails the whole
-scan, so that a broken manifest never reads as "every workflow was deleted".
+scan, so that a broken manifest never reads as "every workflow was deleted". With the
+``manifest`` source in use and a manifest present, a scan also says which workflow ids each
+file may declare (:attr:`Changes.owners`), and a file whose assignment changed counts as changed.
 
 The supervisor reads these files as root and copies them where sandboxes can read them, while
 the folder is written by less trusted workflow authors. So a file is only read when the file
@@ -139,6 +141,13 @@ class Changes:
     deleted: list[str] = field(default_factory=list)
     seen: dict[str, str] = field(default_factory=dict)
     read: int = 0  # files read and hashed by this scan (the others matched their last stat)
+    # With a manifest in use: path -> the workflow ids it assigns to that file (none for a
+    # file only the crawl found). None: no manifest, any file may declare any workflow.
+    owners: dict[str, tuple[str, ...]] | None = None
+
+    def workflow_ids(self, path: str) -> tuple[str, ...] | None:
+        """The workflow ids the file at ``path`` may declare; None: any."""
+        return None if self.owners is None else self.owners.get(path, ())
 
 
 class DiscoveryError(Exception):
@@ -160,33 +169,51 @@ class Discovery:
         self._hashed: dict[str, tuple[_StatKey, str]] = {}
         self._refused: dict[str, str] = {}  # path -> why, logged once until it changes
 
-    def paths(self) -> list[str]:
-        """Every definition file the sources name, each once, in the sources' order.
-        Raises :class:`DiscoveryError` when a source fails."""
+    def paths(self) -> tuple[list[str], dict[str, tuple[str, ...]] | None]:
+        """Every definition file the sources name, each once, in the sources' order, and
+        what the manifest assigns to each (see :attr:`Changes.owners`). Raises
+        :class:`DiscoveryError` when a source fails."""
+        from privsep.runner.manifest import load_manifest
+
         seen: dict[str, None] = {}
+        owners: dict[str, tuple[str, ...]] | None = None
         base = os.path.normpath(os.path.abspath(self.folder))  # one name per file
         for name, source in self.sources:
             try:
-                found = source(Path(base))
+                if source is from_manifest:  # the built-in: its assignments matter too
+                    manifest = load_manifest(Path(base))
+                    found: Iterable[str | os.PathLike[str]] = []
+                    if manifest is not None:
+                        owners = {}
+                        for entry in manifest.entries:
+                            owners[entry.path] = (*owners.get(entry.path, ()), entry.workflow_id)
+                        found = list(owners)
+                else:
+                    found = source(Path(base))
                 seen.update((os.path.normpath(os.path.join(base, p)), None) for p in found)
             except Exception as exc:  # a source is code of the deployment's: report, go on
                 raise DiscoveryError(f"discovery source {name}: {exc}") from exc
-        return list(seen)
+        return list(seen), owners
 
     def scan(self) -> Changes:
-        changes = Changes()
+        paths, owners = self.paths()
+        changes = Changes(owners=owners)
         racy_after = time.time_ns() - int(RACY_SECONDS * 1e9)
         hashed: dict[str, tuple[_StatKey, str]] = {}
         refused: dict[str, str] = {}
         root = os.path.realpath(self.folder)  # per scan: the folder may be a moved symlink
-        for path in self.paths():
-            found = self._digest(path, root, racy_after, changes, refused)
+        for path in paths:
+            # What the server must have taken: the contents, and what the manifest lets the
+            # file declare (a manifest edit alone parses the file again under the new rule).
+            ids = changes.workflow_ids(path)
+            assigned = "" if ids is None else " " + ",".join(ids)
+            found = self._digest(path, root, racy_after, changes, refused, assigned)
             if found is None:
                 continue
             hashed[path] = found
             digest = found[1]
-            changes.seen[path] = digest
-            if self.known.get(path) != digest:
+            changes.seen[path] = digest + assigned
+            if self.known.get(path) != changes.seen[path]:
                 changes.changed.append((path, digest))
         self._hashed = hashed
         self._refused = refused
@@ -200,11 +227,13 @@ class Discovery:
         racy_after: int,
         changes: Changes,
         refused: dict[str, str],
+        assigned: str,
     ) -> tuple[_StatKey, str] | None:
         """The file's stat and content hash: the last one when its stat has not changed and
-        it is not racy, else read now (the bytes then go into ``changes.contents``, since
-        only what was hashed may be kept as the pinned copy). None if it cannot or must not
-        be read."""
+        it is not racy and the server has taken it with this ``assigned`` suffix (the manifest's
+        ids for it), else read now (the bytes then go into ``changes.contents``, since only
+        what was hashed may be kept as the pinned copy). None if it cannot or must not be
+        read."""
         try:
             st = os.stat(path)
         except OSError:
@@ -216,7 +245,7 @@ class Discovery:
             last is not None
             and last[0] == _stat_key(st)
             and st.st_mtime_ns < racy_after
-            and self.known.get(path) == last[1]
+            and self.known.get(path) == last[1] + assigned
         ):
             return last
         try:

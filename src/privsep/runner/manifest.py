@@ -16,6 +16,10 @@ also allows a connection id per entry, for definition files fetched from elsewhe
 fetches files yet, so an entry with a ``connection_id`` or a remote URI is refused with that
 said, rather than silently skipped.
 
+The manifest also decides which file may declare which workflow: discovery sends each parse job
+the ids its file is given (none for a file only the crawl found), and the server refuses a
+result that declares another, so one file cannot take over another's workflow.
+
 The manifest is read by discovery (:func:`privsep.runner.discovery.from_manifest`) and by
 ``runner manifest check`` / ``generate``, which compare it with a crawl of the folder. Those
 tools find each file's workflow ids by reading its syntax tree (``Workflow("etl")`` with a

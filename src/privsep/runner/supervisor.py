@@ -677,13 +677,15 @@ class Supervisor:
             )
             for path, digest in changes.changed:
                 self.bundles.keep(path, digest, changes.contents[digest])
-                jobs.append(
-                    {
-                        "uri": pinned_uri(path, digest),
-                        "content_hash": digest,
-                        "bundle_version": bundle,
-                    }
-                )
+                job: dict[str, Any] = {
+                    "uri": pinned_uri(path, digest),
+                    "content_hash": digest,
+                    "bundle_version": bundle,
+                }
+                ids = changes.workflow_ids(path)
+                if ids is not None:  # the manifest's assignment, which the server enforces
+                    job["workflow_ids"] = list(ids)
+                jobs.append(job)
             self._batch_parse_jobs = queue_parse_jobs(self.api, jobs, batch=self._batch_parse_jobs)
             if changes.deleted:
                 self.api.call(

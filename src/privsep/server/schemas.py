@@ -125,10 +125,16 @@ class OutcomeRequest(Strict):
     reason: str = Field(default="", max_length=4096)
 
 
+WorkflowId = Annotated[str, Field(min_length=1, max_length=250, pattern=r"^[A-Za-z0-9_.\-]+$")]
+
+
 class ParseJobRequest(Strict):
     uri: str = Field(min_length=1, max_length=1024)
     content_hash: str = Field(default="", max_length=128)
     bundle_version: str = Field(default="", max_length=250)
+    # The workflow ids this file may declare (the folder's manifest.json assigns them);
+    # absent: any. A result that declares another is stored as an import error instead.
+    workflow_ids: list[WorkflowId] | None = Field(default=None, max_length=1000)
 
 
 class ParseJobResponse(Open):

@@ -364,6 +364,9 @@ class ParseJob(Base):
     uri: Mapped[str] = mapped_column(String(URI_LENGTH))
     content_hash: Mapped[str | None] = mapped_column(String(HASH_LENGTH))
     bundle_version: Mapped[str] = mapped_column(String(NAME_LENGTH), default="")
+    # The workflow ids this file may declare, when the workflows folder has a manifest that
+    # assigns ids to files; NULL: any. A result declaring another id is refused whole.
+    workflow_ids: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     state: Mapped[ParseJobState] = mapped_column(
         _state_enum(ParseJobState, "parse_job_state"), default=ParseJobState.QUEUED
     )

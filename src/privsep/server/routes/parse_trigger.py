@@ -79,6 +79,21 @@ def _check_graph(wf: WorkflowDefinition) -> None:
             ups.difference_update(ready)
 
 
+def _unassigned(workflows: list[WorkflowDefinition], allowed: list[str]) -> str | None:
+    """Why a result is refused when its file declares a workflow id that the folder's
+    manifest does not assign to it (one file must not take over another's workflow), or
+    None. The whole result is refused, so a file is never half stored."""
+    others = sorted({wf.workflow_id for wf in workflows} - set(allowed))
+    if not others:
+        return None
+    return (
+        f"declares workflow {others[0]!r}"
+        + (f" (and {len(others) - 1} more)" if len(others) > 1 else "")
+        + ", which manifest.json does not assign to this file; nothing from it was stored. "
+        "Map the workflow to this file in manifest.json (runner manifest check lists the gaps)."
+    )
+
+
 @parse_router.post("/result", response_model=Ok)
 def submit_result(
     body: ParseResultRequest, me: ParsePrincipal = Parse_, state: ServerState = State_
@@ -99,11 +114,16 @@ def submit_result(
         ).first()
         if ended is None:
             raise conflict("this parse job is no longer running", "not_running")
-        uri, bundle_version = ended
-        if body.error is not None:
+        uri, bundle_version, allowed = ended
+        error = body.error
+        if error is None and allowed is not None:
+            error = _unassigned(body.workflows, allowed)
+            if error is not None:  # rare: a second statement rather than a costlier first
+                session.execute(_FAIL_PARSE_JOB, {"b_job_id": me.job_id})
+        if error is not None:
             session.execute(
                 _NEW_PARSE_ERROR,
-                {"file_path": _plain(uri), "message": body.error, "bundle_version": bundle_version},
+                {"file_path": _plain(uri), "message": error, "bundle_version": bundle_version},
             )
             return Ok()
         for wf in body.workflows:
@@ -123,7 +143,10 @@ _END_PARSE_JOB = (
         _JOBS.c.supervisor_id == bindparam("b_supervisor_id"),
     )
     .values(state=bindparam("b_state"), finished_at=bindparam("b_now"))
-    .returning(_JOBS.c.uri, _JOBS.c.bundle_version)
+    .returning(_JOBS.c.uri, _JOBS.c.bundle_version, _JOBS.c.workflow_ids)
+)
+_FAIL_PARSE_JOB = (
+    update(_JOBS).where(_JOBS.c.id == bindparam("b_job_id")).values(state=ParseJobState.FAILED)
 )
 _NEW_PARSE_ERROR = insert(table_of(ParseError))
 # The workflow row is made by the first definition of it and kept after: an upsert that does

@@ -532,6 +532,7 @@ def _queue_parse_jobs(state: ServerState, jobs: list[ParseJobRequest]) -> list[s
             "uri": job.uri,
             "content_hash": job.content_hash or None,
             "bundle_version": job.bundle_version,
+            "workflow_ids": job.workflow_ids,
         }
         for job_id, job in zip(ids, jobs, strict=True)
     ]

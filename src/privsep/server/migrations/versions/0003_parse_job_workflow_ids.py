@@ -1,0 +1,28 @@
+"""The workflow ids a parse job's file may declare (from the workflows folder's manifest).
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-22 08:00:00
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0003"
+down_revision: str | None = "0002"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("parse_jobs") as batch:
+        batch.add_column(sa.Column("workflow_ids", sa.JSON(none_as_null=True), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("parse_jobs") as batch:
+        batch.drop_column("workflow_ids")
