@@ -135,3 +135,44 @@ def test_connections_are_spread_evenly_over_the_workers(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_workers_do_not_outlive_a_killed_main_process(tmp_path: Path) -> None:
+    """SIGKILL (or the OOM killer) on the main process: its workers must stop, and the port
+    must be free for the next server, not kept by orphans that nobody supervises."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    prepared(home)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "privsep", "server"],
+        env=env_for(home, PRIVSEP__SERVER__BIND=f"127.0.0.1:{port}", PRIVSEP__SERVER__WORKERS="2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        workers: list[psutil.Process] = []
+        while len(workers) != 2:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+            workers = psutil.Process(proc.pid).children()
+        probe = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while True:  # serving: the workers are past their start-up
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                _served(probe)
+                break
+            assert time.monotonic() < deadline
+            probe.close()
+            time.sleep(0.1)
+        probe.close()
+        proc.kill()
+        proc.wait()
+        _, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"workers outlived their main process: {[p.pid for p in alive]}"
+        with socket.socket() as sock:  # the port is free again
+            sock.bind(("127.0.0.1", port))
+    finally:
+        for worker in workers:
+            with contextlib.suppress(psutil.Error):
+                worker.kill()

@@ -59,6 +59,7 @@ def _run_worker(
     sockets: list[socket.socket],
     loads: WorkerLoads | None = None,
     index: int = 0,
+    parent: int | None = None,
 ) -> None:
     state = build_state(settings)
     app = serving_app(state)
@@ -73,7 +74,7 @@ def _run_worker(
         lifespan="off",
         timeout_graceful_shutdown=10,
     )
-    server = BalancedServer(config, sockets, loads, index)
+    server = BalancedServer(config, sockets, loads, index, parent)
     reaper = ReaperThread(
         state.db,
         settings.supervisor_heartbeat_timeout,
@@ -160,11 +161,13 @@ class BalancedServer(uvicorn.Server):
         listeners: list[socket.socket],
         loads: WorkerLoads | None = None,
         index: int = 0,
+        parent: int | None = None,
     ) -> None:
         super().__init__(config)
         self.listeners = listeners
         self.loads = loads
         self.index = index
+        self.parent = parent  # a spawned worker's main process: it must not outlive it
         self._pending: set[asyncio.Future[Any]] = set()
         self._handing_over = 0  # accepted, not yet counted in server_state.connections
         self._count_lock = threading.Lock()
@@ -175,6 +178,12 @@ class BalancedServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self.loads is not None and not self.should_exit:  # closed connections lower it
             self.loads.publish(self.index, self.connections())
+        if self.parent is not None and not self.should_exit and os.getppid() != self.parent:
+            # The main process is gone (SIGKILL, the OOM killer): nobody would restart or stop
+            # this worker, and it would keep the port and the socket from a new server. As
+            # gunicorn's workers do, notice the new parent at the next tick and wind down.
+            log.warning("the server's main process (pid %d) is gone: worker stopping", self.parent)
+            self.should_exit = True
         return await super().on_tick(counter)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -358,6 +367,7 @@ def _spawn_worker(
         "sockets": fds,
         "loads": [loads.fd, loads.workers],
         "index": index,
+        "parent": os.getpid(),
     }
     proc = subprocess.Popen(
         # -P: the working directory does not go on sys.path (a stray privsep/ or fastapi.py
@@ -383,4 +393,4 @@ def worker_main() -> None:
     settings = ServerSettings(**values)
     sockets = [socket.socket(fileno=fd) for fd in spec["sockets"]]
     fd, workers = spec["loads"]
-    _run_worker(settings, sockets, WorkerLoads(workers, fd), spec["index"])
+    _run_worker(settings, sockets, WorkerLoads(workers, fd), spec["index"], spec["parent"])
