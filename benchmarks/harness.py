@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import sys
 import time
@@ -603,7 +604,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INTERRUPTED = 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen benchmarks. SIGTERM is taken as Ctrl-C: the running benchmark's
+    ``with`` and ``finally`` blocks stop the servers and systems it started, rather than
+    leaving them running after the suite is gone."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("benchmarks: interrupted; what it had started is stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     available = discover()

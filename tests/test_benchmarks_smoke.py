@@ -131,3 +131,30 @@ def test_the_report_header_says_how_much_cpu_the_host_stole() -> None:
     info = {"usable_cores": 2, "python": "3.11.7", "cpu_steal_pct": 12.5}
     assert "CPU steal 12.5% during the run" in harness.describe_machine(info)
     assert "steal" not in harness.describe_machine({**info, "cpu_steal_pct": None})
+
+
+def test_sigterm_stops_the_suite_and_what_it_started() -> None:
+    """A benchmark that is stopped must not leave its servers behind (they would skew every
+    later run, and keep ports and sockets)."""
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", "--smoke", "rpc"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    started: list[psutil.Process] = []
+    for line in proc.stderr:  # wait until the benchmark's own server runs
+        if "direct SQLAlchemy read" in line:
+            started = psutil.Process(proc.pid).children(recursive=True)
+            break
+    assert started, "the rpc benchmark did not get as far as its server"
+    proc.terminate()
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == harness.EXIT_INTERRUPTED, rest
+    assert "interrupted" in rest and "Traceback" not in rest
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
