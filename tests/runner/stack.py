@@ -7,12 +7,16 @@ HTTP. The operator side (triggering runs, reading attempts) uses the operator cr
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def short_home(prefix: str) -> Path:
+    """A fresh private home under /tmp. A unix socket address holds at most 107 bytes, and
+    pytest's tmp_path is long enough to push the per-sandbox socket paths past it."""
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    home.chmod(0o700)
+    return home
+
+
+@contextlib.contextmanager
+def running_stack(prefix: str, *, uid_first: int, **env: str) -> Iterator[Stack]:
+    """A set-up stack in a :func:`short_home`, its server running; everything is stopped
+    and removed afterwards."""
+    stack = Stack(short_home(prefix), uid_first=uid_first, **env)
+    stack.setup()
+    stack.start_server()
+    try:
+        yield stack
+    finally:
+        stack.stop_all()
+        shutil.rmtree(stack.home, ignore_errors=True)
 
 
 class Stack:

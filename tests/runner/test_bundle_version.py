@@ -13,14 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from stack import Stack
+from stack import Stack, short_home
 
 from privsep.runner.bundle_version import BundleVersionSource, NoVersion, git_head_commit
 
@@ -377,8 +376,7 @@ SIMPLE = textwrap.dedent("""
 @pytest.fixture
 def stack_in_repo() -> Iterator[tuple[Stack, Path]]:
     # A short home for the unix socket paths, as in test_supervisor_e2e.
-    home = Path(tempfile.mkdtemp(prefix="ps-", dir="/tmp"))
-    home.chmod(0o700)
+    home = short_home("ps-")
     repo = home / "repo"
     s = Stack(
         home,

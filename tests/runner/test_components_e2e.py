@@ -20,7 +20,6 @@ import os
 import shutil
 import sqlite3
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from cryptography.fernet import Fernet
-from stack import Stack
+from stack import Stack, short_home
 
 TESTS = Path(__file__).resolve().parent.parent
 ETL = (TESTS / "client" / "workflows" / "etl.py").read_text()  # the example, verbatim
@@ -172,8 +171,7 @@ WORKFLOWS = {
 
 def _new_stack(uid_first: int, **env: str) -> Stack:
     # A short home: a unix socket address holds at most 107 bytes.
-    home = Path(tempfile.mkdtemp(prefix="pc-", dir="/tmp"))
-    home.chmod(0o700)
+    home = short_home("pc-")
     return Stack(
         home,
         uid_first=uid_first,

@@ -8,14 +8,12 @@ parse sandboxes are real. The supervisor runs as root, as in production.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from stack import Stack
+from stack import Stack, running_stack
 
 SECRET = "hunter2-do-not-leak"
 
@@ -30,16 +28,11 @@ def _workflow(workflow_id: str) -> str:
 
 @pytest.fixture
 def stack() -> Iterator[Stack]:
-    home = Path(tempfile.mkdtemp(prefix="pd-", dir="/tmp"))  # short: unix socket paths
-    home.chmod(0o700)
-    s = Stack(home, uid_first=205_000, PRIVSEP__SUPERVISOR__DISCOVERY_SOURCES="manifest")
-    s.setup()
-    s.start_server()
-    try:
+    """Discovery from the manifest alone."""
+    with running_stack(
+        "pd-", uid_first=205_000, PRIVSEP__SUPERVISOR__DISCOVERY_SOURCES="manifest"
+    ) as s:
         yield s
-    finally:
-        s.stop_all()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _workflows(stack: Stack) -> dict[str, Any]:
@@ -102,17 +95,9 @@ def test_manifest_discovery_in_a_real_supervisor(stack: Stack) -> None:
 
 @pytest.fixture
 def default_stack() -> Iterator[Stack]:
-    """A stack with the default discovery sources: the manifest and the crawl."""
-    home = Path(tempfile.mkdtemp(prefix="pd-", dir="/tmp"))
-    home.chmod(0o700)
-    s = Stack(home, uid_first=206_000)
-    s.setup()
-    s.start_server()
-    try:
+    """The default discovery sources: the manifest and the crawl."""
+    with running_stack("pd-", uid_first=206_000) as s:
         yield s
-    finally:
-        s.stop_all()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_a_file_cannot_take_over_a_workflow_the_manifest_gives_another(

@@ -19,7 +19,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
-from stack import Stack, free_port
+from stack import Stack, free_port, short_home
 
 from privsep.runner.errors import CommandError
 from privsep.runner.operator_cmd import OperatorClient, clean, one_line
@@ -110,8 +109,7 @@ def fails(stack: Stack, code: int, *args: str, **env: str) -> str:
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     # A short home: unix socket paths of the per-sandbox sockets must stay under 107 bytes.
-    home = Path(tempfile.mkdtemp(prefix="op-", dir="/tmp"))
-    home.chmod(0o700)
+    home = short_home("op-")
     s = Stack(home, uid_first=UID_FIRST, PRIVSEP__SERVER__FERNET_KEY=Fernet.generate_key().decode())
     s.setup()
     for name, source in (("good", GOOD), ("bad", BAD), ("broken", BROKEN)):
@@ -455,8 +453,7 @@ def test_a_credential_the_server_does_not_know(stack: Stack, tmp_path: Path) -> 
 
 
 def test_a_server_without_an_operator_key() -> None:
-    home = Path(tempfile.mkdtemp(prefix="op-", dir="/tmp"))
-    home.chmod(0o700)
+    home = short_home("op-")
     s = Stack(home, uid_first=UID_FIRST)
     try:
         s.setup()

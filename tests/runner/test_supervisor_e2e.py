@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import sqlite3
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stack import Stack
+from stack import Stack, running_stack
 
 CHAIN = textwrap.dedent("""
     from privsep.client import Context, Workflow
@@ -72,25 +70,15 @@ SLOW = textwrap.dedent("""
 
 @pytest.fixture
 def stack() -> Iterator[Stack]:
-    # A short home: a unix socket address holds at most 107 bytes, and pytest's tmp_path
-    # is long enough to push the per-sandbox socket paths past it.
-    home = Path(tempfile.mkdtemp(prefix="ps-", dir="/tmp"))
-    home.chmod(0o700)
-    s = Stack(
-        home,
+    with running_stack(
+        "ps-",
         uid_first=140_000,
         PRIVSEP__SUPERVISOR__DRAIN_GRACE="3",
         PRIVSEP__SERVER__SUPERVISOR_HEARTBEAT_TIMEOUT="6",
-    )
-    s.setup()
-    for name, source in (("chain", CHAIN), ("flaky", FLAKY), ("slow", SLOW)):
-        (home / "workflows" / f"{name}.py").write_text(source)
-    s.start_server()
-    try:
+    ) as s:
+        for name, source in (("chain", CHAIN), ("flaky", FLAKY), ("slow", SLOW)):
+            (s.home / "workflows" / f"{name}.py").write_text(source)
         yield s
-    finally:
-        s.stop_all()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_a_chain_runs_in_sandboxes_and_succeeds(stack: Stack) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 import pytest
-from stack import Stack
+from stack import Stack, short_home
 
 UID_FIRST = 160_000
 
@@ -114,8 +114,7 @@ CHATTY = textwrap.dedent("""
 def template_home() -> Iterator[Path]:
     """A home set up once through the real CLI (keys, database, credentials, registration),
     copied for each test: the set-up commands cost several seconds on a loaded machine."""
-    home = Path(tempfile.mkdtemp(prefix="pl-", dir="/tmp"))
-    home.chmod(0o700)
+    home = short_home("pl-")
     Stack(home, uid_first=UID_FIRST).setup()
     yield home
     shutil.rmtree(home, ignore_errors=True)

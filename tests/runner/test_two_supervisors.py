@@ -10,16 +10,13 @@ shared, as a checkout on both nodes would be.
 from __future__ import annotations
 
 import collections
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from stack import Stack
+from stack import Stack, running_stack
 
 TASKS = 16
 SPREAD = textwrap.dedent(f"""
@@ -38,16 +35,8 @@ SPREAD = textwrap.dedent(f"""
 
 @pytest.fixture
 def stack() -> Iterator[Stack]:
-    home = Path(tempfile.mkdtemp(prefix="p2-", dir="/tmp"))  # short: unix socket paths
-    home.chmod(0o700)
-    s = Stack(home, uid_first=208_000)
-    s.setup()
-    s.start_server()
-    try:
+    with running_stack("p2-", uid_first=208_000) as s:
         yield s
-    finally:
-        s.stop_all()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def second_node(stack: Stack) -> subprocess.Popen[str]:
