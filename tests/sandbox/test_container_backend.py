@@ -196,8 +196,11 @@ def test_a_new_backend_removes_containers_a_dead_one_left(area: Path) -> None:
         check=True, capture_output=True,
     )  # fmt: skip
     assert len(containers_labelled(name)) == 1
-    ContainerBackend(uid_pool=UidPool(207_910, 2), supervisor=name).close()
-    assert containers_labelled(name) == []
+    backend = ContainerBackend(uid_pool=UidPool(207_910, 2), supervisor=name)
+    try:
+        assert containers_labelled(name) == []  # gone at start, not only at close
+    finally:
+        backend.close()
 
 
 def test_errors_for_people_missing_image_no_engine_no_sdk() -> None:
