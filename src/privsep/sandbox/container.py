@@ -380,13 +380,24 @@ class ContainerBackend:
             ours = False
         if not ours:
             os.close(pidfd)
-            return None, -1
+            raise SandboxLaunchError(
+                f"Docker reports pid {pid} for container {container_id[:12]}, but that process "
+                "is not in the container's cgroup"
+            )
         return pid, pidfd
 
     # -- bookkeeping ------------------------------------------------------------------------
 
-    def _finished(self, handle: ContainerHandle) -> None:
-        self._pool.release(handle.uid)
+    def _finished(self, handle: ContainerHandle, *, release_uid: bool) -> None:
+        if release_uid:
+            self._pool.release(handle.uid)
+        else:
+            log.error(
+                "privsep: container %s of sandbox %s could not be removed; uid %d is quarantined",
+                handle.container_id[:12],
+                handle.sandbox_id,
+                handle.uid,
+            )
         with self._lock:
             self._handles.discard(handle)
 
@@ -501,6 +512,7 @@ class ContainerHandle(SandboxHandle):
         self._failure: tuple[int, str] | None = None
         self._exited = False  # PID 1 is gone (pidfd)
         self._collected: tuple[int | None, bool, str] | None = None  # exit code, OOM, error
+        self._removed = False  # the container is gone, so nothing runs as its uid any more
         self._collecting = False
         self._out_open = True
         self._status_open = True
@@ -658,6 +670,8 @@ class ContainerHandle(SandboxHandle):
 
     def _collect_in_worker(self) -> None:
         """Worker thread: Docker's view of the end, then the container is removed."""
+        import docker.errors
+
         api = self._backend._api
         code: int | None = None
         oom = False
@@ -673,6 +687,9 @@ class ContainerHandle(SandboxHandle):
             error = _one_line(exc)
         try:
             api.remove_container(self.container_id, force=True)
+            self._removed = True
+        except docker.errors.NotFound:
+            self._removed = True
         except Exception as exc:
             log.error(
                 "privsep: cannot remove container %s of sandbox %s: %s",
@@ -727,7 +744,7 @@ class ContainerHandle(SandboxHandle):
         with contextlib.suppress(OSError):
             os.close(self._log_fd)
         _release_workdir(self.spec.workdir)
-        self._backend._finished(self)
+        self._backend._finished(self, release_uid=self._removed)
         self._running.set()
         self._done.set()
         with self._callbacks_lock:
