@@ -430,8 +430,9 @@ def test_only_the_listed_mounts_carry_anything_of_the_host(
     assert set(from_disk) == {*spec.bundle_paths, spec.workdir, str(sock_dir / "cred.sock")} | (
         docker_files
     ), from_disk
+    docker_root = ctr._client.info()["DockerRootDir"]
     for at in docker_files:  # Docker's own generated files for this container, nothing else
-        assert from_disk[at].startswith("/var/lib/docker/containers/"), from_disk[at]
+        assert from_disk[at].startswith(f"{docker_root}/containers/"), from_disk[at]
     kernel_fs = {"overlay", "proc", "tmpfs", "devpts", "sysfs", "cgroup", "cgroup2", "mqueue"}
     others = {m["fs"] for m in mounts if m["dev"] != disk}
     assert others <= kernel_fs, others
