@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from privsep import __version__
+
 Kind = Literal["str", "int", "float", "bool"]
 
 
@@ -367,6 +369,13 @@ OPTIONS: tuple[Option, ...] = (
         "process",
         "Sandbox backend: process (uid drop and namespaces) or container (Docker).",
         choices=("process", "container"),
+    ),
+    Option(
+        "sandbox",
+        "image",
+        "str",
+        f"privsep-sandbox:{__version__}",
+        "Container backend: the sandbox image (packaging/container/build-image builds it).",
     ),
     Option(
         "sandbox",

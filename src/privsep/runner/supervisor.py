@@ -131,6 +131,8 @@ class SupervisorSettings:
     api_socket: str = ""  # the API's unix socket, when it runs on this host ("" = TCP)
     hidden_paths: tuple[str, ...] = field(default_factory=tuple)
     discovery_sources: str = "manifest,crawl"
+    backend: str = "process"  # sandbox.backend: process or container
+    image: str = ""  # sandbox.image, for the container backend ("" = privsep-sandbox:<version>)
 
     @classmethod
     def from_config(cls, cfg: Config) -> SupervisorSettings:
@@ -177,6 +179,8 @@ class SupervisorSettings:
             uid_first=int(cfg.get("sandbox.uid_first")),
             uid_count=int(cfg.get("sandbox.uid_count")),
             prewarm=int(cfg.get("sandbox.prewarm")),
+            backend=str(cfg.get("sandbox.backend")),
+            image=str(cfg.get("sandbox.image")),
             hidden_paths=tuple(sorted(hidden)),
         )
 
@@ -243,7 +247,7 @@ class Supervisor:
         non-dumpable, then open a session with the server (retrying with backoff)."""
         from privsep.runner import systemd
         from privsep.runner.credsock import CredentialServer
-        from privsep.sandbox import ProcessBackend, UidPool, set_non_dumpable
+        from privsep.sandbox import set_non_dumpable
 
         enforce_at_start(self.cfg, "supervisor")
         key = load_private_key(self.settings.credential)
@@ -282,12 +286,7 @@ class Supervisor:
             raise CommandError("stopped before a session with the server could be opened")
         # Anything the server still thinks we run died with our previous process.
         self.api.call("POST", "/v1/supervisor/restarted", None)
-        self.backend = ProcessBackend(
-            launch_mode=self.settings.launch_mode,  # type: ignore[arg-type]
-            uid_pool=UidPool(self.settings.uid_first, self.settings.uid_count),
-            log_dir=str(self.settings.logs_dir),
-            prewarm=self.settings.prewarm,
-        )
+        self.backend = self._make_backend()
         self.creds = CredentialServer(proxy_handler=self._proxy, on_violation=self._on_violation)
         self.creds.start()
         if self.settings.discovery:
@@ -306,6 +305,31 @@ class Supervisor:
             self.watchdog.start()
         if self.notifier:
             self.notifier.ready(status=f"running, parallelism {self.settings.parallelism}")
+
+    def _make_backend(self) -> Any:
+        """The ``sandbox.backend`` the configuration names; a host that cannot run it is a
+        one-line error (no engine, no image, no SDK), not a traceback."""
+        from privsep.sandbox import ProcessBackend, SandboxUnavailable, UidPool
+
+        pool = UidPool(self.settings.uid_first, self.settings.uid_count)
+        try:
+            if self.settings.backend == "container":
+                from privsep.sandbox.container import ContainerBackend
+
+                return ContainerBackend(
+                    image=self.settings.image or None,
+                    uid_pool=pool,
+                    log_dir=str(self.settings.logs_dir),
+                    supervisor=self.settings.name,
+                )
+            return ProcessBackend(
+                launch_mode=self.settings.launch_mode,  # type: ignore[arg-type]
+                uid_pool=pool,
+                log_dir=str(self.settings.logs_dir),
+                prewarm=self.settings.prewarm,
+            )
+        except SandboxUnavailable as exc:
+            raise CommandError(str(exc).removeprefix("privsep: ")) from None
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -523,7 +547,14 @@ class Supervisor:
             self._report(kind, item_id, None, f"sandbox could not be launched: {exc}")
             return
         uid = getattr(handle, "uid", None)
-        entry.bind_process(handle.pid, os.geteuid() if uid is None else uid)
+        try:
+            if handle.pid is None:
+                raise ProcessLookupError("no process")
+            entry.bind_process(handle.pid, os.geteuid() if uid is None else uid)
+        except ProcessLookupError:
+            # It ended before it could be bound (a container that died at once): nothing can
+            # ask for the token now; the reap below reports how it ended.
+            log.info("%s %s ended before its credential socket was bound", kind, item_id)
         entry.set_token(item["token"], int(item["expires_at"]))
         self.records.add(sandbox_id, pid=handle.pid, item=f"{kind}:{item_id}")
         now = time.time()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from privsep.sandbox._steps import SetupStep
+    from privsep.sandbox.container import ContainerBackend, ContainerHandle
     from privsep.sandbox.handle import SandboxHandle
     from privsep.sandbox.privdrop import PrivilegeDropError, drop_privileges
     from privsep.sandbox.process import (
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "SetupStep": "privsep.sandbox._steps",
     "SandboxHandle": "privsep.sandbox.handle",
+    "ContainerBackend": "privsep.sandbox.container",
+    "ContainerHandle": "privsep.sandbox.container",
     "PrivilegeDropError": "privsep.sandbox.privdrop",
     "drop_privileges": "privsep.sandbox.privdrop",
     "ProcessBackend": "privsep.sandbox.process",
@@ -64,6 +67,8 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "ContainerBackend",
+    "ContainerHandle",
     "ExitReason",
     "ExitStatus",
     "Kind",

@@ -37,6 +37,8 @@ class Limits:
     writable, the whole sandbox. ``pids`` caps processes and threads (``RLIMIT_NPROC`` on the
     sandbox's own uid, and the cgroup's ``pids.max``). ``tmp_bytes`` sizes the private ``/tmp``
     and ``/dev/shm``. The log limits bound what the supervisor keeps of the child's output.
+    ``cpus`` caps the share of CPU time in cores (``1.5`` = one and a half cores); only the
+    container backend applies it (Docker's ``nano_cpus``), the process backend has ``cpu_seconds``.
     """
 
     wall_seconds: float = 3600.0
@@ -50,8 +52,11 @@ class Limits:
     log_max_bytes: int = 10 * MiB
     log_max_lines: int = 100_000
     log_max_line_bytes: int = 16 * 1024
+    cpus: float | None = None
 
     def __post_init__(self) -> None:
+        if self.cpus is not None and not 0.01 <= self.cpus <= 1024:
+            raise ValueError(f"limits.cpus must be between 0.01 and 1024 cores, not {self.cpus}")
         if not self.wall_seconds > 0:
             raise ValueError(f"limits.wall_seconds must be positive, not {self.wall_seconds}")
         if self.kill_grace_seconds < 0:

@@ -1,0 +1,819 @@
+"""The container backend: one ``SandboxSpec`` in, one locked-down Docker container out.
+
+DESIGN.md's container rules, and how each is made:
+
+* **non-root user**: ``user=<pool uid>:<pool uid>`` from the same :class:`UidPool` the process
+  backend uses, one uid per running sandbox, released once its container is removed;
+* **all capabilities dropped, no-new-privileges**: ``cap_drop=["ALL"]``,
+  ``security_opt=["no-new-privileges"]``; Docker's default seccomp profile stays on; never
+  privileged, no devices beyond Docker's minimal ``/dev``;
+* **read-only root with a tmpfs /tmp**: ``read_only=True``, ``/tmp`` a ``noexec,nosuid,nodev``
+  tmpfs of ``limits.tmp_bytes`` (``/dev/shm`` the same size);
+* **pids/memory/cpu limits**: ``pids_limit``, ``mem_limit`` (= ``memswap_limit``: no swap),
+  ``nano_cpus``, and rlimits (``nofile``, ``cpu``, ``fsize``, ``core=0``) as ``ulimits``;
+* **network none unless the policy allows**: ``network_mode`` ``none`` (loopback only) or
+  ``host`` for ``spec.network == "host"``;
+* **mounts**: ``code_paths``/``bundle_paths`` read-only at the same path, the work dir
+  read-write (0700, owned by the uid), the credential socket file at its path, and nothing
+  else of the host (``hidden_paths`` inside those trees are covered by an empty tmpfs or an
+  empty root-owned file). No config file, credential file or Docker socket goes in.
+
+How a sandbox starts. The container runs ``python3 -I -m privsep.sandbox._incontainer PLAN
+STATUS`` as its PID 1 (``init`` off): the host pid of that process (``State.Pid``) is the
+sandbox's root process, the one the supervisor binds its credential socket to, and
+``SO_PEERCRED`` reports exactly that pid for a connection made from inside (the kernel
+translates pids into the receiver's PID namespace). ``PLAN`` is a JSON file in the work dir
+(entry point, argv, payload, environment) and ``STATUS`` a FIFO there whose read end this
+backend holds; see ``_incontainer``. The environment is the spec's only.
+
+What the backend watches, all from one reactor thread (``_reactor``), as the process backend
+does: the container's output, read from Docker's attach stream (the log driver is ``none``, so
+Docker keeps no copy outside ``limits.log_max_bytes``), the status FIFO, a pidfd on PID 1 and
+the wall-clock deadline. Signals go to the pidfd (``SIGTERM``, then ``SIGKILL`` after the
+grace); ``SIGKILL`` to PID 1 takes the whole container down with it. When PID 1 has exited, a
+worker thread asks Docker for the exit code and ``OOMKilled`` and removes the container. Every
+container carries the labels ``privsep.sandbox_id`` and ``privsep.supervisor``; ``close()``
+removes this backend's, and a new backend removes those a dead one with the same name left.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import signal
+import stat
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from privsep.sandbox._incontainer import PLAN_NAME, STATUS_NAME
+from privsep.sandbox._logcap import LogCapture
+from privsep.sandbox._reactor import Reactor, Timer
+from privsep.sandbox._steps import SETUP_CODES, SetupStep
+from privsep.sandbox._wire import FAILED, READY, RecordParser
+from privsep.sandbox.handle import SandboxHandle
+from privsep.sandbox.image import BUILD_COMMAND, SOURCE_LABEL, default_image, source_digest
+from privsep.sandbox.process import (
+    SandboxLaunchError,
+    SandboxUnavailable,
+    _prepare_socket,
+    _prepare_workdir,
+    _release_workdir,
+)
+from privsep.sandbox.spec import SandboxSpec
+from privsep.sandbox.status import ExitReason, ExitStatus, SandboxOutput, signal_name
+from privsep.sandbox.uidpool import UidPool
+
+log = logging.getLogger("privsep.sandbox")
+
+LABEL_SANDBOX = "privsep.sandbox_id"
+LABEL_SUPERVISOR = "privsep.supervisor"
+ENTRY_MODULE = "privsep.sandbox._incontainer"
+_READ_CHUNK = 65536
+_READS_PER_EVENT = 16
+_DRAIN_AFTER_EXIT = 2.0
+_FRAME = struct.Struct(">BxxxI")  # Docker's multiplexed attach stream: stream, size
+_DOCKER_TIMEOUT = 60
+
+
+def docker_client(timeout: int = _DOCKER_TIMEOUT) -> Any:
+    """A Docker SDK client for the local engine, or :class:`SandboxUnavailable` in one line.
+
+    Only a local engine (a unix socket) will do: the backend bind-mounts host paths and holds
+    a pidfd on each container's PID 1, both of which must be on this host.
+    """
+    try:
+        import docker
+    except ImportError:
+        raise SandboxUnavailable(
+            "privsep: the container backend needs the Docker SDK: pip install 'privsep[container]'"
+        ) from None
+    try:
+        client = docker.from_env(timeout=timeout)
+        client.ping()
+    except Exception as exc:
+        where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        raise SandboxUnavailable(
+            f"privsep: no Docker engine answers at {where} ({_one_line(exc)}); "
+            "start dockerd, or set DOCKER_HOST"
+        ) from None
+    if not str(client.api.base_url).startswith("http+docker://"):
+        client.close()
+        raise SandboxUnavailable(
+            f"privsep: the container backend needs a local Docker engine on a unix socket, "
+            f"not {client.api.base_url}: it mounts host paths and watches host pids"
+        )
+    return client
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1][:300] if text else type(exc).__name__
+
+
+class ContainerBackend:
+    """Launches sandboxes as Docker containers. One per supervisor; thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        image: str | None = None,
+        uid_pool: UidPool | None = None,
+        log_dir: str | None = None,
+        supervisor: str = "privsep",
+        docker_workers: int = 4,
+    ) -> None:
+        if os.geteuid() != 0:
+            raise SandboxUnavailable(
+                "privsep: the container backend runs as root: it hands work dirs and "
+                "credential sockets to pool uids"
+            )
+        self.image = image or default_image()
+        self.supervisor = supervisor
+        self._client = docker_client()
+        self._api = self._client.api
+        try:
+            self._check_image()
+            self._remove_stale()
+        except BaseException:
+            self._client.close()
+            raise
+        self._pool = uid_pool if uid_pool is not None else UidPool(100_000, 1000)
+        self._log_dir = log_dir or tempfile.mkdtemp(prefix="privsep-sandbox-logs-")
+        self._private = tempfile.mkdtemp(prefix="privsep-container-")
+        self._empty_file = os.path.join(self._private, "empty")
+        with open(self._empty_file, "wb"):
+            pass
+        os.chmod(self._empty_file, 0o400)
+        self._reactor = Reactor(name="privsep-container-reactor")
+        self._docker = ThreadPoolExecutor(
+            max_workers=docker_workers, thread_name_prefix="privsep-docker"
+        )
+        self._handles: set[ContainerHandle] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _check_image(self) -> None:
+        import docker.errors
+
+        try:
+            info = self._api.inspect_image(self.image)
+        except docker.errors.ImageNotFound:
+            raise SandboxUnavailable(
+                f"privsep: the sandbox image {self.image} is missing; build it with "
+                f"{BUILD_COMMAND}"
+                + ("" if self.image == default_image() else f" --tag {self.image}")
+            ) from None
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        have, want = labels.get(SOURCE_LABEL), source_digest()
+        if have != want:
+            raise SandboxUnavailable(
+                f"privsep: the sandbox image {self.image} was built from other privsep sources "
+                f"({SOURCE_LABEL}={have}, these are {want}); rebuild it with {BUILD_COMMAND}"
+            )
+
+    def _remove_stale(self) -> None:
+        """Containers of an earlier backend with this supervisor's name: it died without
+        cleaning up. Nothing of theirs may keep running under a uid we will hand out again."""
+        stale = self._api.containers(
+            all=True, filters={"label": f"{LABEL_SUPERVISOR}={self.supervisor}"}
+        )
+        for entry in stale:
+            log.warning(
+                "privsep: removing container %s left over by an earlier supervisor",
+                entry.get("Names", [entry["Id"][:12]])[0],
+            )
+            with contextlib.suppress(Exception):
+                self._api.remove_container(entry["Id"], force=True)
+
+    def describe(self) -> str:
+        """One line for the supervisor's startup log: how children are isolated here."""
+        last = self._pool.first + self._pool.count - 1
+        return (
+            f"container backend: image {self.image}, uid pool {self._pool.first}..{last}, "
+            "no capabilities, no-new-privileges, read-only root"
+        )
+
+    @property
+    def uid_pool(self) -> UidPool:
+        """The pool sandboxes draw their uids from."""
+        return self._pool
+
+    # -- launching --------------------------------------------------------------------------
+
+    def launch(self, spec: SandboxSpec) -> ContainerHandle:
+        """Start one container for ``spec``. Raises :class:`SandboxLaunchError` on failure."""
+        with self._lock:
+            if self._closed:
+                raise SandboxLaunchError("the sandbox backend is closed")
+        uid = self._pool.acquire()
+        fds: list[int] = []
+        container_id: str | None = None
+        try:
+            workdir = _prepare_workdir(spec.workdir, uid, uid, chown=True)
+            socket_path = _prepare_socket(spec.credential_socket, uid, uid, chown=True)
+            log_path = spec.log_path or os.path.join(self._log_dir, f"{spec.sandbox_id}.log")
+            log_fd = os.open(
+                log_path,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+            fds.append(log_fd)
+            plan_path = os.path.join(workdir, PLAN_NAME)
+            status_path = os.path.join(workdir, STATUS_NAME)
+            _write_plan(plan_path, spec, socket_path, uid)
+            status_fd = _make_status_fifo(status_path, uid)
+            fds.append(status_fd)
+            container_id = self._create(spec, uid, workdir, socket_path, plan_path, status_path)
+            out_fd = self._attach(container_id)
+            fds.append(out_fd)
+            self._api.start(container_id)
+            pid, pidfd = self._root_process(container_id)
+        except Exception as exc:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if container_id is not None:
+                with contextlib.suppress(Exception):
+                    self._api.remove_container(container_id, force=True)
+            with contextlib.suppress(OSError):
+                _release_workdir(spec.workdir)
+            self._pool.release(uid)
+            if isinstance(exc, SandboxUnavailable):
+                raise
+            raise SandboxLaunchError(
+                f"privsep: cannot launch container sandbox {spec.sandbox_id}: {_one_line(exc)}"
+            ) from exc
+        handle = ContainerHandle(
+            backend=self,
+            spec=spec,
+            container_id=container_id,
+            pid=pid,
+            pidfd=pidfd,
+            uid=uid,
+            out_fd=out_fd,
+            status_fd=status_fd,
+            log_fd=log_fd,
+            log_path=log_path,
+        )
+        with self._lock:
+            self._handles.add(handle)
+        self._reactor.call_soon(handle._attach)
+        return handle
+
+    def _create(
+        self,
+        spec: SandboxSpec,
+        uid: int,
+        workdir: str,
+        socket_path: str | None,
+        plan_path: str,
+        status_path: str,
+    ) -> str:
+        from docker.types import LogConfig, Mount, Ulimit
+
+        lim = spec.limits
+        mounts: list[Any] = []
+        sources: list[str] = []
+        for path in (*spec.code_paths, *spec.bundle_paths):
+            real = os.path.realpath(path)
+            if not os.path.exists(real):
+                raise SandboxLaunchError(f"read-only path {path} does not exist")
+            mounts.append(Mount(path, real, type="bind", read_only=True))
+            sources.append(real)
+        mounts.append(Mount(workdir, workdir, type="bind", read_only=False))
+        sources.append(workdir)
+        if socket_path is not None:
+            mounts.append(Mount(socket_path, socket_path, type="bind", read_only=False))
+        tmpfs = {
+            "/tmp": f"rw,nosuid,nodev,noexec,size={lim.tmp_bytes},mode=1777"  # noqa: S108
+        }
+        for hidden in spec.hidden_paths:
+            real = os.path.realpath(hidden)
+            if not any(_within(real, src) for src in sources) or not os.path.lexists(real):
+                continue  # not mounted, so already absent
+            if os.path.isdir(real):
+                tmpfs[real] = "ro,nosuid,nodev,noexec,size=4k,mode=0700"
+            else:
+                mounts.append(Mount(real, self._empty_file, type="bind", read_only=True))
+        ulimits = [Ulimit(name="nofile", soft=lim.nofile, hard=lim.nofile)]
+        ulimits.append(Ulimit(name="core", soft=0, hard=0))
+        if lim.cpu_seconds is not None:
+            ulimits.append(Ulimit(name="cpu", soft=lim.cpu_seconds, hard=lim.cpu_seconds + 1))
+        if lim.fsize_bytes is not None:
+            ulimits.append(Ulimit(name="fsize", soft=lim.fsize_bytes, hard=lim.fsize_bytes))
+        host_network = spec.network == "host"
+        host_config = self._api.create_host_config(
+            mounts=mounts,
+            tmpfs=tmpfs,
+            read_only=True,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            privileged=False,
+            init=False,
+            network_mode="host" if host_network else "none",
+            pids_limit=lim.pids if lim.pids is not None else -1,
+            mem_limit=lim.memory_bytes,
+            memswap_limit=lim.memory_bytes,
+            nano_cpus=int(lim.cpus * 1e9) if lim.cpus is not None else None,
+            shm_size=lim.tmp_bytes,
+            ulimits=ulimits,
+            log_config=LogConfig(type="none"),
+            ipc_mode="private",
+            auto_remove=False,  # removed by us, after its exit code and OOM flag are read
+        )
+        created = self._api.create_container(
+            self.image,
+            command=["python3", "-I", "-m", ENTRY_MODULE, plan_path, status_path],
+            user=f"{uid}:{uid}",
+            environment={},
+            working_dir=workdir,
+            hostname=None if host_network else f"privsep-{spec.kind}",
+            labels={LABEL_SANDBOX: spec.sandbox_id, LABEL_SUPERVISOR: self.supervisor},
+            name=f"privsep-{spec.sandbox_id}",
+            host_config=host_config,
+            stdin_open=False,
+            tty=False,
+        )
+        return str(created["Id"])
+
+    def _attach(self, container_id: str) -> int:
+        """Docker's attach stream (stdout and stderr, multiplexed), as a non-blocking fd.
+
+        Attached before the start, as ``docker run`` does, so nothing is missed and nothing
+        is buffered yet in the SDK's HTTP reader. The fd is a dup: ours to close.
+        """
+        sock = self._api.attach_socket(container_id, params={"stdout": 1, "stderr": 1, "stream": 1})
+        try:
+            fd = os.dup(sock.fileno())
+        finally:
+            with contextlib.suppress(Exception):
+                sock.close()
+        os.set_inheritable(fd, False)
+        os.set_blocking(fd, False)
+        return fd
+
+    def _root_process(self, container_id: str) -> tuple[int | None, int]:
+        """The host pid of the container's PID 1 and a pidfd on it; ``(None, -1)`` if it has
+        already exited. The pidfd is checked to hold a process of this container (its cgroup
+        names the container), so a pid reused in between is never taken for it."""
+        state = self._api.inspect_container(container_id)["State"]
+        pid = int(state.get("Pid") or 0)
+        if pid <= 0 or not state.get("Running"):
+            return None, -1
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None, -1
+        try:
+            with open(f"/proc/{pid}/cgroup") as fh:
+                ours = container_id in fh.read()
+        except OSError:
+            ours = False
+        if not ours:
+            os.close(pidfd)
+            raise SandboxLaunchError(
+                f"Docker reports pid {pid} for container {container_id[:12]}, but that process "
+                "is not in the container's cgroup"
+            )
+        return pid, pidfd
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _finished(self, handle: ContainerHandle, *, release_uid: bool) -> None:
+        if release_uid:
+            self._pool.release(handle.uid)
+        else:
+            log.error(
+                "privsep: container %s of sandbox %s could not be removed; uid %d is quarantined",
+                handle.container_id[:12],
+                handle.sandbox_id,
+                handle.uid,
+            )
+        with self._lock:
+            self._handles.discard(handle)
+
+    def running(self) -> list[ContainerHandle]:
+        """Handles of sandboxes not yet finished."""
+        with self._lock:
+            return list(self._handles)
+
+    def close(self, grace: float = 1.0) -> None:
+        """Kill every running sandbox, wait for them, and remove every container of ours."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            handles = list(self._handles)
+        for handle in handles:
+            handle.kill(grace=grace)
+        for handle in handles:
+            handle.wait(timeout=grace + 30.0)
+        with contextlib.suppress(Exception):
+            self._remove_stale()  # anything a failed removal left
+        self._reactor.stop()
+        self._docker.shutdown(wait=True)
+        self._client.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._empty_file)
+            os.rmdir(self._private)
+
+    def __enter__(self) -> ContainerBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _write_plan(path: str, spec: SandboxSpec, socket_path: str | None, uid: int) -> None:
+    plan = {
+        "entry": spec.entry_point,
+        "argv": list(spec.argv),
+        "payload": base64.b64encode(spec.payload).decode("ascii"),
+        "env": dict(spec.env),
+        "socket": socket_path,
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
+    try:
+        os.fchown(fd, uid, uid)
+        data = json.dumps(plan).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def _make_status_fifo(path: str, uid: int) -> int:
+    """The FIFO the entry code reports on; returns our (non-blocking) read end."""
+    os.mkfifo(path, 0o600)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISFIFO(st.st_mode):
+            raise SandboxLaunchError(f"{path} is not the FIFO just made")
+        os.fchown(fd, uid, uid)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class ContainerHandle(SandboxHandle):
+    """Handle on one container sandbox. Its state is owned by the backend's reactor thread."""
+
+    def __init__(
+        self,
+        *,
+        backend: ContainerBackend,
+        spec: SandboxSpec,
+        container_id: str,
+        pid: int | None,
+        pidfd: int,
+        uid: int,
+        out_fd: int,
+        status_fd: int,
+        log_fd: int,
+        log_path: str,
+    ) -> None:
+        self._backend = backend
+        self._reactor: Reactor = backend._reactor
+        self.spec = spec
+        self.container_id = container_id
+        self._pid = pid
+        self._pidfd = pidfd
+        self.uid = uid
+        self._out_fd = out_fd
+        self._status_fd = status_fd
+        self._log_fd = log_fd
+        self._log_path = log_path
+        lim = spec.limits
+        self._capture = LogCapture(
+            log_fd,
+            max_bytes=lim.log_max_bytes,
+            max_lines=lim.log_max_lines,
+            max_line_bytes=lim.log_max_line_bytes,
+        )
+        self._frames = bytearray()
+        self._parser = RecordParser()
+        self._ready = False
+        self._failure: tuple[int, str] | None = None
+        self._exited = False  # PID 1 is gone (pidfd)
+        self._collected: tuple[int | None, bool, str] | None = None  # exit code, OOM, error
+        self._removed = False  # the container is gone, so nothing runs as its uid any more
+        self._collecting = False
+        self._out_open = True
+        self._status_open = True
+        self._termination: ExitReason | None = None
+        self._timers: list[Timer] = []
+        self._status: ExitStatus | None = None
+        self._running = threading.Event()
+        self._done = threading.Event()
+        self._done_callbacks: list[Callable[[], object]] = []
+        self._callbacks_lock = threading.Lock()
+
+    # -- public API (any thread) ------------------------------------------------------------
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.spec.sandbox_id
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def status(self) -> ExitStatus | None:
+        return self._status
+
+    def wait(self, timeout: float | None = None) -> ExitStatus | None:
+        self._done.wait(timeout)
+        return self._status
+
+    def wait_running(self, timeout: float | None = None) -> bool:
+        self._running.wait(timeout)
+        return self._ready
+
+    def add_done_callback(self, fn: Callable[[], object]) -> None:
+        """Called from the reactor thread the moment the status is final."""
+        with self._callbacks_lock:
+            if not self._done.is_set():
+                self._done_callbacks.append(fn)
+                return
+        fn()
+
+    def kill(self, grace: float | None = None) -> None:
+        if self._done.is_set():
+            return
+        g = self.spec.limits.kill_grace_seconds if grace is None else grace
+        with contextlib.suppress(RuntimeError):  # the reactor stopped: all is dead already
+            self._reactor.call_soon(lambda: self._terminate(ExitReason.KILLED, g))
+
+    def output(self) -> SandboxOutput:
+        with open(self._log_path, "rb") as fh:
+            data = fh.read()
+        return SandboxOutput(
+            path=self._log_path,
+            data=data,
+            bytes_received=self._capture.received,
+            truncated=self._capture.truncated,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<ContainerHandle {self.sandbox_id} container={self.container_id[:12]} "
+            f"pid={self._pid} status={self._status}>"
+        )
+
+    # -- reactor thread ----------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        self._reactor.add_reader(self._out_fd, self._on_output)
+        self._reactor.add_reader(self._status_fd, self._on_status)
+        if self._pidfd >= 0:
+            self._reactor.add_reader(self._pidfd, self._on_exit)
+        else:
+            self._on_exit(-1)  # it had already exited when we looked
+        wall = self.spec.limits.wall_seconds
+        self._timers.append(
+            self._reactor.call_later(wall, lambda: self._terminate(ExitReason.TIMEOUT, None))
+        )
+
+    def _on_output(self, fd: int) -> None:
+        for _ in range(_READS_PER_EVENT):
+            try:
+                data = os.read(fd, _READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_output()
+                return
+            self._frames += data
+            self._demux()
+
+    def _demux(self) -> None:
+        buf = self._frames
+        while len(buf) >= _FRAME.size:
+            _, size = _FRAME.unpack_from(buf)
+            if len(buf) < _FRAME.size + size:
+                break
+            self._capture.feed(bytes(buf[_FRAME.size : _FRAME.size + size]))
+            del buf[: _FRAME.size + size]
+
+    def _close_output(self) -> None:
+        if self._out_open:
+            self._out_open = False
+            self._reactor.remove_reader(self._out_fd)
+            os.close(self._out_fd)
+            if self._frames:  # a frame cut short: keep what there is
+                self._capture.feed(bytes(self._frames[_FRAME.size :]))
+                self._frames.clear()
+            self._capture.finish()
+            self._maybe_finish()
+
+    def _on_status(self, fd: int) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self._close_status()
+            return
+        for kind, payload in self._parser.feed(data):
+            if kind == READY and not self._ready and self._failure is None:
+                self._ready = True
+                self._running.set()
+            elif kind == FAILED and self._failure is None and isinstance(payload, tuple):
+                self._failure = (int(payload[0]), str(payload[1]))
+
+    def _close_status(self) -> None:
+        if self._status_open:
+            self._status_open = False
+            self._reactor.remove_reader(self._status_fd)
+            os.close(self._status_fd)
+            self._maybe_finish()
+
+    def _on_exit(self, fd: int) -> None:
+        if fd >= 0:
+            self._reactor.remove_reader(fd)
+            os.close(fd)
+        self._pidfd = -1
+        self._exited = True
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
+        self._collect()
+
+    def _collect(self) -> None:
+        if self._collecting:
+            return
+        self._collecting = True
+        try:
+            self._backend._docker.submit(self._collect_in_worker)
+        except RuntimeError:  # the executor is shut down: closing
+            self._collected = (None, False, "the backend closed before the exit was read")
+            self._after_collect()
+
+    def _collect_in_worker(self) -> None:
+        """Worker thread: Docker's view of the end, then the container is removed."""
+        import docker.errors
+
+        api = self._backend._api
+        code: int | None = None
+        oom = False
+        error = ""
+        try:
+            result = api.wait(self.container_id, timeout=_DOCKER_TIMEOUT)
+            code = int(result.get("StatusCode", -1))
+            state = api.inspect_container(self.container_id)["State"]
+            oom = bool(state.get("OOMKilled"))
+            if state.get("Error"):
+                error = str(state["Error"])
+        except Exception as exc:
+            error = _one_line(exc)
+        try:
+            api.remove_container(self.container_id, force=True)
+            self._removed = True
+        except docker.errors.NotFound:
+            self._removed = True
+        except Exception as exc:
+            log.error(
+                "privsep: cannot remove container %s of sandbox %s: %s",
+                self.container_id[:12],
+                self.sandbox_id,
+                _one_line(exc),
+            )
+        self._collected = (code, oom, error)
+        with contextlib.suppress(RuntimeError):
+            self._reactor.call_soon(self._after_collect)
+
+    def _after_collect(self) -> None:
+        self._running.set()
+        # The container is gone: nothing can write to the FIFO any more.
+        if self._status_open:
+            self._on_status(self._status_fd)
+            self._close_status()
+        self._timers.append(self._reactor.call_later(_DRAIN_AFTER_EXIT, self._close_output))
+        self._maybe_finish()
+
+    def _terminate(self, reason: ExitReason, grace: float | None) -> None:
+        if self._exited or self._done.is_set():
+            return
+        if self._termination is None:
+            self._termination = reason
+        g = self.spec.limits.kill_grace_seconds if grace is None else grace
+        if g <= 0:
+            self._hard_kill()
+            return
+        self._signal(signal.SIGTERM)
+        self._timers.append(self._reactor.call_later(g, self._hard_kill))
+
+    def _hard_kill(self) -> None:
+        if not self._exited:
+            self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        """Through the pidfd: no Docker round trip, and never a reused pid."""
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signum)
+
+    def _maybe_finish(self) -> None:
+        if self._done.is_set() or self._collected is None:
+            return
+        if self._out_open or self._status_open:
+            return
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
+        self._status = self._compute_status()
+        with contextlib.suppress(OSError):
+            os.close(self._log_fd)
+        _release_workdir(self.spec.workdir)
+        self._backend._finished(self, release_uid=self._removed)
+        self._running.set()
+        self._done.set()
+        with self._callbacks_lock:
+            callbacks, self._done_callbacks = self._done_callbacks, []
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:
+                log.exception("privsep: a done-callback of sandbox %s failed", self.sandbox_id)
+
+    def _compute_status(self) -> ExitStatus:
+        assert self._collected is not None  # noqa: S101 - checked by the caller
+        code, oom, error = self._collected
+        lim = self.spec.limits
+        sig: int | None = None
+        if code is not None and 128 < code <= 128 + 64:
+            # Docker reports a signal death as 128 + n; a voluntary exit(128 + n) looks the
+            # same and is read as the signal.
+            sig, code = code - 128, None
+
+        def result(reason: ExitReason, detail: str) -> ExitStatus:
+            return ExitStatus(reason, detail, exit_code=code, signal=sig)
+
+        if self._termination is ExitReason.TIMEOUT:
+            return result(
+                ExitReason.TIMEOUT,
+                f"wall-clock limit of {lim.wall_seconds:g} s reached; sandbox killed",
+            )
+        if self._termination is ExitReason.KILLED:
+            return result(ExitReason.KILLED, "killed on request")
+        if oom:
+            return result(
+                ExitReason.MEMORY_LIMIT,
+                f"memory limit of {lim.memory_bytes} bytes reached (OOM kill in the container)",
+            )
+        if not self._ready:
+            if self._failure is not None:
+                step_code, detail = self._failure
+                step = SetupStep(step_code) if step_code in SETUP_CODES else SetupStep.BOOTSTRAP
+                return ExitStatus(
+                    ExitReason.SETUP_FAILED, f"{step.message}: {detail}", setup_step=step
+                )
+            what = f"exit {code}" if code is not None else (error or "status unknown")
+            if sig is not None:
+                what = f"killed by {signal_name(sig)}"
+            return ExitStatus(
+                ExitReason.SETUP_FAILED,
+                f"container died before user code started ({what})",
+                exit_code=code,
+                signal=sig,
+                setup_step=SetupStep.BOOTSTRAP,
+            )
+        if code is None and sig is None:
+            return result(ExitReason.LOST, f"Docker did not report the exit ({error})")
+        if sig is not None:
+            if lim.cpu_seconds is not None and sig == signal.SIGXCPU:
+                return result(ExitReason.CPU_LIMIT, f"CPU limit of {lim.cpu_seconds} s reached")
+            return result(ExitReason.SIGNALED, f"killed by {signal_name(sig)}")
+        if code == 0:
+            return result(ExitReason.SUCCEEDED, "exited with code 0")
+        return result(ExitReason.FAILED, f"exited with code {code}")
+
+
+def running_containers(supervisor: str) -> Sequence[dict[str, Any]]:
+    """The containers (any state) labelled with ``supervisor``'s name; for tests and tools."""
+    client = docker_client()
+    try:
+        return list(
+            client.api.containers(all=True, filters={"label": f"{LABEL_SUPERVISOR}={supervisor}"})
+        )
+    finally:
+        client.close()
