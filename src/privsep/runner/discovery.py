@@ -182,15 +182,16 @@ class Discovery:
             try:
                 if source is from_manifest:  # the built-in: its assignments matter too
                     manifest = load_manifest(Path(base))
-                    found: Iterable[str | os.PathLike[str]] = []
                     if manifest is not None:
                         owners = {}
-                        for entry in manifest.entries:
+                        for entry in manifest.entries:  # their paths are normalized already
                             owners[entry.path] = (*owners.get(entry.path, ()), entry.workflow_id)
-                        found = list(owners)
+                        seen.update(dict.fromkeys(owners))
+                elif source is crawl:  # joined onto the normalized folder: normalized already
+                    seen.update(dict.fromkeys(crawl(Path(base))))
                 else:
                     found = source(Path(base))
-                seen.update((os.path.normpath(os.path.join(base, p)), None) for p in found)
+                    seen.update((os.path.normpath(os.path.join(base, p)), None) for p in found)
             except Exception as exc:  # a source is code of the deployment's: report, go on
                 raise DiscoveryError(f"discovery source {name}: {exc}") from exc
         return list(seen), owners
