@@ -569,3 +569,48 @@ def test_a_workflow_file_the_sandbox_cannot_read_is_reported(tmp_path: Path) -> 
     assert result.returncode == 1
     line = finding_line(result.stdout, secret, "sandboxes cannot read this workflow path")
     assert "chmod" in line
+
+
+# --- the workflows folder: nobody but its owner may swap it -----------------------------------
+
+
+def _workflows_in(parent: Path, mode: int) -> Path:
+    make_dir(parent, mode)
+    folder = make_dir(parent / "flows", 0o755)
+    (folder / "wf.py").write_text("X = 1\n")
+    return folder
+
+
+def test_workflows_folder_in_a_directory_others_may_write_is_a_violation(
+    home: Path, tmp_path: Path
+) -> None:
+    # Whoever writes "shared" can replace "flows" with a link to /etc, and root's
+    # discovery would then read and copy what is there.
+    folder = _workflows_in(tmp_path / "shared", 0o777)
+    result = check_perms(home, extra={"PRIVSEP__CORE__WORKFLOWS_DIR": str(folder)})
+    assert_violation(
+        result,
+        tmp_path / "shared",
+        "writable by group or others",
+        "could replace the workflows folder",
+        fix=f"chmod go-w {tmp_path / 'shared'}",
+    )
+
+
+def test_a_symlinked_workflows_folder_is_judged_by_both_paths(home: Path, tmp_path: Path) -> None:
+    target = _workflows_in(tmp_path / "releases", 0o777)  # where the link points: open to all
+    make_dir(tmp_path / "srv", 0o755)
+    (tmp_path / "srv" / "flows").symlink_to(target)
+    result = check_perms(home, extra={"PRIVSEP__CORE__WORKFLOWS_DIR": str(tmp_path / "srv/flows")})
+    assert_violation(
+        result,
+        tmp_path / "releases",
+        "could replace the workflows folder",
+        fix=f"chmod go-w {tmp_path / 'releases'}",
+    )
+
+
+def test_a_workflows_folder_its_authors_write_in_is_clean(home: Path, tmp_path: Path) -> None:
+    folder = _workflows_in(tmp_path / "srv", 0o755)
+    folder.chmod(0o777)  # writing inside the folder is what authors do
+    assert_clean(check_perms(home, extra={"PRIVSEP__CORE__WORKFLOWS_DIR": str(folder)}))

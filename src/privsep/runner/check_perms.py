@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from privsep.runner.config import Config
 from privsep.runner.config_schema import OPTIONS
 from privsep.sandbox.privdrop import PrivilegeDropError, drop_privileges
-from privsep.secrets.files import Finding, check_secret_dir, check_secret_file
+from privsep.secrets.files import Finding, check_parents, check_secret_dir, check_secret_file
 
 log = logging.getLogger("privsep.check_perms")
 
@@ -208,9 +208,14 @@ def check_permissions(cfg: Config) -> Report:
 
 
 def _check_bundle(cfg: Config, report: Report) -> None:
-    """The other direction: what sandboxes must read (the workflow files), they can read.
+    """The workflows folder: nobody but its owner can swap it for another, and what
+    sandboxes must read (the workflow files), they can read.
 
-    A definition file the sandbox uid cannot read would fail every parse with a confusing
+    Discovery reads, as root, only files that lie inside the folder's real path, but that
+    path is looked up at every scan: whoever can write a directory above the folder could
+    replace it with a link to ``/etc`` and have root copy what is there to where sandboxes
+    read code. (Writing inside the folder is what workflow authors do, and is fine.) A
+    definition file the sandbox uid cannot read would fail every parse with a confusing
     import error; say so here, with the fix.
     """
     from privsep.sandbox.view import unreadable_by_sandbox
@@ -219,6 +224,12 @@ def _check_bundle(cfg: Config, report: Report) -> None:
     if not bundle.is_dir():
         return
     report.checked.append(str(bundle))
+    seen: set[str] = set()
+    for path in (str(bundle), os.path.realpath(bundle)):  # the link, and what it points at
+        for finding in check_parents(path, what="the workflows folder"):
+            if finding.path not in seen:
+                seen.add(finding.path)
+                report.findings.append(finding)
     for item in unreadable_by_sandbox([str(bundle)]):
         report.findings.append(
             Finding(item.path, f"sandboxes cannot read this workflow path ({item.why})", item.fix)

@@ -73,8 +73,9 @@ def _expected_owner() -> str:
     return "root" if euid == 0 else f"{_user_name(euid)} or root"
 
 
-def check_parents(path: str) -> list[Finding]:
-    """Check every directory above ``path`` up to ``/``.
+def check_parents(path: str, what: str = "the secret") -> list[Finding]:
+    """Check every directory above ``path`` up to ``/``: nobody but its owner (or root) may
+    be able to replace ``what`` (named in the findings).
 
     The directories are resolved (``realpath``) first, the way OpenSSH does, so a symlinked
     ``/var/run`` is judged by what it points at.
@@ -100,7 +101,7 @@ def check_parents(path: str) -> list[Finding]:
                 Finding(
                     directory,
                     f"parent directory is writable by group or others (mode "
-                    f"{stat.S_IMODE(st.st_mode):04o}): they could replace the secret",
+                    f"{stat.S_IMODE(st.st_mode):04o}): they could replace {what}",
                     f"chmod go-w {_q(directory)}",
                 )
             )
@@ -109,7 +110,7 @@ def check_parents(path: str) -> list[Finding]:
                 Finding(
                     directory,
                     f"parent directory is owned by {_user_name(st.st_uid)}, not by "
-                    f"{_expected_owner()}: that user could replace the secret",
+                    f"{_expected_owner()}: that user could replace {what}",
                     f"chown {_user_name(os.geteuid())} {_q(directory)}",
                 )
             )
