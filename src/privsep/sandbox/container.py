@@ -48,16 +48,14 @@ import stat
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from privsep.sandbox._incontainer import PLAN_NAME, STATUS_NAME
-from privsep.sandbox._logcap import LogCapture
-from privsep.sandbox._reactor import Reactor, Timer
+from privsep.sandbox._reactor import Reactor
+from privsep.sandbox._reactor_handle import ReactorHandle
 from privsep.sandbox._steps import SETUP_CODES, SetupStep
-from privsep.sandbox._wire import FAILED, READY, RecordParser
-from privsep.sandbox.handle import SandboxHandle
 from privsep.sandbox.image import BUILD_COMMAND, SOURCE_LABEL, default_image, source_digest
 from privsep.sandbox.process import (
     SandboxLaunchError,
@@ -67,7 +65,7 @@ from privsep.sandbox.process import (
     _release_workdir,
 )
 from privsep.sandbox.spec import SandboxSpec
-from privsep.sandbox.status import ExitReason, ExitStatus, SandboxOutput, signal_name
+from privsep.sandbox.status import ExitReason, ExitStatus, signal_name
 from privsep.sandbox.uidpool import UidPool
 
 log = logging.getLogger("privsep.sandbox")
@@ -471,7 +469,7 @@ def _make_status_fifo(path: str, uid: int) -> int:
     return fd
 
 
-class ContainerHandle(SandboxHandle):
+class ContainerHandle(ReactorHandle):
     """Handle on one container sandbox. Its state is owned by the backend's reactor thread."""
 
     def __init__(
@@ -488,88 +486,24 @@ class ContainerHandle(SandboxHandle):
         log_fd: int,
         log_path: str,
     ) -> None:
+        super().__init__(
+            reactor=backend._reactor,
+            spec=spec,
+            pid=pid,
+            pidfd=pidfd,
+            log_fd=log_fd,
+            log_path=log_path,
+        )
         self._backend = backend
-        self._reactor: Reactor = backend._reactor
-        self.spec = spec
         self.container_id = container_id
-        self._pid = pid
-        self._pidfd = pidfd
         self.uid = uid
         self._out_fd = out_fd
         self._status_fd = status_fd
-        self._log_fd = log_fd
-        self._log_path = log_path
-        lim = spec.limits
-        self._capture = LogCapture(
-            log_fd,
-            max_bytes=lim.log_max_bytes,
-            max_lines=lim.log_max_lines,
-            max_line_bytes=lim.log_max_line_bytes,
-        )
         self._frames = bytearray()
-        self._parser = RecordParser()
-        self._ready = False
-        self._failure: tuple[int, str] | None = None
-        self._exited = False  # PID 1 is gone (pidfd)
+        # self._exited (from the base): PID 1 is gone (pidfd)
         self._collected: tuple[int | None, bool, str] | None = None  # exit code, OOM, error
         self._removed = False  # the container is gone, so nothing runs as its uid any more
         self._collecting = False
-        self._out_open = True
-        self._status_open = True
-        self._termination: ExitReason | None = None
-        self._timers: list[Timer] = []
-        self._status: ExitStatus | None = None
-        self._running = threading.Event()
-        self._done = threading.Event()
-        self._done_callbacks: list[Callable[[], object]] = []
-        self._callbacks_lock = threading.Lock()
-
-    # -- public API (any thread) ------------------------------------------------------------
-
-    @property
-    def sandbox_id(self) -> str:
-        return self.spec.sandbox_id
-
-    @property
-    def pid(self) -> int | None:
-        return self._pid
-
-    @property
-    def status(self) -> ExitStatus | None:
-        return self._status
-
-    def wait(self, timeout: float | None = None) -> ExitStatus | None:
-        self._done.wait(timeout)
-        return self._status
-
-    def wait_running(self, timeout: float | None = None) -> bool:
-        self._running.wait(timeout)
-        return self._ready
-
-    def add_done_callback(self, fn: Callable[[], object]) -> None:
-        """Called from the reactor thread the moment the status is final."""
-        with self._callbacks_lock:
-            if not self._done.is_set():
-                self._done_callbacks.append(fn)
-                return
-        fn()
-
-    def kill(self, grace: float | None = None) -> None:
-        if self._done.is_set():
-            return
-        g = self.spec.limits.kill_grace_seconds if grace is None else grace
-        with contextlib.suppress(RuntimeError):  # the reactor stopped: all is dead already
-            self._reactor.call_soon(lambda: self._terminate(ExitReason.KILLED, g))
-
-    def output(self) -> SandboxOutput:
-        with open(self._log_path, "rb") as fh:
-            data = fh.read()
-        return SandboxOutput(
-            path=self._log_path,
-            data=data,
-            bytes_received=self._capture.received,
-            truncated=self._capture.truncated,
-        )
 
     def __repr__(self) -> str:
         return (
@@ -634,11 +568,7 @@ class ContainerHandle(SandboxHandle):
             self._close_status()
             return
         for kind, payload in self._parser.feed(data):
-            if kind == READY and not self._ready and self._failure is None:
-                self._ready = True
-                self._running.set()
-            elif kind == FAILED and self._failure is None and isinstance(payload, tuple):
-                self._failure = (int(payload[0]), str(payload[1]))
+            self._on_record(kind, payload)
 
     def _close_status(self) -> None:
         if self._status_open:
@@ -710,27 +640,9 @@ class ContainerHandle(SandboxHandle):
         self._timers.append(self._reactor.call_later(_DRAIN_AFTER_EXIT, self._close_output))
         self._maybe_finish()
 
-    def _terminate(self, reason: ExitReason, grace: float | None) -> None:
-        if self._exited or self._done.is_set():
-            return
-        if self._termination is None:
-            self._termination = reason
-        g = self.spec.limits.kill_grace_seconds if grace is None else grace
-        if g <= 0:
-            self._hard_kill()
-            return
-        self._signal(signal.SIGTERM)
-        self._timers.append(self._reactor.call_later(g, self._hard_kill))
-
     def _hard_kill(self) -> None:
         if not self._exited:
-            self._signal(signal.SIGKILL)
-
-    def _signal(self, signum: int) -> None:
-        """Through the pidfd: no Docker round trip, and never a reused pid."""
-        if self._pidfd >= 0:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, signum)
+            self._signal(signal.SIGKILL)  # through the pidfd: SIGKILL to PID 1 ends it all
 
     def _maybe_finish(self) -> None:
         if self._done.is_set() or self._collected is None:
@@ -745,15 +657,7 @@ class ContainerHandle(SandboxHandle):
             os.close(self._log_fd)
         _release_workdir(self.spec.workdir)
         self._backend._finished(self, release_uid=self._removed)
-        self._running.set()
-        self._done.set()
-        with self._callbacks_lock:
-            callbacks, self._done_callbacks = self._done_callbacks, []
-        for fn in callbacks:
-            try:
-                fn()
-            except Exception:
-                log.exception("privsep: a done-callback of sandbox %s failed", self.sandbox_id)
+        self._complete()
 
     def _compute_status(self) -> ExitStatus:
         assert self._collected is not None  # noqa: S101 - checked by the caller

@@ -31,21 +31,20 @@ import sys
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, NamedTuple
 
-from privsep.sandbox._logcap import LogCapture
-from privsep.sandbox._reactor import Reactor, Timer
+from privsep.sandbox._reactor import Reactor
+from privsep.sandbox._reactor_handle import ReactorHandle
 from privsep.sandbox._spawn import devnull_fd, spawn_python
 from privsep.sandbox._steps import SETUP_CODES, SetupStep
 from privsep.sandbox._template import ZygoteClient
-from privsep.sandbox._wire import EXITED, FAILED, READY, Plan, RecordParser
+from privsep.sandbox._wire import EXITED, FAILED, Plan, RecordParser
 from privsep.sandbox.cgroups import CgroupManager, SandboxCgroup
-from privsep.sandbox.handle import SandboxHandle
 from privsep.sandbox.seccomp_policy import compile_filter
 from privsep.sandbox.spec import SandboxSpec
-from privsep.sandbox.status import ExitReason, ExitStatus, SandboxOutput, signal_name
+from privsep.sandbox.status import ExitReason, ExitStatus, signal_name
 from privsep.sandbox.uidpool import UidPool
 
 log = logging.getLogger("privsep.sandbox")
@@ -622,7 +621,7 @@ def _release_workdir(path: str) -> None:
         os.close(fd)
 
 
-class ProcessHandle(SandboxHandle):
+class ProcessHandle(ReactorHandle):
     """Handle on one process-backend sandbox. Its state is owned by the reactor thread."""
 
     def __init__(
@@ -640,89 +639,22 @@ class ProcessHandle(SandboxHandle):
         log_fd: int,
         log_path: str,
     ) -> None:
+        super().__init__(
+            reactor=backend._reactor,
+            spec=spec,
+            pid=pid,
+            pidfd=pidfd,
+            log_fd=log_fd,
+            log_path=log_path,
+        )
         self._backend = backend
-        self._reactor = backend._reactor
-        self.spec = spec
-        self._pid = pid
-        self._pidfd = pidfd
         self._is_child = is_child
         self.uid = uid
         self._cgroup = cgroup
         self._out_r = out_r
         self._status_r = status_r
-        self._log_fd = log_fd
-        self._log_path = log_path
-        lim = spec.limits
-        self._capture = LogCapture(
-            log_fd,
-            max_bytes=lim.log_max_bytes,
-            max_lines=lim.log_max_lines,
-            max_line_bytes=lim.log_max_line_bytes,
-        )
-        self._parser = RecordParser()
-        self._ready = False
-        self._failure: tuple[int, str] | None = None
         self._exit_record: tuple[int | None, float, float, int] | None = None
         self._monitor: tuple[str, int] | None = None  # ("exit", code) | ("signal", n); spawn
-        self._exited = False
-        self._out_open = True
-        self._status_open = True
-        self._termination: ExitReason | None = None
-        self._timers: list[Timer] = []
-        self._status: ExitStatus | None = None
-        self._running = threading.Event()
-        self._done = threading.Event()
-        self._done_callbacks: list[Callable[[], object]] = []
-        self._callbacks_lock = threading.Lock()
-
-    # -- public API (any thread) ------------------------------------------------------------
-
-    @property
-    def sandbox_id(self) -> str:
-        return self.spec.sandbox_id
-
-    @property
-    def pid(self) -> int | None:
-        return self._pid
-
-    @property
-    def status(self) -> ExitStatus | None:
-        return self._status
-
-    def wait(self, timeout: float | None = None) -> ExitStatus | None:
-        self._done.wait(timeout)
-        return self._status
-
-    def wait_running(self, timeout: float | None = None) -> bool:
-        self._running.wait(timeout)
-        return self._ready
-
-    def add_done_callback(self, fn: Callable[[], object]) -> None:
-        """Called from the reactor thread the moment the status is final (no waiting thread:
-        the supervisor watches every running sandbox this way)."""
-        with self._callbacks_lock:
-            if not self._done.is_set():
-                self._done_callbacks.append(fn)
-                return
-        fn()
-
-    def kill(self, grace: float | None = None) -> None:
-        if self._done.is_set():
-            return
-        g = self.spec.limits.kill_grace_seconds if grace is None else grace
-        # RuntimeError: the reactor stopped, so the backend is closed and everything is dead.
-        with contextlib.suppress(RuntimeError):
-            self._reactor.call_soon(lambda: self._terminate(ExitReason.KILLED, g))
-
-    def output(self) -> SandboxOutput:
-        with open(self._log_path, "rb") as fh:
-            data = fh.read()
-        return SandboxOutput(
-            path=self._log_path,
-            data=data,
-            bytes_received=self._capture.received,
-            truncated=self._capture.truncated,
-        )
 
     def __repr__(self) -> str:
         return f"<ProcessHandle {self.sandbox_id} pid={self._pid} status={self._status}>"
@@ -768,13 +700,10 @@ class ProcessHandle(SandboxHandle):
             self._close_status()
             return
         for kind, payload in self._parser.feed(data):
-            if kind == READY and not self._ready and self._failure is None:
-                self._ready = True
-                self._running.set()
-            elif kind == FAILED and self._failure is None and isinstance(payload, tuple):
-                self._failure = (int(payload[0]), str(payload[1]))
-            elif kind == EXITED and isinstance(payload, tuple) and len(payload) == 4:
+            if kind == EXITED and isinstance(payload, tuple) and len(payload) == 4:
                 self._exit_record = payload
+            else:
+                self._on_record(kind, payload)
 
     def _close_status(self) -> None:
         if self._status_open:
@@ -805,30 +734,12 @@ class ProcessHandle(SandboxHandle):
             self._cgroup.kill()
         self._maybe_finish()
 
-    def _terminate(self, reason: ExitReason, grace: float | None) -> None:
-        if self._exited or self._done.is_set():
-            return
-        if self._termination is None:
-            self._termination = reason
-        g = self.spec.limits.kill_grace_seconds if grace is None else grace
-        if g <= 0:
-            self._hard_kill()
-            return
-        self._signal(signal.SIGTERM)
-        self._timers.append(self._reactor.call_later(g, self._hard_kill))
-
     def _hard_kill(self) -> None:
         if self._exited:
             return
         self._signal(signal.SIGKILL)
         if self._cgroup is not None:
             self._cgroup.kill()
-
-    def _signal(self, signum: int) -> None:
-        if self._pidfd < 0:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self._pidfd, signum)
 
     def _force_finish(self) -> None:
         self._close_output()
@@ -856,15 +767,7 @@ class ProcessHandle(SandboxHandle):
         if self.uid is not None:
             _release_workdir(self.spec.workdir)
         self._backend._finished(self, release_uid=clean)
-        self._running.set()
-        self._done.set()
-        with self._callbacks_lock:  # after the set: a callback added from now on runs at once
-            callbacks, self._done_callbacks = self._done_callbacks, []
-        for fn in callbacks:
-            try:
-                fn()
-            except Exception:
-                log.exception("privsep: a done-callback of sandbox %s failed", self.sandbox_id)
+        self._complete()
 
     def _compute_status(self) -> ExitStatus:
         lim = self.spec.limits
