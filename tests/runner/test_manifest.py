@@ -371,3 +371,13 @@ def test_crawl_skips_private_names(folder: Path) -> None:
     (folder / "__pycache__").mkdir()
     (folder / "__pycache__" / "x.py").write_text("")
     assert crawl(folder) == [str(folder / "etl.py"), str(folder / "sub" / "two.py")]
+
+
+def test_check_does_not_read_an_oversized_file(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _manifest(folder, {"etl": "etl.py", "alpha": "sub/two.py", "beta": "sub/two.py"})
+    with open(folder / "huge.py", "wb") as fh:
+        fh.truncate(5 << 20)  # sparse: costs no disk
+    assert main(["manifest", "check", "--workflows", str(folder)]) == 1
+    assert "missing from the manifest: huge.py (it is larger than 4 MiB)" in capsys.readouterr().out

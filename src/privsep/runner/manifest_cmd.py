@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from privsep.runner.discovery import crawl, open_inside
+from privsep.runner.discovery import MAX_FILE_BYTES, crawl, open_inside
 from privsep.runner.errors import EXIT_FAILURE, EXIT_OK, CommandError
 from privsep.runner.manifest import (
     MANIFEST_NAME,
@@ -63,7 +63,9 @@ def _scan(folder: Path, paths: list[str]) -> dict[str, Scanned]:
             print(f"read {done}/{len(paths)} files", file=sys.stderr)
         try:
             with os.fdopen(open_inside(path, root), "rb") as fh:
-                source = fh.read()
+                source = fh.read(MAX_FILE_BYTES + 1)
+            if len(source) > MAX_FILE_BYTES:  # as discovery: such a file is never parsed
+                raise OSError(0, f"it is larger than {MAX_FILE_BYTES >> 20} MiB")
         except OSError as exc:
             out[path] = Scanned(path, None, exc.strerror or str(exc))
             continue
