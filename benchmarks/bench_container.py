@@ -29,9 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_sandbox import SandboxBench
+from benchmarks.bench_sandbox import SandboxBench, launch_latencies
 from benchmarks.harness import Row, Stats, figure, progress
-from privsep.sandbox import ExitReason, UidPool
+from privsep.sandbox import UidPool
 from privsep.sandbox.container import ContainerBackend
 from privsep.sandbox.image import default_image
 
@@ -40,27 +40,6 @@ DESCRIPTION = (
     "container sandbox: launch → user code running and launch → reaped, "
     "vs raw docker run --rm of the same image"
 )
-
-
-def container_latency(
-    backend: ContainerBackend, bench: SandboxBench, n: int
-) -> tuple[list[float], list[float]]:
-    """(launch → first byte from user code, launch → status final), ``n`` times in a row."""
-    running, reaped = [], []
-    for _ in range(n):
-        spec, listener = bench.spec()
-        start = time.perf_counter()
-        handle = backend.launch(spec)
-        conn, _ = listener.accept()
-        conn.recv(1)
-        running.append(time.perf_counter() - start)
-        conn.close()
-        listener.close()
-        status = handle.wait(60)
-        reaped.append(time.perf_counter() - start)
-        if status is None or status.reason is not ExitReason.SUCCEEDED:
-            raise RuntimeError(f"benchmark container failed: {status}\n{handle.output().text}")
-    return running, reaped
 
 
 def docker_run(image: str, n: int) -> tuple[list[float], list[float]]:
@@ -93,8 +72,8 @@ def run(smoke: bool) -> list[Row]:
             image=image, uid_pool=UidPool(207_950, 32), supervisor="privsep-benchmark"
         ) as backend:
             progress(f"container: {warm} warm-up, then {n} launches")
-            container_latency(backend, bench, warm)
-            running, reaped = container_latency(backend, bench, n)
+            launch_latencies(backend, bench, warm, wait_s=60)
+            running, reaped = launch_latencies(backend, bench, n, wait_s=60)
         progress(f"container: {n} raw docker run --rm, twice each")
         docker_run(image, warm)
         first_byte, whole = docker_run(image, n)

@@ -86,22 +86,31 @@ class SandboxBench:
         return spec, listener
 
 
-def sandbox_latency(backend: ProcessBackend, bench: SandboxBench, n: int) -> list[float]:
-    """Seconds from ``launch()`` to the first byte from user code, ``n`` times in a row."""
-    out = []
+def launch_latencies(
+    backend: Any, bench: SandboxBench, n: int, *, wait_s: float = 30
+) -> tuple[list[float], list[float]]:
+    """Seconds from ``launch()`` to the first byte from user code, and to the final status,
+    ``n`` times in a row, on any backend (process or container)."""
+    running, reaped = [], []
     for _ in range(n):
         spec, listener = bench.spec()
         start = time.perf_counter()
         handle = backend.launch(spec)
         conn, _ = listener.accept()
         conn.recv(1)
-        out.append(time.perf_counter() - start)
+        running.append(time.perf_counter() - start)
         conn.close()
         listener.close()
-        status = handle.wait(30)
+        status = handle.wait(wait_s)
+        reaped.append(time.perf_counter() - start)
         if status is None or status.reason is not ExitReason.SUCCEEDED:
             raise RuntimeError(f"benchmark sandbox failed: {status}\n{handle.output().text}")
-    return out
+    return running, reaped
+
+
+def sandbox_latency(backend: ProcessBackend, bench: SandboxBench, n: int) -> list[float]:
+    """Seconds from ``launch()`` to the first byte from user code, ``n`` times in a row."""
+    return launch_latencies(backend, bench, n)[0]
 
 
 def fork_latency(n: int) -> list[float]:
