@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
 from typing import NoReturn
 
 from privsep.sandbox import _libc as libc
@@ -26,14 +25,11 @@ from privsep.sandbox._enter import (
     describe_error,
     enter,
     enter_unsafe_inline,
-    fail,
     lifeline_cut,
 )
 from privsep.sandbox._exit import call_and_exit
-from privsep.sandbox._steps import SetupStep
+from privsep.sandbox._steps import SetupStep, fail, load_entry_point
 from privsep.sandbox._wire import READY, Plan, write_record
-
-EntryPoint = Callable[[list[str], bytes], "int | None"]
 
 
 def run(plan: Plan, status_fd: int, request_fd: int = -1, lifeline: int = -1) -> NoReturn:
@@ -68,7 +64,7 @@ def run(plan: Plan, status_fd: int, request_fd: int = -1, lifeline: int = -1) ->
 
     # From here on this is the sandboxed user process.
     signal.signal(signal.SIGTERM, _terminate)
-    entry = _load_entry_point(plan, status_fd)
+    entry = load_entry_point(plan.entry, status_fd)
     try:
         write_record(status_fd, READY)
     finally:
@@ -80,20 +76,6 @@ def run(plan: Plan, status_fd: int, request_fd: int = -1, lifeline: int = -1) ->
 def _terminate(signum: int, _frame: object) -> None:
     """PID 1 ignores SIGTERM without a handler; turn it into a clean interpreter exit."""
     raise SystemExit(128 + signum)
-
-
-def _load_entry_point(plan: Plan, status_fd: int) -> EntryPoint:
-    module_name, _, func_name = plan.entry.partition(":")
-    if not (module_name == "privsep" or module_name.startswith("privsep.")) or not func_name:
-        fail(status_fd, SetupStep.ENTRY_POINT, f"{plan.entry!r} is not a privsep entry point")
-    try:
-        __import__(module_name)
-        func = getattr(sys.modules[module_name], func_name)
-    except Exception as exc:  # any import-time error of the entry module is a setup failure
-        fail(status_fd, SetupStep.ENTRY_POINT, f"cannot load {plan.entry}: {exc!r}")
-    if not callable(func):
-        fail(status_fd, SetupStep.ENTRY_POINT, f"{plan.entry} is not callable")
-    return func  # type: ignore[no-any-return]
 
 
 def main(argv: list[str]) -> NoReturn:

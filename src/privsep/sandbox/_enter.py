@@ -35,14 +35,12 @@ from typing import NoReturn
 
 from privsep.sandbox import _libc as libc
 from privsep.sandbox._rootfs import HostLayout, finish_root, host_layout, prepare_root
-from privsep.sandbox._steps import SetupStep
+from privsep.sandbox._steps import SetupStep, fail
 from privsep.sandbox._wire import (
     CREDENTIAL_SOCKET_ENV,
-    FAILED,
     Plan,
     forbidden_env,
     write_exit_record,
-    write_record,
 )
 from privsep.sandbox.privdrop import PrivilegeDropError, drop_privileges
 
@@ -165,15 +163,6 @@ def describe_error(exc: BaseException) -> str:
             return f"{exc.filename}: {exc.strerror}"
         return exc.strerror
     return str(exc)
-
-
-def fail(status_fd: int, step: SetupStep, detail: str) -> NoReturn:
-    """Report a failed step on the status pipe and in the log, then exit with its code."""
-    with contextlib.suppress(OSError):
-        write_record(status_fd, FAILED, (int(step), detail))
-    with contextlib.suppress(OSError):
-        os.write(2, f"privsep: {step.message}: {detail}\n".encode(errors="replace"))
-    os._exit(int(step))
 
 
 def _write_file(path: str, text: str) -> None:

@@ -23,30 +23,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import os
 import signal
 import sys
-from collections.abc import Callable
 from typing import Any, NoReturn
 
 from privsep.sandbox._exit import call_and_exit
-from privsep.sandbox._steps import SetupStep
-from privsep.sandbox._wire import CREDENTIAL_SOCKET_ENV, FAILED, READY, forbidden_env, write_record
+from privsep.sandbox._steps import SetupStep, fail, load_entry_point
+from privsep.sandbox._wire import CREDENTIAL_SOCKET_ENV, READY, forbidden_env, write_record
 
-EntryPoint = Callable[[list[str], bytes], "int | None"]
 PLAN_NAME = ".privsep-plan"
 STATUS_NAME = ".privsep-status"
 MAX_PLAN = 64 << 20
-
-
-def _fail(status_fd: int, step: SetupStep, detail: str) -> NoReturn:
-    if status_fd >= 0:
-        with contextlib.suppress(OSError):
-            write_record(status_fd, FAILED, (int(step), detail[:4000]))
-    os.write(2, f"privsep: {step.message}: {detail}\n".encode(errors="replace"))
-    os._exit(int(step))
 
 
 def _open_status(path: str) -> int:
@@ -89,20 +78,6 @@ def _apply_environment(env: dict[str, Any], socket_path: object) -> None:
         os.environ[CREDENTIAL_SOCKET_ENV] = socket_path
 
 
-def _load_entry_point(entry: str, status_fd: int) -> EntryPoint:
-    module_name, _, func_name = entry.partition(":")
-    if not (module_name == "privsep" or module_name.startswith("privsep.")) or not func_name:
-        _fail(status_fd, SetupStep.ENTRY_POINT, f"{entry!r} is not a privsep entry point")
-    try:
-        __import__(module_name)
-        func = getattr(sys.modules[module_name], func_name)
-    except Exception as exc:  # any import-time error of the entry module is a setup failure
-        _fail(status_fd, SetupStep.ENTRY_POINT, f"cannot load {entry}: {exc!r}")
-    if not callable(func):
-        _fail(status_fd, SetupStep.ENTRY_POINT, f"{entry} is not callable")
-    return func  # type: ignore[no-any-return]
-
-
 def _terminate(signum: int, _frame: object) -> None:
     """PID 1 ignores SIGTERM without a handler; turn it into a clean interpreter exit."""
     raise SystemExit(128 + signum)
@@ -113,24 +88,24 @@ def main(argv: list[str]) -> NoReturn:
     signal.signal(signal.SIGTERM, _terminate)
     os.umask(0o022)
     if len(argv) != 3:
-        _fail(
+        fail(
             -1, SetupStep.BOOTSTRAP, "usage: python3 -I -m privsep.sandbox._incontainer PLAN STATUS"
         )
     try:
         status_fd = _open_status(argv[2])
     except OSError as exc:
-        _fail(-1, SetupStep.BOOTSTRAP, f"cannot open the status FIFO {argv[2]}: {exc}")
+        fail(-1, SetupStep.BOOTSTRAP, f"cannot open the status FIFO {argv[2]}: {exc}")
     try:
         plan = _read_plan(argv[1])
         payload = base64.b64decode(plan["payload"], validate=True)
         args = [str(a) for a in plan["argv"]]
     except (OSError, ValueError, binascii.Error) as exc:
-        _fail(status_fd, SetupStep.BOOTSTRAP, f"cannot read the launch plan: {exc}")
+        fail(status_fd, SetupStep.BOOTSTRAP, f"cannot read the launch plan: {exc}")
     try:
         _apply_environment(plan["env"], plan.get("socket"))
     except ValueError as exc:
-        _fail(status_fd, SetupStep.ENVIRONMENT, str(exc))
-    entry = _load_entry_point(plan["entry"], status_fd)
+        fail(status_fd, SetupStep.ENVIRONMENT, str(exc))
+    entry = load_entry_point(plan["entry"], status_fd)
     try:
         write_record(status_fd, READY)
     finally:

@@ -9,7 +9,16 @@ never mistaken for a setup failure.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Callable
 from enum import IntEnum
+from typing import NoReturn
+
+from privsep.sandbox._wire import FAILED, write_record
+
+EntryPoint = Callable[[list[str], bytes], "int | None"]
 
 
 class SetupStep(IntEnum):
@@ -58,3 +67,31 @@ _MESSAGES: dict[SetupStep, str] = {
 }
 
 SETUP_CODES = frozenset(int(s) for s in SetupStep)
+
+
+def fail(status_fd: int, step: SetupStep, detail: str) -> NoReturn:
+    """Report a failed step on the status channel (when there is one yet) and in the log,
+    then exit with its code. The record's detail is cut to fit a status record, whose
+    parser would otherwise drop it and lose the reason."""
+    if status_fd >= 0:
+        with contextlib.suppress(OSError):
+            write_record(status_fd, FAILED, (int(step), detail[:4000]))
+    with contextlib.suppress(OSError):
+        os.write(2, f"privsep: {step.message}: {detail}\n".encode(errors="replace"))
+    os._exit(int(step))
+
+
+def load_entry_point(entry: str, status_fd: int) -> EntryPoint:
+    """The trusted ``privsep.module:function`` a sandbox runs, which then loads user code.
+    Anything outside the ``privsep`` package is refused: the launch request names it."""
+    module_name, _, func_name = entry.partition(":")
+    if not (module_name == "privsep" or module_name.startswith("privsep.")) or not func_name:
+        fail(status_fd, SetupStep.ENTRY_POINT, f"{entry!r} is not a privsep entry point")
+    try:
+        __import__(module_name)
+        func = getattr(sys.modules[module_name], func_name)
+    except Exception as exc:  # any import-time error of the entry module is a setup failure
+        fail(status_fd, SetupStep.ENTRY_POINT, f"cannot load {entry}: {exc!r}")
+    if not callable(func):
+        fail(status_fd, SetupStep.ENTRY_POINT, f"{entry} is not callable")
+    return func  # type: ignore[no-any-return]
