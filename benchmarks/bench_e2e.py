@@ -373,8 +373,8 @@ class Standalone:
     def _operator_when_ready(self, timeout: float = 120.0) -> Any:
         import requests
 
+        from privsep.runner.cli.standalone import Operator
         from privsep.runner.errors import CommandError
-        from privsep.runner.standalone import Operator
         from privsep.secrets.keys import KeyFormatError
 
         deadline = time.monotonic() + timeout

@@ -78,7 +78,7 @@ def runner_command() -> list[str]:
     return [
         sys.executable,
         "-c",
-        "import sys; from privsep.runner.cli import main; sys.exit(main())",
+        "import sys; from privsep.runner.cli.main import main; sys.exit(main())",
     ]
 
 

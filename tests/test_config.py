@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from privsep.runner.config import ConfigError, load_config
-from privsep.runner.config_schema import OPTIONS, render_default_toml
+from privsep.runner.config.loader import ConfigError, load_config
+from privsep.runner.config.schema import OPTIONS, render_default_toml
 
-SRC_DEFAULT = Path(__file__).parent.parent / "src/privsep/runner/default_config.toml"
+SRC_DEFAULT = Path(__file__).parent.parent / "src/privsep/runner/config/default_config.toml"
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
@@ -57,7 +57,7 @@ def home(tmp_path: Path) -> Path:
 
 def test_shipped_default_file_is_the_rendered_schema() -> None:
     assert SRC_DEFAULT.read_text() == render_default_toml(), (
-        "regenerate with: runner config default > src/privsep/runner/default_config.toml"
+        "regenerate with: runner config default > src/privsep/runner/config/default_config.toml"
     )
 
 

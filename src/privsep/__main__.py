@@ -2,7 +2,7 @@
 
 import sys
 
-from privsep.runner.cli import main
+from privsep.runner.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from stack import Stack, short_home
 
-from privsep.runner.bundle_version import BundleVersionSource, NoVersion, git_head_commit
+from privsep.runner.sources.bundle_version import BundleVersionSource, NoVersion, git_head_commit
 
 GIT = shutil.which("git")
 # Under PRIVSEP_TESTS_STRICT=1 (CI) a missing git fails these tests instead of skipping them.

@@ -38,8 +38,8 @@ import requests
 from privsep.client._exceptions import PrivsepError
 from privsep.client._transport import ProxyTransport, SocketChannel, TokenSource
 from privsep.client._wire import MAX_FRAME, ProxyRequest, TokenRequest, parse_request
-from privsep.runner import credsock, peercheck
-from privsep.runner.credsock import (
+from privsep.runner.supervisor import credsock, peercheck
+from privsep.runner.supervisor.credsock import (
     ALLOWED,
     CredentialServer,
     SandboxState,

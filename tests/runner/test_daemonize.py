@@ -19,12 +19,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from privsep.runner.daemonize import LOG_MODE, running_pid
+from privsep.runner.supervisor.daemonize import LOG_MODE, running_pid
 
 # The daemon: detaches, writes to stdout and stderr, creates a file and a directory, then idles.
 DAEMON = """
 import os, sys, time
-from privsep.runner.daemonize import DaemonizeError, daemonize
+from privsep.runner.supervisor.daemonize import DaemonizeError, daemonize
 
 pidfile, logfile, workdir = sys.argv[1:4]
 try:

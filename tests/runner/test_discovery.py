@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from privsep.runner.discovery import RACY_SECONDS, Discovery
+from privsep.runner.sources.discovery import RACY_SECONDS, Discovery
 
 OLD = time.time() - 3600  # well outside the racy window
 

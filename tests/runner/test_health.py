@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from privsep.runner.health import (
+from privsep.runner.supervisor.health import (
     HEARTBEAT_FILE,
     HealthResult,
     check_health,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from privsep.runner.keepalive import HttpUnavailable, KeepAliveClient
+from privsep.runner.api.keepalive import HttpUnavailable, KeepAliveClient
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from privsep.runner.loopwake import LoopWaker
+from privsep.runner.supervisor.loopwake import LoopWaker
 from privsep.sandbox.handle import SandboxHandle
 
 LONG = 60.0

@@ -13,9 +13,15 @@ from typing import TypeVar
 
 import pytest
 
-from privsep.runner.cli import main
-from privsep.runner.discovery import Discovery, DiscoveryError, crawl, from_manifest, load_sources
-from privsep.runner.manifest import ManifestError, declared_workflows, load_manifest
+from privsep.runner.cli.main import main
+from privsep.runner.sources.discovery import (
+    Discovery,
+    DiscoveryError,
+    crawl,
+    from_manifest,
+    load_sources,
+)
+from privsep.runner.sources.manifest import ManifestError, declared_workflows, load_manifest
 
 ETL = 'from privsep.client import Workflow\nwf = Workflow("etl")\n'
 TWO = textwrap.dedent("""
@@ -236,8 +242,8 @@ def test_bad_source_lists_are_refused(spec: str, says: str) -> None:
 
 
 def test_the_supervisor_refuses_a_bad_source_list_at_start(tmp_path: Path) -> None:
-    from privsep.runner.config import ConfigError, load_config
-    from privsep.runner.supervisor import SupervisorSettings
+    from privsep.runner.config.loader import ConfigError, load_config
+    from privsep.runner.supervisor.daemon import SupervisorSettings
 
     env = {"PRIVSEP_HOME": str(tmp_path), "PRIVSEP__SUPERVISOR__DISCOVERY_SOURCES": "crawl,walk"}
     with pytest.raises(ConfigError, match="discovery_sources unknown discovery source 'walk'"):

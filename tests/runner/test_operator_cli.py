@@ -29,8 +29,8 @@ import pytest
 from cryptography.fernet import Fernet
 from stack import Stack, free_port, short_home
 
+from privsep.runner.cli.operator import OperatorClient, clean, one_line
 from privsep.runner.errors import CommandError
-from privsep.runner.operator_cmd import OperatorClient, clean, one_line
 from privsep.secrets.fernet import FieldCipher
 from privsep.secrets.keys import generate_ed25519_pem
 

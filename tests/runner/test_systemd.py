@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from privsep.runner.systemd import (
+from privsep.runner.supervisor.systemd import (
     LoopWatchdog,
     Notifier,
     scrub_environ,

@@ -483,7 +483,7 @@ def test_the_memory_limit_kills_a_hog_and_says_so(ctr: ContainerBackend, area: P
 def test_the_credential_socket_answers_the_container_process_and_no_other(
     ctr: ContainerBackend, area: Path
 ) -> None:
-    from privsep.runner.credsock import CredentialServer
+    from privsep.runner.supervisor.credsock import CredentialServer
 
     root = tempfile.mkdtemp(prefix="cs", dir="/tmp")
     os.chmod(root, 0o711)

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privsep.runner.config_schema import BY_NAME, OPTIONS, SECTIONS, Option
+from privsep.runner.config.schema import BY_NAME, OPTIONS, SECTIONS, Option
 from privsep.secrets.files import InsecureFileError, read_secret_file
 
 ENV_PREFIX = "PRIVSEP__"

@@ -20,7 +20,7 @@ The manifest also decides which file may declare which workflow: discovery sends
 the ids its file is given (none for a file only the crawl found), and the server refuses a
 result that declares another, so one file cannot take over another's workflow.
 
-The manifest is read by discovery (:func:`privsep.runner.discovery.from_manifest`) and by
+The manifest is read by discovery (:func:`privsep.runner.sources.discovery.from_manifest`) and by
 ``runner manifest check`` / ``generate``, which compare it with a crawl of the folder. Those
 tools find each file's workflow ids by reading its syntax tree (``Workflow("etl")`` with a
 literal id), never by importing it: a definition file is untrusted code, and only a sandbox
@@ -62,7 +62,7 @@ class Manifest:
 
 def load_manifest(folder: Path) -> Manifest | None:
     """The folder's manifest, or None when it has none. Raises :class:`ManifestError`."""
-    from privsep.runner.discovery import open_inside
+    from privsep.runner.sources.discovery import open_inside
 
     file = folder / MANIFEST_NAME
     try:

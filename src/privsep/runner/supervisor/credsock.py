@@ -13,8 +13,9 @@ Every connection goes through, in order:
 
 1. **Capacity.** At most ``max_connections`` open connections per sandbox; the rest are closed
    at once, so one sandbox cannot exhaust the supervisor's file descriptors.
-2. **Peer check**, before a byte is read (:mod:`privsep.runner.peercheck`): the ``SO_PEERCRED``
-   uid must be the sandbox uid, and the pid must descend from the sandbox's root process, in a
+2. **Peer check**, before a byte is read (:mod:`privsep.runner.supervisor.peercheck`): the
+   ``SO_PEERCRED`` uid must be the sandbox uid, and the pid must descend from the sandbox's root
+   process, in a
    way a reused pid cannot fool. A connection made while the entry is WAITING (no process
    bound or no token set yet) is *parked*: not checked, not read, until both are there, so a
    child that connects while the supervisor is still between ``launch()`` and
@@ -78,7 +79,7 @@ from privsep.client._wire import (
     encode_frame,
     parse_request,
 )
-from privsep.runner.peercheck import (
+from privsep.runner.supervisor.peercheck import (
     PeerRejected,
     ProcessRecord,
     boottime_ticks,

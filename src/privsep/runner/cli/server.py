@@ -4,20 +4,20 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from privsep.runner.check_perms import PermissionViolation, enforce_at_start
-from privsep.runner.config import Config
+from privsep.runner.config.check_perms import PermissionViolation, enforce_at_start
+from privsep.runner.config.loader import Config
 from privsep.runner.errors import EXIT_FAILURE, CommandError
 from privsep.secrets.files import InsecureFileError, make_private_dir
 
 if TYPE_CHECKING:
-    from privsep.server.settings import ServerSettings
+    from privsep.server.public import ServerSettings, Stoppable
 
 
 def database_url(cfg: Config) -> str:
     """``database.url``, or SQLite in the state directory when it is empty."""
-    from privsep.server.db.engine import sqlite_url_for
+    from privsep.server.public import sqlite_url_for
 
     url = str(cfg.get("database.url"))
     if url:
@@ -28,7 +28,7 @@ def database_url(cfg: Config) -> str:
 
 
 def server_settings(cfg: Config) -> ServerSettings:
-    from privsep.server.settings import ServerSettings
+    from privsep.server.public import ServerSettings
 
     fernet = str(cfg.get("server.fernet_key"))
     return ServerSettings(
@@ -55,8 +55,7 @@ def server_settings(cfg: Config) -> ServerSettings:
 
 def run_server(cfg: Config) -> int:
     """Check permissions (strict by default), then serve until stopped."""
-    from privsep.server.listen import ListenError
-    from privsep.server.serve import serve
+    from privsep.server.public import ListenError, serve
 
     try:
         enforce_at_start(cfg, "server")
@@ -81,20 +80,11 @@ def run_server(cfg: Config) -> int:
         scheduler.stop(timeout=5)
 
 
-def start_scheduler(settings: ServerSettings) -> Any:
-    """One scheduler per ``runner server``, in the parent process: API workers are forked
-    after it starts, and a thread does not survive a fork, so exactly one copy runs here.
-    Several servers may each run one: every write is a conditional one (see scheduler.py)."""
-    from privsep.server.db.engine import Database
-    from privsep.server.scheduler import SchedulerThread
+def start_scheduler(settings: ServerSettings) -> Stoppable:
+    """One scheduler per ``runner server``, in the parent process, before any worker forks."""
+    from privsep.server.public import start_scheduler as _start_scheduler
 
-    thread = SchedulerThread(
-        Database.from_url(settings.database_url),
-        settings.scheduler_interval,
-        running_grace=settings.running_timeout_grace,
-    )
-    thread.start()
-    return thread
+    return _start_scheduler(settings)
 
 
 def run_scheduler(cfg: Config) -> int:
@@ -127,19 +117,19 @@ def run_scheduler(cfg: Config) -> int:
 
 
 def db_upgrade(cfg: Config) -> int:
-    from privsep.server.db.migrate import main_upgrade
+    from privsep.server.public import db_upgrade as _db_upgrade
 
-    return main_upgrade(database_url(cfg), sys.stdout, sys.stderr)
+    return _db_upgrade(database_url(cfg), sys.stdout, sys.stderr)
 
 
 def db_check(cfg: Config) -> int:
-    from privsep.server.db.migrate import main_check
+    from privsep.server.public import db_check as _db_check
 
-    return main_check(database_url(cfg), sys.stdout, sys.stderr)
+    return _db_check(database_url(cfg), sys.stdout, sys.stderr)
 
 
 def supervisors_register(cfg: Config, name: str, public_key: str, replace: bool) -> int:
-    from privsep.server.admin import AdminError, register_supervisor
+    from privsep.server.public import AdminError, register_supervisor
 
     try:
         sup_id = register_supervisor(database_url(cfg), name, public_key, replace=replace)

@@ -7,7 +7,8 @@ retried on the next scan.
 
 Which files there are comes from *discovery sources*: callables that take the workflows folder
 and return paths of definition files. Two are built in, and the default list has both:
-:func:`from_manifest` (the files ``manifest.json`` names, see :mod:`privsep.runner.manifest`)
+:func:`from_manifest` (the files ``manifest.json`` names, see
+:mod:`privsep.runner.sources.manifest`)
 and :func:`crawl` (every ``*.py`` below the folder). A source that raises fails the whole
 scan, so that a broken manifest never reads as "every workflow was deleted". With the
 ``manifest`` source in use and a manifest present, a scan also says which workflow ids each
@@ -78,8 +79,8 @@ def crawl(folder: Path) -> list[str]:
 
 def from_manifest(folder: Path) -> list[str]:
     """The files ``folder/manifest.json`` names; none when there is no manifest. Raises
-    :class:`~privsep.runner.manifest.ManifestError` when the manifest is malformed."""
-    from privsep.runner.manifest import load_manifest
+    :class:`~privsep.runner.sources.manifest.ManifestError` when the manifest is malformed."""
+    from privsep.runner.sources.manifest import load_manifest
 
     manifest = load_manifest(folder)
     return [] if manifest is None else sorted({entry.path for entry in manifest.entries})
@@ -173,7 +174,7 @@ class Discovery:
         """Every definition file the sources name, each once, in the sources' order, and
         what the manifest assigns to each (see :attr:`Changes.owners`). Raises
         :class:`DiscoveryError` when a source fails."""
-        from privsep.runner.manifest import load_manifest
+        from privsep.runner.sources.manifest import load_manifest
 
         seen: dict[str, None] = {}
         owners: dict[str, tuple[str, ...]] | None = None

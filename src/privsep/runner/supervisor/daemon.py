@@ -26,16 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privsep.runner.api_session import ApiRefused, ServerUnavailable, SupervisorApi
-from privsep.runner.bundle_version import BundleVersionSource
-from privsep.runner.bundles import BundleStore, pinned_uri
-from privsep.runner.check_perms import PermissionViolation, enforce_at_start
-from privsep.runner.config import Config, ConfigError, load_config
-from privsep.runner.discovery import Discovery, DiscoveryError, load_sources
+from privsep.runner.api.keepalive import KeepAliveClient
+from privsep.runner.api.session import ApiRefused, ServerUnavailable, SupervisorApi
+from privsep.runner.config.check_perms import PermissionViolation, enforce_at_start
+from privsep.runner.config.loader import Config, ConfigError, load_config
 from privsep.runner.errors import CommandError
-from privsep.runner.keepalive import KeepAliveClient
-from privsep.runner.loopwake import LoopWaker
-from privsep.runner.orphans import OrphanRecords
+from privsep.runner.sources.bundle_version import BundleVersionSource
+from privsep.runner.sources.bundles import BundleStore, pinned_uri
+from privsep.runner.sources.discovery import Discovery, DiscoveryError, load_sources
+from privsep.runner.supervisor.loopwake import LoopWaker
+from privsep.runner.supervisor.orphans import OrphanRecords
 from privsep.secrets.files import InsecureFileError, make_private_dir
 from privsep.secrets.keys import KeyFormatError, load_private_key
 
@@ -79,7 +79,7 @@ class Active:
     item_id: str
     sandbox_id: str
     handle: Any  # privsep.sandbox.SandboxHandle
-    socket: Any  # privsep.runner.credsock entry
+    socket: Any  # privsep.runner.supervisor.credsock entry
     log_path: str
     started: float
     token_issued: float
@@ -245,8 +245,8 @@ class Supervisor:
     def start(self) -> None:
         """The issue's order: check-perms (strict), load the credential, become
         non-dumpable, then open a session with the server (retrying with backoff)."""
-        from privsep.runner import systemd
-        from privsep.runner.credsock import CredentialServer
+        from privsep.runner.supervisor import systemd
+        from privsep.runner.supervisor.credsock import CredentialServer
         from privsep.sandbox import set_non_dumpable
 
         enforce_at_start(self.cfg, "supervisor")
@@ -399,7 +399,7 @@ class Supervisor:
         return max(0.0, min(due) - now)
 
     def _write_health(self) -> None:
-        from privsep.runner.health import write_heartbeat
+        from privsep.runner.supervisor.health import write_heartbeat
 
         try:
             write_heartbeat(
@@ -749,7 +749,7 @@ class Supervisor:
     ) -> tuple[int, Any]:
         """Forward one sandbox's API call, on the calling pool thread's kept connection, and
         note an accepted report of the item's end (see :data:`REPORT_CALLS`).
-        :class:`~privsep.runner.keepalive.HttpUnavailable` is an OSError: the credential
+        :class:`~privsep.runner.api.keepalive.HttpUnavailable` is an OSError: the credential
         server turns it into ``server_unavailable`` for the child."""
         assert self._proxy_http is not None  # noqa: S101 - set in start(), before creds
         reply = self._proxy_http.request(method, path, body, token=token)
@@ -825,7 +825,7 @@ def run_supervisor(cfg: Config, *, config_path: str | None, daemon: bool = False
     """The ``runner supervisor`` command."""
     settings = SupervisorSettings.from_config(cfg)
     if daemon:
-        from privsep.runner.daemonize import daemonize
+        from privsep.runner.supervisor.daemonize import daemonize
 
         make_private_dir(str(settings.state_dir))
         ctx = daemonize(

@@ -17,7 +17,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from privsep.runner.keepalive import HttpUnavailable, KeepAliveClient
+from privsep.runner.api.keepalive import HttpUnavailable, KeepAliveClient
 from privsep.secrets.tokens import create_assertion
 
 log = logging.getLogger("privsep.supervisor.api")

@@ -15,17 +15,18 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from privsep import __version__
-from privsep.runner import manifest_cmd, operator_cmd
+from privsep.runner.cli import manifest as manifest_cmd
+from privsep.runner.cli import operator as operator_cmd
 from privsep.runner.errors import EXIT_OK, EXIT_USAGE, CommandError
 
 if TYPE_CHECKING:
-    from privsep.runner.config import Config
+    from privsep.runner.config.loader import Config
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _load(args: argparse.Namespace) -> Config:
-    from privsep.runner.config import load_config
+    from privsep.runner.config.loader import load_config
 
     return load_config(args.config)
 
@@ -54,7 +55,7 @@ def cmd_config_list(args: argparse.Namespace) -> int:
 
 
 def cmd_config_get(args: argparse.Namespace) -> int:
-    from privsep.runner.config_schema import BY_NAME
+    from privsep.runner.config.schema import BY_NAME
 
     if args.key not in BY_NAME:
         import difflib
@@ -73,68 +74,68 @@ def cmd_config_get(args: argparse.Namespace) -> int:
 
 
 def cmd_config_default(args: argparse.Namespace) -> int:
-    from privsep.runner.config_schema import render_default_toml
+    from privsep.runner.config.schema import render_default_toml
 
     sys.stdout.write(render_default_toml())
     return EXIT_OK
 
 
 def cmd_check_perms(args: argparse.Namespace) -> int:
-    from privsep.runner.check_perms import run_check_perms
+    from privsep.runner.config.check_perms import run_check_perms
 
     return run_check_perms(_load(args), as_json=args.json)
 
 
 def cmd_credentials_create(args: argparse.Namespace) -> int:
-    from privsep.runner.credentials import create_credential
+    from privsep.runner.cli.credentials import create_credential
 
     return create_credential(args.out)
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from privsep.runner.server_cmd import run_server
+    from privsep.runner.cli.server import run_server
 
     return run_server(_load(args))
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    from privsep.runner.server_cmd import run_scheduler
+    from privsep.runner.cli.server import run_scheduler
 
     return run_scheduler(_load(args))
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from privsep.runner.server_cmd import db_upgrade
+    from privsep.runner.cli.server import db_upgrade
 
     return db_upgrade(_load(args))
 
 
 def cmd_db_check(args: argparse.Namespace) -> int:
-    from privsep.runner.server_cmd import db_check
+    from privsep.runner.cli.server import db_check
 
     return db_check(_load(args))
 
 
 def cmd_supervisors_register(args: argparse.Namespace) -> int:
-    from privsep.runner.server_cmd import supervisors_register
+    from privsep.runner.cli.server import supervisors_register
 
     return supervisors_register(_load(args), args.name, args.public_key, args.replace)
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from privsep.runner.server_cmd import keys_rotate
+    from privsep.runner.cli.server import keys_rotate
 
     return keys_rotate(_load(args))
 
 
 def cmd_supervisor(args: argparse.Namespace) -> int:
-    from privsep.runner.supervisor import run_supervisor
+    from privsep.runner.supervisor.daemon import run_supervisor
 
     return run_supervisor(_load(args), config_path=args.config, daemon=args.daemon)
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from privsep.runner.health import check_health
+    from privsep.runner.supervisor.health import check_health
 
     cfg = _load(args)
     max_age = args.max_age or 3 * float(cfg.get("supervisor.heartbeat_interval")) + 10
@@ -144,7 +145,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from privsep.runner.logs_cmd import show_log
+    from privsep.runner.cli.logs import show_log
 
     cfg = _load(args)
     return show_log(cfg.path_of("core.state_dir"), args.attempt, follow=args.follow)
@@ -153,8 +154,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_standalone(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from privsep.runner.config import default_home
-    from privsep.runner.standalone import Options, bundled_examples, run_standalone
+    from privsep.runner.cli.standalone import Options, bundled_examples, run_standalone
+    from privsep.runner.config.loader import default_home
 
     home = Path(args.home).expanduser().resolve() if args.home else default_home(os.environ)
     workflows = Path(args.workflows).expanduser() if args.workflows else bundled_examples()
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from privsep.runner.config import ConfigError
+    from privsep.runner.config.loader import ConfigError
 
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler

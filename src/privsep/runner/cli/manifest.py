@@ -4,7 +4,7 @@
 manifest misses (discovery with only the ``manifest`` source would never parse them), entries
 whose file is gone, and entries whose file does not declare the workflow they are listed
 under. ``generate`` writes a manifest from a crawl. Both find workflow ids in each file's
-syntax tree (see :func:`privsep.runner.manifest.declared_workflows`): nothing is imported.
+syntax tree (see :func:`privsep.runner.sources.manifest.declared_workflows`): nothing is imported.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from privsep.runner.discovery import MAX_FILE_BYTES, crawl, open_inside
 from privsep.runner.errors import EXIT_FAILURE, EXIT_OK, CommandError
-from privsep.runner.manifest import (
+from privsep.runner.sources.discovery import MAX_FILE_BYTES, crawl, open_inside
+from privsep.runner.sources.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     Declared,
@@ -43,7 +43,7 @@ def _folder(args: argparse.Namespace) -> Path:
     if args.workflows:
         folder = Path(args.workflows).expanduser()
     else:
-        from privsep.runner.config import load_config
+        from privsep.runner.config.loader import load_config
 
         folder = load_config(args.config).path_of("core.workflows_dir")
     if not folder.is_dir():

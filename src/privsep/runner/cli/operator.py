@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import requests
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from privsep.runner.config import Config
+    from privsep.runner.config.loader import Config
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -264,7 +264,7 @@ def _network_reason(exc: Exception) -> str:
 
 
 def _client(args: argparse.Namespace) -> OperatorClient:
-    from privsep.runner.config import load_config
+    from privsep.runner.config.loader import load_config
 
     return OperatorClient.from_config(load_config(args.config))
 

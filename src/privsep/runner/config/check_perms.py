@@ -18,8 +18,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from privsep.runner.config import Config
-from privsep.runner.config_schema import OPTIONS
+from privsep.runner.config.loader import Config
+from privsep.runner.config.schema import OPTIONS
 from privsep.sandbox.privdrop import PrivilegeDropError, drop_privileges
 from privsep.secrets.files import Finding, check_parents, check_secret_dir, check_secret_file
 

@@ -440,7 +440,7 @@ def run_standalone(opts: Options, base_env: dict[str, str] | None = None) -> int
     if opts.parallelism:
         env["PRIVSEP__SUPERVISOR__PARALLELISM"] = str(opts.parallelism)
         env["PRIVSEP__SUPERVISOR__EXECUTOR"] = "local"
-    from privsep.runner.config import load_config
+    from privsep.runner.config.loader import load_config
 
     cfg = load_config(environ=env)
     url = str(cfg.get("server.url"))

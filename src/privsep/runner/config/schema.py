@@ -426,7 +426,7 @@ SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(o.section for o in OPTIONS))
 def render_default_toml() -> str:
     """The documented default configuration file, one description comment per key."""
     out = [
-        "# privsep.toml: the default configuration, generated from privsep.runner.config_schema.",
+        "# privsep.toml: the default configuration, generated from privsep.runner.config.schema.",
         "# Every key may be overridden from the environment as PRIVSEP__SECTION__KEY.",
         "# Secret keys also accept KEY_cmd (first line of a command's output, no shell) and",
         "# KEY_file (a file that must pass `runner check-perms`). Relative paths are under",

@@ -1,0 +1,1 @@
+"""The ``runner`` command line: every command, ``standalone``, and the operator commands."""

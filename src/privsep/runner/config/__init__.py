@@ -1,0 +1,1 @@
+"""Configuration: the option table, the loader, and ``check-perms``."""

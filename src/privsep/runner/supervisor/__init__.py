@@ -1,0 +1,1 @@
+"""The supervisor daemon: its work loop, launching, outcomes, and the credential socket."""
