@@ -18,6 +18,7 @@ from privsep import __version__
 from privsep.runner.cli import manifest as manifest_cmd
 from privsep.runner.cli import operator as operator_cmd
 from privsep.runner.errors import EXIT_OK, EXIT_USAGE, CommandError
+from privsep.runner.selftest import command as selftest_cmd
 
 if TYPE_CHECKING:
     from privsep.runner.config.loader import Config
@@ -294,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys_sub.add_parser("rotate", help="add a signing key (creates the ring if absent)")
     p.set_defaults(handler=cmd_keys_rotate)
     manifest_cmd.register(sub)
+    selftest_cmd.register(sub)
     operator_cmd.register(sub)
     return parser
 

@@ -1,0 +1,1 @@
+"""``runner selftest``: the attack battery, run in real sandboxes on the operator's host."""

@@ -1,0 +1,101 @@
+"""``runner selftest [--backend process|container] [--json]``: the scorecard on this host."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+from privsep.runner.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``selftest`` to the ``runner`` command line."""
+    p = sub.add_parser(
+        "selftest",
+        help="attack real sandboxes on this host; one line per attack; exit 1 on any leak",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("process", "container"),
+        help="the sandbox backend to attack (default: sandbox.backend from the configuration)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable scorecard")
+    p.set_defaults(handler=_cmd_selftest)
+
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from privsep.runner.config.loader import load_config
+
+    cfg = load_config(args.config)
+    return run_selftest(cfg, backend=args.backend, as_json=args.json)
+
+
+def run_selftest(cfg: Any, *, backend: str | None = None, as_json: bool = False) -> int:
+    """Plant secrets, run every attack in a fresh sandbox, print the scorecard."""
+    from privsep.runner.selftest.battery import ATTACKS, Verdict, planted, run_battery
+    from privsep.runner.supervisor.daemon import SupervisorSettings
+
+    if os.geteuid() != 0:
+        raise CommandError(
+            "selftest must run as root, as the supervisor does: it starts real sandboxes "
+            "(sudo runner selftest)",
+            EXIT_USAGE,
+        )
+    settings = SupervisorSettings.from_config(cfg)
+    if backend:
+        settings = dataclasses.replace(settings, backend=backend)
+
+    def show(verdict: Verdict) -> None:
+        if not as_json:
+            print(f"{verdict.result:<7} {verdict.attack:<18} {verdict.detail}", flush=True)
+
+    if not as_json:
+        print(
+            f"privsep selftest: {len(ATTACKS)} attacks, each in a fresh {settings.backend} sandbox",
+            flush=True,
+        )
+    # The backend (and its zygote) starts after the secrets are planted, as a supervisor's
+    # would start after it loaded its key: all it could inherit is there by then.
+    with planted(cfg, settings) as plant, _backend(settings) as sandboxes:
+        verdicts = run_battery(sandboxes, settings, plant, progress=show)
+    failed = [v for v in verdicts if not v.held]
+    if as_json:
+        json.dump(
+            {
+                "backend": settings.backend,
+                "ok": not failed,
+                "attacks": [dataclasses.asdict(v) for v in verdicts],
+            },
+            sys.stdout,
+            indent=2,
+        )
+        sys.stdout.write("\n")
+    else:
+        leaked = sum(v.result == "LEAKED" for v in verdicts)
+        errors = sum(v.result == "ERROR" for v in verdicts)
+        print(
+            f"{len(verdicts) - len(failed)} held, {leaked} leaked, {errors} could not run",
+            flush=True,
+        )
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _backend(settings: Any) -> Any:
+    """The backend ``runner supervisor`` would build from these settings."""
+    from privsep.sandbox import ProcessBackend, SandboxUnavailable, UidPool
+
+    pool = UidPool(settings.uid_first, settings.uid_count)
+    try:
+        if settings.backend == "container":
+            from privsep.sandbox.container import ContainerBackend
+
+            return ContainerBackend(
+                image=settings.image or None, uid_pool=pool, supervisor="selftest"
+            )
+        return ProcessBackend(launch_mode=settings.launch_mode, uid_pool=pool, prewarm=1)
+    except SandboxUnavailable as exc:
+        raise CommandError(str(exc).removeprefix("privsep: ")) from None
