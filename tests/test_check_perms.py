@@ -614,3 +614,68 @@ def test_a_workflows_folder_its_authors_write_in_is_clean(home: Path, tmp_path: 
     folder = _workflows_in(tmp_path / "srv", 0o755)
     folder.chmod(0o777)  # writing inside the folder is what authors do
     assert_clean(check_perms(home, extra={"PRIVSEP__CORE__WORKFLOWS_DIR": str(folder)}))
+
+
+# -- what root trusts without it being a secret: the configuration file and _cmd executables --
+
+
+def test_config_file_others_may_write_is_a_violation(home: Path) -> None:
+    config = write_config(home / "privsep.toml", '[supervisor]\nexecutor = "sequential"\n', 0o666)
+    result = check_perms(home)
+    assert_violation(result, config, "writable by group or others", fix=f"chmod go-w {config}")
+    os.chmod(config, 0o644)
+    assert_clean(check_perms(home))
+
+
+@requires_root
+def test_config_file_owned_by_another_user_is_a_violation(home: Path) -> None:
+    config = write_config(home / "privsep.toml", '[supervisor]\nexecutor = "sequential"\n', 0o644)
+    os.chown(config, OTHER_UID, -1)
+    result = check_perms(home)
+    assert_violation(result, config, f"owned by {user_name(OTHER_UID)}", fix=f"chown {ME} {config}")
+
+
+def _command_config(home: Path, executable: Path) -> Path:
+    return write_config(
+        home / "privsep.toml", f'[database]\nurl_cmd = "{executable} --print"\n', 0o600
+    )
+
+
+def test_a_cmd_executable_others_may_write_is_a_violation(tmp_path: Path, home: Path) -> None:
+    tools = make_dir(tmp_path / "tools", 0o755)
+    tool = write_file(tools / "db-url", b"#!/bin/sh\necho sqlite:///x\n", mode=0o777)
+    _command_config(home, tool)
+    result = check_perms(home)
+    assert_violation(result, tool, "writable by group or others", fix=f"chmod go-w {tool}")
+    os.chmod(tool, 0o755)
+    assert_clean(check_perms(home))
+
+
+def test_a_directory_above_a_cmd_executable_is_checked(tmp_path: Path, home: Path) -> None:
+    tools = make_dir(tmp_path / "tools", 0o777)
+    tool = write_file(tools / "db-url", b"#!/bin/sh\necho sqlite:///x\n", mode=0o755)
+    _command_config(home, tool)
+    result = check_perms(home)
+    assert_violation(result, tools, "parent directory is writable", fix=f"chmod go-w {tools}")
+
+
+def test_a_cmd_from_the_environment_is_found_on_path(tmp_path: Path, home: Path) -> None:
+    tools = make_dir(tmp_path / "bin", 0o755)
+    tool = write_file(tools / "fernet-key", b"#!/bin/sh\necho k\n", mode=0o775)
+    extra = {
+        "PRIVSEP__SERVER__FERNET_KEY_CMD": "fernet-key",
+        "PATH": f"{tools}:{os.environ['PATH']}",
+    }
+    result = check_perms(home, extra=extra)
+    assert_violation(result, tool, "writable by group or others", fix=f"chmod go-w {tool}")
+
+
+def test_a_symlinked_cmd_executable_is_judged_by_its_target(tmp_path: Path, home: Path) -> None:
+    loose = make_dir(tmp_path / "loose", 0o755)
+    target = write_file(loose / "real-tool", b"#!/bin/sh\necho x\n", mode=0o757)
+    tools = make_dir(tmp_path / "tools", 0o755)
+    link = tools / "tool"
+    link.symlink_to(target)
+    _command_config(home, link)
+    result = check_perms(home)
+    assert_violation(result, target, "writable by group or others", fix=f"chmod go-w {target}")

@@ -121,6 +121,44 @@ def check_parents(path: str, what: str = "the secret") -> list[Finding]:
     return findings
 
 
+def check_not_replaceable(path: str, what: str) -> list[Finding]:
+    """Findings for a file that root trusts without it being a secret: the configuration file
+    (it names commands that root runs) and the executables its ``_cmd`` settings run.
+
+    Anyone may read such a file, but whoever can change it, or a directory above it, owns the
+    host the next time it is read. A symlink is allowed (``/usr/bin/python3`` is one) and is
+    judged twice: the directories above the link, and the file it resolves to with its own
+    directories. Raises ``FileNotFoundError`` when the file is absent.
+    """
+    findings = check_parents(path, what)
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    if not stat.S_ISREG(st.st_mode):
+        return [*findings, Finding(real, "is not a regular file", f"ls -l {_q(real)}")]
+    if st.st_uid not in _allowed_owners():
+        findings.append(
+            Finding(
+                real,
+                f"is owned by {_user_name(st.st_uid)}, not by {_expected_owner()}: "
+                f"that user could change {what}",
+                f"chown {_user_name(os.geteuid())} {_q(real)}",
+            )
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        findings.append(
+            Finding(
+                real,
+                f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                f"they could change {what}",
+                f"chmod go-w {_q(real)}",
+            )
+        )
+    if real != os.path.abspath(path):
+        seen = {f.path for f in findings}
+        findings += [f for f in check_parents(real, what) if f.path not in seen]
+    return findings
+
+
 def _check_fstat(path: str, st: os.stat_result) -> list[Finding]:
     findings: list[Finding] = []
     if not stat.S_ISREG(st.st_mode):

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 from privsep.runner.config.loader import Config
 from privsep.runner.config.schema import OPTIONS
 from privsep.sandbox.privdrop import PrivilegeDropError, drop_privileges
-from privsep.secrets.files import Finding, check_parents, check_secret_dir, check_secret_file
+from privsep.secrets.files import (
+    Finding,
+    check_not_replaceable,
+    check_parents,
+    check_secret_dir,
+    check_secret_file,
+)
 
 log = logging.getLogger("privsep.check_perms")
 
@@ -204,7 +210,54 @@ def check_permissions(cfg: Config) -> Report:
                 )
             )
     _check_bundle(cfg, report)
+    _check_trusted(cfg, report)
     return report
+
+
+def _check_trusted(cfg: Config, report: Report) -> None:
+    """The configuration file and every executable a ``_cmd`` names: root runs what they say.
+
+    A file holding a secret is already held to the secret rules above; this adds the
+    configuration file that holds none (it may be world-readable, never writable) and the
+    commands. A command that cannot be found is left to the loader, which refuses it by name
+    when it would run.
+    """
+    seen = {f.path for f in report.findings}
+    trusted: list[tuple[str, str]] = []
+    if cfg.file_exists and not cfg.secrets_in_file:
+        trusted.append((str(cfg.path), "the configuration file (it names commands root runs)"))
+    for where, command in sorted(cfg.commands.items()):
+        executable = _executable_of(command)
+        if executable:
+            trusted.append((executable, f"the command that {where} runs"))
+    for path, what in trusted:
+        report.checked.append(path)
+        try:
+            found = check_not_replaceable(path, what)
+        except FileNotFoundError:
+            report.absent.append(path)
+            continue
+        except OSError as exc:
+            found = [Finding(path, f"cannot stat: {exc.strerror}", f"ls -l {shlex.quote(path)}")]
+        for finding in found:
+            if finding.path not in seen:
+                seen.add(finding.path)
+                report.findings.append(finding)
+
+
+def _executable_of(command: str) -> str | None:
+    """The file a ``_cmd`` executes: its first word, looked up in ``PATH`` as ``exec`` would."""
+    import shutil
+
+    try:
+        argv = shlex.split(command)
+    except ValueError:
+        return None
+    if not argv:
+        return None
+    if "/" in argv[0]:
+        return os.path.abspath(argv[0])
+    return shutil.which(argv[0])
 
 
 def _check_bundle(cfg: Config, report: Report) -> None:

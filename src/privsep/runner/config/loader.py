@@ -72,6 +72,8 @@ class Config:
     settings: dict[str, Setting] = field(default_factory=dict)
     secrets_in_file: list[str] = field(default_factory=list)
     secret_files: dict[str, str] = field(default_factory=dict)
+    # Every ``_cmd`` the file or the environment names, run or not: ``{where: command}``.
+    commands: dict[str, str] = field(default_factory=dict)
 
     def get(self, name: str) -> Value:
         """The value of ``section.key``; a file-held secret is read (and checked) now."""
@@ -139,6 +141,12 @@ def load_config(
         cfg.file_exists = True
     env_values = _read_env(env)
     timeout = _early_timeout(file_values, env_values)
+    for key, (command, line) in file_values.items():
+        if key.endswith("_cmd"):
+            cfg.commands[f"{path}:{line}: {key}"] = str(command)
+    for key, raw in env_values.items():
+        if key.endswith("_cmd"):
+            cfg.commands[f"environment: {key}"] = raw
 
     for opt in OPTIONS:
         cfg.settings[opt.name] = _resolve(opt, file_values, env_values, path, timeout, env, home)
