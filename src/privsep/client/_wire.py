@@ -294,7 +294,7 @@ def parse_request(obj: dict[str, Any]) -> ToSupervisor:
     """Validate a decoded frame from a child. Unknown types and fields are
     :class:`ProtocolError`; the supervisor should then close the connection."""
     kind = obj.get("type")
-    if kind not in _REQUEST_FIELDS:
+    if not isinstance(kind, str) or kind not in _REQUEST_FIELDS:
         raise ProtocolError(f"unknown request type {str(kind)[:50]!r}")
     _check_fields(obj, _REQUEST_FIELDS[kind])
     if kind == "token":
@@ -308,7 +308,7 @@ def parse_reply(obj: dict[str, Any], *, expect: str) -> ToSandbox:
     """Validate a decoded frame from the supervisor: it must be a reply of type ``expect`` or
     an ``error``; anything else is :class:`ProtocolError` (the conversation is out of step)."""
     kind = obj.get("type")
-    if kind not in _REPLY_FIELDS:
+    if not isinstance(kind, str) or kind not in _REPLY_FIELDS:
         raise ProtocolError(f"unknown reply type {str(kind)[:50]!r}")
     if kind not in (expect, "error"):
         raise ProtocolError(f"expected a {expect!r} reply, got {kind!r}")
