@@ -22,8 +22,9 @@ class Option:
     ``secret`` values are masked everywhere and may also be given as ``KEY_cmd`` (the first
     line of a command's output) or ``KEY_file`` (a file that must pass the permission check).
     ``secret_path`` values name a file or directory that holds a secret: ``check-perms`` checks
-    them, and they may also be given as ``KEY_cmd``. ``path`` values are resolved against
-    ``PRIVSEP_HOME`` when relative. A ``pattern`` is for values with a shape rather than a
+    them, and they may also be given as ``KEY_cmd`` or, for a file, as ``systemd:NAME`` (the
+    credential systemd delivered in ``$CREDENTIALS_DIRECTORY``). ``path`` values are resolved
+    against ``PRIVSEP_HOME`` when relative. A ``pattern`` is for values with a shape rather than a
     fixed list of ``choices``; ``pattern_words`` says that shape in the error message.
     """
 
@@ -244,7 +245,9 @@ OPTIONS: tuple[Option, ...] = (
         "credential",
         "str",
         "credentials/supervisor.key",
-        "Ed25519 private key (PEM) this supervisor proves its identity with.",
+        "Ed25519 private key (PEM) this supervisor proves its identity with; "
+        "systemd:NAME reads the credential that the unit's LoadCredential=NAME:PATH "
+        "delivers in $CREDENTIALS_DIRECTORY.",
         secret_path=True,
         path=True,
     ),
