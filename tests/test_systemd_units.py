@@ -95,6 +95,17 @@ def test_supervisor_unit_is_type_notify_with_a_watchdog() -> None:
     assert _directives(SUPERVISOR, "WatchdogSec") and _directives(SUPERVISOR, "ExecReload")
 
 
+def test_documentation_points_at_installed_docs() -> None:
+    """``Documentation=`` names files that docs/deployment.md installs from docs/."""
+    for unit in (SERVER, SUPERVISOR, TARGET):
+        urls = " ".join(_directives(unit, "Documentation")).split()
+        assert urls, unit.name
+        for url in urls:
+            prefix = "file:///usr/share/doc/privsep/"
+            assert url.startswith(prefix), url
+            assert (ROOT / "docs" / url[len(prefix) :]).is_file(), url
+
+
 def test_every_supervisor_capability_says_why() -> None:
     """Each capability kept has a comment line of its own naming what needs it."""
     text = SUPERVISOR.read_text()
