@@ -1,4 +1,5 @@
-"""``runner credentials create``: a new long-lived supervisor credential (an Ed25519 key pair).
+"""``runner credentials create``: a new long-lived credential (an Ed25519 key pair) for a
+supervisor or for the operator.
 
 Only the public half ever leaves this host: it is printed for registration with the server.
 """
@@ -35,6 +36,11 @@ def create_credential(out: str) -> int:
     with os.fdopen(fd, "wb") as pub:
         pub.write(public_pem)
     print(f"wrote private key {path} (mode 0600) and public key {path}.pub", file=sys.stderr)
-    print("register the public key with the server:", file=sys.stderr)
+    print(
+        "register the public key with the server: for a supervisor, `runner supervisors "
+        f"register NAME --public-key {path}.pub` on the server host; for the operator, copy it "
+        "to the server's server.operator_public_key and restart the server:",
+        file=sys.stderr,
+    )
     sys.stdout.write(public_pem.decode("ascii"))
     return 0

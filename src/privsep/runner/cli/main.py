@@ -81,6 +81,13 @@ def cmd_config_default(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from privsep.runner.config.schema import render_reference_markdown
+
+    sys.stdout.write(render_reference_markdown())
+    return EXIT_OK
+
+
 def cmd_check_perms(args: argparse.Namespace) -> int:
     from privsep.runner.config.check_perms import run_check_perms
 
@@ -205,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_config_get)
     p = config_sub.add_parser("default", help="print the documented default privsep.toml")
     p.set_defaults(handler=cmd_config_default)
+    p = config_sub.add_parser(
+        "reference", help="print the configuration reference (docs/configuration.md)"
+    )
+    p.set_defaults(handler=cmd_config_reference)
 
     p = sub.add_parser("check-perms", help="check every file that holds a secret")
     p.add_argument("--json", action="store_true", help="machine-readable output")

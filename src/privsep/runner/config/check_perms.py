@@ -72,10 +72,17 @@ def targets(cfg: Config) -> list[Target]:
         out.append(
             Target(str(cfg.path), f"config file (holds {', '.join(cfg.secrets_in_file)})", "file")
         )
+    credential_dirs: set[str] = set()
     for opt in OPTIONS:
         if opt.secret_path:
             path = str(cfg.path_of(opt.name))
             out.append(Target(path, opt.name, "dir" if opt.directory else "file"))
+            if cfg.systemd_credential(opt.name) is not None:
+                credential_dirs.add(os.path.dirname(path))
+    # systemd makes the credentials directory 0500 and each file 0400, root's for a root
+    # service: anything looser there means something other than systemd put it in place.
+    for directory in sorted(credential_dirs):
+        out.append(Target(directory, "systemd credentials directory", "state", 0o077))
     for name, path in cfg.secret_files.items():
         out.append(Target(os.path.abspath(path), f"{name} (_file)", "file"))
     out.append(

@@ -27,6 +27,12 @@ from privsep.secrets.files import InsecureFileError, read_secret_file
 ENV_PREFIX = "PRIVSEP__"
 CONFIG_FILE_NAME = "privsep.toml"
 MASK = "***"
+# ``supervisor.credential = "systemd:supervisor.key"``: the file systemd's LoadCredential=
+# delivered under $CREDENTIALS_DIRECTORY, so the key need not sit where the service reads it.
+SYSTEMD_CREDENTIAL_PREFIX = "systemd:"
+CREDENTIALS_DIRECTORY_ENV = "CREDENTIALS_DIRECTORY"
+# systemd's own rule for credential names: a file name, nothing that climbs out of the directory.
+_CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,255}")
 
 Value = str | int | float | bool
 
@@ -74,6 +80,9 @@ class Config:
     secret_files: dict[str, str] = field(default_factory=dict)
     # Every ``_cmd`` the file or the environment names, run or not: ``{where: command}``.
     commands: dict[str, str] = field(default_factory=dict)
+    # $CREDENTIALS_DIRECTORY as it was at load time ("" when unset): ``systemd:`` values
+    # resolve against it, and only when they are used.
+    credentials_directory: str = ""
 
     def get(self, name: str) -> Value:
         """The value of ``section.key``; a file-held secret is read (and checked) now."""
@@ -83,8 +92,49 @@ class Config:
         return setting.value
 
     def path_of(self, name: str) -> Path:
-        """A path option, resolved against the home directory."""
-        return self.home / str(self.get(name))
+        """A path option, resolved against the home directory (``systemd:NAME``: against
+        ``$CREDENTIALS_DIRECTORY``)."""
+        value = str(self.get(name))
+        if self.settings[name].option.secret_path and value.startswith(SYSTEMD_CREDENTIAL_PREFIX):
+            return self._systemd_credential(name, value[len(SYSTEMD_CREDENTIAL_PREFIX) :])
+        return self.home / value
+
+    def systemd_credential(self, name: str) -> str | None:
+        """The credential name when option ``name`` says ``systemd:NAME``, else ``None``."""
+        setting = self.settings[name]
+        value = setting.value
+        if (
+            setting.option.secret_path
+            and isinstance(value, str)
+            and value.startswith(SYSTEMD_CREDENTIAL_PREFIX)
+        ):
+            return value[len(SYSTEMD_CREDENTIAL_PREFIX) :]
+        return None
+
+    def _systemd_credential(self, name: str, credential: str) -> Path:
+        """The file systemd delivered, or a one-line error that says which unit setting to fix.
+
+        Checked when the value is used, not at load time: an operator's command on the same
+        host loads this file too and has no business with the supervisor's credential.
+        """
+        directory = self.credentials_directory
+        if not directory:
+            raise ConfigError(
+                f'{name} = "systemd:{credential}" but ${CREDENTIALS_DIRECTORY_ENV} is not '
+                f"set: systemd sets it only inside a unit with "
+                f"LoadCredential={credential}:PATH (run this there, or name the file itself)"
+            )
+        if not os.path.isabs(directory):
+            raise ConfigError(
+                f"{name}: ${CREDENTIALS_DIRECTORY_ENV} is {directory!r}, not an absolute path"
+            )
+        path = Path(directory) / credential
+        if not os.path.lexists(path):
+            raise ConfigError(
+                f"{name}: systemd credential {credential!r} is not in {directory} "
+                f"(add LoadCredential={credential}:PATH to the unit)"
+            )
+        return path
 
     def __repr__(self) -> str:  # never let a secret reach a log through repr()
         return f"Config(path={str(self.path)!r}, home={str(self.home)!r})"
@@ -133,7 +183,12 @@ def load_config(
     home = default_home(env)
     explicit = config_path or env.get("PRIVSEP_CONFIG")
     path = _expand_user(str(explicit), env) if explicit else home / CONFIG_FILE_NAME
-    cfg = Config(home=home, path=path, file_exists=False)
+    cfg = Config(
+        home=home,
+        path=path,
+        file_exists=False,
+        credentials_directory=env.get(CREDENTIALS_DIRECTORY_ENV, ""),
+    )
 
     file_values: dict[str, tuple[Value, int]] = {}
     if path.exists() or explicit:
@@ -157,7 +212,25 @@ def load_config(
         value = cfg.settings[opt.name].value
         if isinstance(value, FileSecret):
             cfg.secret_files[opt.name] = value.path
+        if opt.secret_path and isinstance(value, str):
+            _check_systemd_credential(opt, value, cfg.settings[opt.name].source)
     return cfg
+
+
+def _check_systemd_credential(opt: Option, value: str, source: str) -> None:
+    """A ``systemd:`` value names one credential file; say so now rather than at first use."""
+    if not value.startswith(SYSTEMD_CREDENTIAL_PREFIX):
+        return
+    credential = value[len(SYSTEMD_CREDENTIAL_PREFIX) :]
+    if opt.directory:
+        raise ConfigError(
+            f"{source}: key {opt.name}: names a directory; a systemd credential is one file"
+        )
+    if not _CREDENTIAL_NAME.fullmatch(credential) or credential in (".", ".."):
+        raise ConfigError(
+            f"{source}: key {opt.name}: {credential!r} is not a systemd credential name "
+            "(letters, digits, '_', '.', '@' and '-', as in LoadCredential=NAME:PATH)"
+        )
 
 
 # --- the file -------------------------------------------------------------------------------

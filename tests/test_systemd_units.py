@@ -1,0 +1,165 @@
+"""The systemd units under ``packaging/systemd``, checked by systemd's own tools.
+
+``systemd-analyze security --offline=yes`` scores how much of the host each unit can reach;
+the limits below are what each component allows (the supervisor must stay root with enough
+capabilities to build sandboxes, so it cannot score like the server). ``systemd-analyze
+verify``, ``systemd-sysusers`` and ``systemd-tmpfiles`` catch a unit or a file that systemd
+would refuse, without running systemd.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+UNITS = ROOT / "packaging" / "systemd"
+SERVER = UNITS / "privsep-server.service"
+SUPERVISOR = UNITS / "privsep-supervisor.service"
+TARGET = UNITS / "privsep.target"
+RUNNER = "/opt/privsep/venv/bin/runner"
+
+# The most exposure each unit may show. The server needs nothing but a user, its directories
+# and the network. The supervisor is root with CAP_SYS_ADMIN, the namespaces, mounts and
+# cgroups a sandbox is built from, and the network its API calls need; what it scores beyond
+# the server is exactly that (docs/deployment.md lists each remaining point).
+MAX_EXPOSURE = {SERVER.name: 1.5, SUPERVISOR.name: 4.0}
+
+ANALYZE = shutil.which("systemd-analyze")
+needs_analyze = pytest.mark.skipif(
+    ANALYZE is None, reason="systemd-analyze is not installed (scripts/test installs systemd)"
+)
+
+
+def _directives(unit: Path, name: str) -> list[str]:
+    return [
+        line.split("=", 1)[1].strip()
+        for line in unit.read_text().splitlines()
+        if line.startswith(f"{name}=")
+    ]
+
+
+def _exposure(unit: Path) -> float:
+    assert ANALYZE is not None
+    done = subprocess.run(
+        [ANALYZE, "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
+    assert m, f"no score in systemd-analyze output:\n{done.stdout}\n{done.stderr}"
+    return float(m.group(1))
+
+
+@needs_analyze
+@pytest.mark.parametrize("unit", [SERVER, SUPERVISOR], ids=lambda u: u.name)
+def test_security_exposure_within_limit(unit: Path) -> None:
+    score = _exposure(unit)
+    assert score <= MAX_EXPOSURE[unit.name], f"{unit.name} scores {score}"
+
+
+@needs_analyze
+def test_units_verify(tmp_path: Path) -> None:
+    """``verify`` insists that ExecStart's program exists: point it at this venv's."""
+    runner = Path(sys.executable).parent / "runner"
+    copies = []
+    for unit in (SERVER, SUPERVISOR, TARGET):
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text().replace(RUNNER, str(runner)))
+        copies.append(str(copy))
+    assert ANALYZE is not None
+    done = subprocess.run(
+        [ANALYZE, "verify", "--man=no", *copies],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def test_units_run_the_installed_runner() -> None:
+    for unit in (SERVER, SUPERVISOR):
+        assert _directives(unit, "ExecStart")[0].split()[0] == RUNNER
+
+
+def test_supervisor_unit_is_type_notify_with_a_watchdog() -> None:
+    assert _directives(SUPERVISOR, "Type") == ["notify"]
+    assert _directives(SUPERVISOR, "WatchdogSec") and _directives(SUPERVISOR, "ExecReload")
+
+
+def test_documentation_points_at_installed_docs() -> None:
+    """``Documentation=`` names files that docs/deployment.md installs from docs/."""
+    for unit in (SERVER, SUPERVISOR, TARGET):
+        urls = " ".join(_directives(unit, "Documentation")).split()
+        assert urls, unit.name
+        for url in urls:
+            prefix = "file:///usr/share/doc/privsep/"
+            assert url.startswith(prefix), url
+            assert (ROOT / "docs" / url[len(prefix) :]).is_file(), url
+
+
+def test_every_supervisor_capability_says_why() -> None:
+    """Each capability kept has a comment line of its own naming what needs it."""
+    text = SUPERVISOR.read_text()
+    (bounding,) = _directives(SUPERVISOR, "CapabilityBoundingSet")
+    caps = bounding.split()
+    assert "CAP_SYS_ADMIN" in caps and "CAP_SETUID" in caps
+    for cap in caps:
+        assert re.search(rf"^#\s+(CAP_\w+ )*{cap}\b.*\S", text, re.M), f"{cap} has no reason"
+    assert _directives(SUPERVISOR, "AmbientCapabilities") == [""]
+
+
+def test_supervisor_allows_the_namespaces_a_sandbox_makes() -> None:
+    (allowed,) = _directives(SUPERVISOR, "RestrictNamespaces")
+    assert set(allowed.split()) == {"mnt", "pid", "ipc", "uts", "cgroup", "net"}
+    assert _directives(SUPERVISOR, "LoadCredential") == [
+        "supervisor.key:/etc/privsep/supervisor.key"
+    ]
+    # sethostname runs in every sandbox's UTS namespace; ProtectHostname would filter it.
+    assert _directives(SUPERVISOR, "ProtectHostname") == []
+    assert "@mount" in " ".join(_directives(SUPERVISOR, "SystemCallFilter"))
+
+
+def test_server_holds_no_privilege() -> None:
+    assert _directives(SERVER, "User") == ["privsep"]
+    assert _directives(SERVER, "CapabilityBoundingSet") == [""]
+    assert _directives(SERVER, "NoNewPrivileges") == ["yes"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")
+def test_sysusers_and_tmpfiles_apply(tmp_path: Path) -> None:
+    """Both files, applied to an empty root, make the user and the directories the units use."""
+    (tmp_path / "etc").mkdir()
+    subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", str(UNITS / "privsep.sysusers")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert "privsep:" in (tmp_path / "etc" / "passwd").read_text()
+    subprocess.run(
+        ["systemd-tmpfiles", "--create", f"--root={tmp_path}", str(UNITS / "privsep.tmpfiles")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    for path, mode in (
+        ("var/lib/privsep", 0o700),
+        ("var/lib/privsep/state/logs", 0o700),
+        ("var/log/privsep", 0o700),
+        ("var/lib/privsep-server", 0o700),
+    ):
+        assert (tmp_path / path).stat().st_mode & 0o7777 == mode, path
+    for unit in (SERVER, SUPERVISOR):
+        for directive in ("StateDirectory", "RuntimeDirectory"):
+            assert _directives(unit, directive), f"{unit.name} has no {directive}="
+    # The supervisor writes attempt logs in its state directory; they land in LogsDirectory=.
+    assert _directives(SUPERVISOR, "BindPaths") == ["/var/log/privsep:/var/lib/privsep/state/logs"]
