@@ -194,4 +194,5 @@ def create_scheduled_runs(db: Database, now: datetime) -> int:
 
     Returns how many runs *this* call created; runs another replica created count there.
     """
-    return create_due_runs(db, now)[0]
+    created, _next_tick = create_due_runs(db, now)
+    return created
