@@ -43,8 +43,6 @@ from privsep.server.scheduler import (
     IntervalSchedule,
     InvalidSchedule,
     SchedulerThread,
-    _expire_running,
-    _facts,
     admit,
     claim_candidates,
     create_scheduled_run,
@@ -55,6 +53,8 @@ from privsep.server.scheduler import (
     parse_schedule,
     scheduler_pass,
 )
+from privsep.server.scheduler.facts import cache as version_facts
+from privsep.server.scheduler.timeouts import _expire_running
 from privsep.server.schemas import WorkflowDefinition
 
 from .api import ApiHarness, task, workflow
@@ -71,7 +71,7 @@ def at(hour: int, minute: int = 0, second: int = 0, microsecond: int = 0) -> dat
 def _fresh_version_cache() -> None:
     """The parsed-version cache is per process; start each test without it, so a warning
     logged when a version is first parsed shows up in every test that expects it."""
-    _facts.clear()
+    version_facts.clear()
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -291,10 +291,10 @@ def test_a_version_the_parse_route_stored_is_parsed_once_then_cached(db: Databas
         content_hash = session.scalar(
             select(WorkflowVersion.content_hash).where(WorkflowVersion.workflow_id == "stored")
         )
-    assert content_hash is not None and content_hash not in _facts
+    assert content_hash is not None and content_hash not in version_facts
     # The workflow row was made now, by the route: its first tick is in the future.
     assert create_scheduled_runs(db, datetime.now(UTC) + timedelta(hours=2)) == 1
-    assert content_hash in _facts  # the next passes do not load and parse it again
+    assert content_hash in version_facts  # the next passes do not load and parse it again
 
 
 def test_a_version_whose_hash_does_not_match_is_never_cached(db: Database) -> None:
@@ -306,7 +306,7 @@ def test_a_version_whose_hash_does_not_match_is_never_cached(db: Database) -> No
             .values(content_hash="not-the-digest")
         )
     assert create_scheduled_runs(db, at(11)) == 1
-    assert "not-the-digest" not in _facts
+    assert "not-the-digest" not in version_facts
     assert create_scheduled_runs(db, at(12)) == 1  # still scheduled, parsed every time
 
 

@@ -10,11 +10,13 @@ operator session cannot be turned into the connections' secrets.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Request
-from sqlalchemy import delete, select
+from sqlalchemy import Delete, delete, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from privsep.secrets.tokens import TokenRejected, issue_token
 from privsep.secrets.tokens import verify_assertion as check_assertion
@@ -74,6 +76,8 @@ GrantId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 router = APIRouter(prefix="/v1/operator", tags=["operator"], responses=ERROR_RESPONSES)
 
+_Row = TypeVar("_Row", Connection, Run, Variable, Workflow)
+
 
 @router.post("/session", response_model=SessionResponse)
 def open_session(
@@ -106,13 +110,38 @@ def open_session(
     return SessionResponse(token=token.reveal(), expires_at=token.exp, subject=claims.sub)
 
 
+def _iso(moment: datetime | None) -> str | None:
+    """A timestamp as the API spells it; None stays None (not started, not ended)."""
+    return moment.isoformat() if moment else None
+
+
+def _limit(limit: int) -> int:
+    """Listings are bounded: a typo'd limit must not make the server build a huge answer."""
+    return max(1, min(limit, 1000))
+
+
+def _get_or_404(session: Session, model: type[_Row], key: str, what: str) -> _Row:
+    """The row with primary key ``key``; a missing one is the caller's 404, named by ``what``."""
+    row = session.get(model, key)
+    if row is None:
+        raise not_found(f"no {what} {key!r}")
+    return row
+
+
+def _delete_or_404(state: ServerState, statement: Delete, missing: str) -> None:
+    """Run a DELETE of one row in its own transaction; deleting nothing is a 404."""
+    with state.db.write_session() as session:
+        if not affected(session, statement):
+            raise not_found(missing)
+
+
 def _run_out(run: Run) -> RunResponse:
     return RunResponse(
         id=run.id,
         workflow_id=run.workflow_id,
         state=run.state.value,
         created_at=run.created_at.isoformat(),
-        ended_at=run.ended_at.isoformat() if run.ended_at else None,
+        ended_at=_iso(run.ended_at),
     )
 
 
@@ -148,7 +177,7 @@ def list_runs(
     state: ServerState = State_,
 ) -> RunsResponse:
     with state.db.read_session() as session:
-        query = select(Run).order_by(Run.created_at.desc()).limit(max(1, min(limit, 1000)))
+        query = select(Run).order_by(Run.created_at.desc()).limit(_limit(limit))
         if workflow_id:
             query = query.where(Run.workflow_id == workflow_id)
         return RunsResponse(runs=[_run_out(r) for r in session.scalars(query)])
@@ -159,8 +188,7 @@ def list_attempts(
     run_id: str, me: OperatorPrincipal = Operator_, state: ServerState = State_
 ) -> AttemptsResponse:
     with state.db.read_session() as session:
-        if session.get(Run, run_id) is None:
-            raise not_found(f"no run {run_id!r}")
+        _get_or_404(session, Run, run_id, "run")
         rows = session.scalars(
             select(TaskAttempt).where(TaskAttempt.run_id == run_id).order_by(TaskAttempt.created_at)
         )
@@ -172,8 +200,8 @@ def list_attempts(
                     try_number=a.try_number,
                     state=a.state.value,
                     supervisor_id=a.supervisor_id,
-                    started_at=a.started_at.isoformat() if a.started_at else None,
-                    ended_at=a.ended_at.isoformat() if a.ended_at else None,
+                    started_at=_iso(a.started_at),
+                    ended_at=_iso(a.ended_at),
                     error=a.error,
                 )
                 for a in rows
@@ -200,9 +228,7 @@ def put_variable(
 
 @router.delete("/variables/{key}", response_model=Ok)
 def delete_variable(key: str, me: OperatorPrincipal = Operator_, state: ServerState = State_) -> Ok:
-    with state.db.write_session() as session:
-        if not affected(session, delete(Variable).where(Variable.key == key)):
-            raise not_found(f"no variable {key!r}")
+    _delete_or_404(state, delete(Variable).where(Variable.key == key), f"no variable {key!r}")
     return Ok()
 
 
@@ -244,26 +270,25 @@ def put_connection(
 def delete_connection(
     conn_id: str, me: OperatorPrincipal = Operator_, state: ServerState = State_
 ) -> Ok:
-    with state.db.write_session() as session:
-        if not affected(session, delete(Connection).where(Connection.conn_id == conn_id)):
-            raise not_found(f"no connection {conn_id!r}")
+    _delete_or_404(
+        state, delete(Connection).where(Connection.conn_id == conn_id), f"no connection {conn_id!r}"
+    )
     return Ok()
+
+
+def _grant_out(grant: PolicyGrant) -> GrantResponse:
+    return GrantResponse(
+        id=grant.id,
+        workflow_pattern=grant.workflow_pattern,
+        kind=grant.kind.value,
+        name_pattern=grant.name_pattern,
+    )
 
 
 @router.get("/policy", response_model=GrantsResponse)
 def list_grants(me: OperatorPrincipal = Operator_, state: ServerState = State_) -> GrantsResponse:
     with state.db.read_session() as session:
-        return GrantsResponse(
-            grants=[
-                GrantResponse(
-                    id=g.id,
-                    workflow_pattern=g.workflow_pattern,
-                    kind=g.kind.value,
-                    name_pattern=g.name_pattern,
-                )
-                for g in session.scalars(select(PolicyGrant))
-            ]
-        )
+        return GrantsResponse(grants=[_grant_out(g) for g in session.scalars(select(PolicyGrant))])
 
 
 @router.post("/policy", response_model=GrantResponse)
@@ -279,12 +304,7 @@ def add_grant(
             )
             session.add(grant)
             session.flush()
-            out = GrantResponse(
-                id=grant.id,
-                workflow_pattern=grant.workflow_pattern,
-                kind=grant.kind.value,
-                name_pattern=grant.name_pattern,
-            )
+            out = _grant_out(grant)
     except IntegrityError:
         raise conflict("that grant exists already", "exists") from None
     audit(state, "policy_granted", actor=me.name, subject=str(out.id), detail=body.model_dump())
@@ -295,19 +315,14 @@ def add_grant(
 def delete_grant(
     grant_id: GrantId, me: OperatorPrincipal = Operator_, state: ServerState = State_
 ) -> Ok:
-    with state.db.write_session() as session:
-        if not affected(session, delete(PolicyGrant).where(PolicyGrant.id == grant_id)):
-            raise not_found(f"no grant {grant_id}")
+    _delete_or_404(
+        state, delete(PolicyGrant).where(PolicyGrant.id == grant_id), f"no grant {grant_id}"
+    )
     audit(state, "policy_revoked", actor=me.name, subject=str(grant_id))
     return Ok()
 
 
 # --- read views ------------------------------------------------------------------------------
-
-
-def _limit(limit: int) -> int:
-    """Listings are bounded: a typo'd limit must not make the server build a huge answer."""
-    return max(1, min(limit, 1000))
 
 
 def _definition(version: WorkflowVersion | None) -> dict[str, Any] | None:
@@ -331,7 +346,8 @@ def list_workflows(
             .order_by(Workflow.id)
         )
         out = []
-        for workflow, version in rows:
+        for row in rows:
+            workflow, version = row.Workflow, row.WorkflowVersion
             definition = _definition(version) or {}
             schedule = definition.get("schedule")
             tasks = definition.get("tasks")
@@ -354,9 +370,7 @@ def show_workflow(
     workflow_id: str, me: OperatorPrincipal = Operator_, state: ServerState = State_
 ) -> WorkflowDetailResponse:
     with state.db.read_session() as session:
-        workflow = session.get(Workflow, workflow_id)
-        if workflow is None:
-            raise not_found(f"no workflow {workflow_id!r}")
+        workflow = _get_or_404(session, Workflow, workflow_id, "workflow")
         version = (
             session.get(WorkflowVersion, workflow.current_version_id)
             if workflow.current_version_id is not None
@@ -407,9 +421,7 @@ def show_run(
 ) -> RunDetailResponse:
     """One run by id: what ``runs trigger --wait`` polls, without listing every run."""
     with state.db.read_session() as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            raise not_found(f"no run {run_id!r}")
+        run = _get_or_404(session, Run, run_id, "run")
         return RunDetailResponse(
             id=run.id,
             workflow_id=run.workflow_id,
@@ -417,10 +429,10 @@ def show_run(
             state=run.state.value,
             trigger_kind=run.trigger_kind.value,
             conf=dict(run.conf or {}),
-            logical_date=run.logical_date.isoformat() if run.logical_date else None,
+            logical_date=_iso(run.logical_date),
             created_at=run.created_at.isoformat(),
-            started_at=run.started_at.isoformat() if run.started_at else None,
-            ended_at=run.ended_at.isoformat() if run.ended_at else None,
+            started_at=_iso(run.started_at),
+            ended_at=_iso(run.ended_at),
         )
 
 
@@ -433,7 +445,9 @@ def list_variables(
         rows = session.execute(
             select(Variable.key, Variable.description).order_by(Variable.key)
         ).all()
-        return VariablesResponse(variables=[VariableSummary(key=k, description=d) for k, d in rows])
+        return VariablesResponse(
+            variables=[VariableSummary(key=r.key, description=r.description) for r in rows]
+        )
 
 
 @router.get("/variables/{key}", response_model=OperatorVariableResponse)
@@ -441,9 +455,7 @@ def get_variable(
     key: str, me: OperatorPrincipal = Operator_, state: ServerState = State_
 ) -> OperatorVariableResponse:
     with state.db.read_session() as session:
-        variable = session.get(Variable, key)
-        if variable is None:
-            raise not_found(f"no variable {key!r}")
+        variable = _get_or_404(session, Variable, key, "variable")
         return OperatorVariableResponse(
             key=variable.key, value=variable.value, description=variable.description
         )
@@ -478,7 +490,4 @@ def get_connection(
     conn_id: str, me: OperatorPrincipal = Operator_, state: ServerState = State_
 ) -> OperatorConnectionResponse:
     with state.db.read_session() as session:
-        conn = session.get(Connection, conn_id)
-        if conn is None:
-            raise not_found(f"no connection {conn_id!r}")
-        return _connection_out(conn)
+        return _connection_out(_get_or_404(session, Connection, conn_id, "connection"))
