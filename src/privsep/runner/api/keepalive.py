@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from privsep.client._unixhttp import UnixHTTPConnection
+
 __all__ = ["HttpReply", "HttpUnavailable", "KeepAliveClient"]
 
 
@@ -60,24 +62,6 @@ class _TlsConnection(http.client.HTTPSConnection):
     def connect(self) -> None:
         super().connect()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP over a unix socket; the URL's host still names the server in the Host header."""
-
-    def __init__(self, path: str, host: str, port: int, *, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -146,7 +130,7 @@ class KeepAliveClient:
                 if self._closed:
                     raise HttpUnavailable(f"the client for {self.base_url} is closed")
                 if self._unix_socket:
-                    conn = _UnixConnection(
+                    conn = UnixHTTPConnection(
                         self._unix_socket, self._host, self._port, timeout=self.timeout
                     )
                 elif self._tls:
