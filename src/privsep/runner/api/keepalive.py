@@ -37,7 +37,20 @@ __all__ = ["HttpReply", "HttpUnavailable", "KeepAliveClient"]
 class HttpUnavailable(ConnectionError):
     """No answer: the connection could not be made, broke, timed out, or the reply was not
     HTTP. A subclass of :class:`OSError`, which is what the credential socket's proxy contract
-    takes for "the API could not be reached"."""
+    takes for "the API could not be reached".
+
+    ``request`` names what was sent (``"GET /v1/x"``), ``reason`` is the OS's reason when there
+    is one (``"Connection refused"``), and ``timed_out`` tells a silent server from a refusal,
+    so that a command can say which it was.
+    """
+
+    def __init__(
+        self, message: str, *, request: str = "", reason: str = "", timed_out: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.request = request
+        self.reason = reason or message
+        self.timed_out = timed_out
 
 
 @dataclass(frozen=True)
@@ -164,7 +177,12 @@ class KeepAliveClient:
             raw = resp.read()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise HttpUnavailable(f"{type(exc).__name__} talking to {self.base_url}") from None
+            raise HttpUnavailable(
+                f"{type(exc).__name__} talking to {self.base_url}",
+                request=f"{method} {path}",
+                reason=getattr(exc, "strerror", None) or type(exc).__name__,
+                timed_out=isinstance(exc, TimeoutError),
+            ) from None
         if resp.will_close:
             conn.close()
         try:
