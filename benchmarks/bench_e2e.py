@@ -371,20 +371,19 @@ class Standalone:
         self.db = Database.from_url(sqlite_url_for(self.home / "state" / "privsep.db"))
 
     def _operator_when_ready(self, timeout: float = 120.0) -> Any:
-        import requests
-
-        from privsep.runner.cli.standalone import Operator
+        from privsep.runner.cli.operator_client import OperatorClient
         from privsep.runner.errors import CommandError
         from privsep.secrets.keys import KeyFormatError
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_alive()
-            op = Operator(self.url, self.home)
+            op = OperatorClient(self.url, str(self.home / "credentials" / "operator.key"))
             try:
-                op.json("GET", "/v1/operator/policy")
+                op.call("GET", "/v1/operator/policy")
                 return op
-            except (CommandError, requests.RequestException, OSError, KeyFormatError):
+            except (CommandError, OSError, KeyFormatError):
+                op.close()
                 time.sleep(0.2)  # not up yet, or the key is still being written
         raise RuntimeError(f"runner standalone did not come up in {timeout:.0f} s\n{self.output()}")
 
@@ -476,7 +475,9 @@ class Standalone:
     # the operator's side
 
     def trigger(self, workflow_id: str) -> str:
-        return str(self.op.json("POST", f"/v1/operator/workflows/{workflow_id}/runs", {})["id"])
+        return str(
+            self.op.call("POST", f"/v1/operator/workflows/{workflow_id}/runs", body={})["id"]
+        )
 
     def wait_parsed(self, workflow_ids: Sequence[str], timeout: float = 120.0) -> None:
         from sqlalchemy import select

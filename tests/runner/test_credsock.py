@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 import pytest
 import requests
 
+from privsep._token import Token
 from privsep.client._exceptions import PrivsepError
 from privsep.client._transport import ProxyTransport, SocketChannel, TokenSource
 from privsep.client._wire import MAX_FRAME, ProxyRequest, TokenRequest, parse_request
@@ -1264,7 +1265,7 @@ def test_the_token_never_shows_in_reprs_logs_or_errors(harness: Harness, caplog:
     assert caplog.text  # something was logged
     for text in texts:
         assert "tok-SECRET-VALUE-42" not in text
-    secret = credsock._Secret("tok-SECRET-VALUE-42")
+    secret = Token("tok-SECRET-VALUE-42", 0)
     assert "tok-SECRET" not in repr(secret) + str(secret)
     with pytest.raises(TypeError):
         pickle.dumps(secret)

@@ -29,7 +29,8 @@ import pytest
 from cryptography.fernet import Fernet
 from stack import Stack, free_port, short_home
 
-from privsep.runner.cli.operator import OperatorClient, clean, one_line
+from privsep.runner.cli.operator_client import OperatorClient
+from privsep.runner.cli.output import clean, one_line
 from privsep.runner.errors import CommandError
 from privsep.secrets.fernet import FieldCipher
 from privsep.secrets.keys import generate_ed25519_pem
@@ -602,14 +603,19 @@ def test_a_timeout_names_the_request(tmp_path: Path) -> None:
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)  # accepts, never answers
     port = listener.getsockname()[1]
-    client = OperatorClient(f"http://127.0.0.1:{port}", str(tmp_path / "k"), timeout=0.5)
+    key = tmp_path / "operator.key"
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(generate_ed25519_pem()[0])
+    client = OperatorClient(f"http://127.0.0.1:{port}", str(key), timeout=0.5)
     try:
         with pytest.raises(CommandError) as err:
-            client._send("GET", "/v1/operator/runs", None, None)
+            client.call("GET", "/v1/operator/runs", what="list runs")
     finally:
         listener.close()
         client.close()
+    # The session is asked for first, and that is the request the message names.
     assert str(err.value) == (
-        f"the server at http://127.0.0.1:{port} did not answer GET /v1/operator/runs within "
-        "0.5 s (is `runner server` overloaded or stuck?)"
+        f"the server at http://127.0.0.1:{port} did not answer POST /v1/operator/session "
+        "within 0.5 s (is `runner server` overloaded or stuck?)"
     )

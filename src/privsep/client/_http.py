@@ -18,7 +18,6 @@ in the session's defaults.
 from __future__ import annotations
 
 import http.client
-import socket
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -27,30 +26,16 @@ import requests.adapters
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
 
+from privsep._token import Token
 from privsep.client._exceptions import ProtocolError, ServerUnavailable
-from privsep.client._transport import Token, TokenSource
+from privsep.client._transport import TokenSource
+from privsep.client._unixhttp import UnixHTTPConnection
 
 _UNIX_BASE = "http+unix://privsep-api"
 
 
 class _ConnectFailed(requests.exceptions.ConnectionError):
     """The unix socket could not be connected: the request was never sent."""
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 class UnixAdapter(requests.adapters.BaseAdapter):
@@ -74,7 +59,7 @@ class UnixAdapter(requests.adapters.BaseAdapter):
         proxies: Any = None,
     ) -> requests.Response:
         read_timeout = timeout[1] if isinstance(timeout, tuple) else timeout
-        conn = _UnixConnection(self.path, read_timeout)
+        conn = UnixHTTPConnection(self.path, timeout=read_timeout)
         try:
             try:
                 conn.connect()

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from privsep._token import Token
 from privsep.client._exceptions import (
     ConnectionLost,
     ProtocolError,
@@ -67,30 +68,6 @@ class MockTransport:
 
     def close(self) -> None:
         pass
-
-
-class Token:
-    """A bearer token that keeps itself out of ``repr``, ``str`` and logs.
-
-    Only :meth:`reveal`, called where the ``Authorization`` header is written, returns it.
-    """
-
-    __slots__ = ("__value", "expires_at")
-
-    def __init__(self, value: str, expires_at: int) -> None:
-        self.__value = value
-        self.expires_at = expires_at
-
-    def reveal(self) -> str:
-        return self.__value
-
-    def __repr__(self) -> str:
-        return f"Token(expires_at={self.expires_at}, ***)"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> Any:
-        raise TypeError("a Token cannot be pickled")
 
 
 class SocketChannel:

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from privsep._token import Token as HiddenToken
 from privsep.secrets.keyring import SigningKey, key_id
 
 __all__ = [
@@ -152,17 +153,17 @@ class AssertionClaims:
     jti: str
 
 
-class Token:
+class Token(HiddenToken):
     """A signed token whose value never shows up by accident.
 
     ``str()``, ``repr()`` and f-strings give ``Token(jti=..., scope=..., exp=..., ***)``; only
     :meth:`reveal` returns the JWT, to be called where it is written to a socket or header.
     """
 
-    __slots__ = ("_value", "claims")
+    __slots__ = ("claims",)
 
     def __init__(self, value: str, claims: Claims) -> None:
-        self._value = value
+        super().__init__(value, claims.exp)
         self.claims = claims
 
     @property
@@ -181,17 +182,8 @@ class Token:
     def kid(self) -> str:
         return self.claims.kid
 
-    def reveal(self) -> str:
-        """The JWT itself. Call only where it leaves the process, never for logging."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return f"Token(jti={self.jti}, scope={self.scope}, exp={self.exp}, ***)"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> str:
-        raise TypeError("a Token is not picklable: pass token.reveal() where it is meant to go")
+    def _shown(self) -> str:
+        return f"jti={self.jti}, scope={self.scope}, exp={self.exp}"
 
 
 def _now(now: float | None) -> float:

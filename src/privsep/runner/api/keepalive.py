@@ -29,13 +29,28 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from privsep.client._unixhttp import UnixHTTPConnection
+
 __all__ = ["HttpReply", "HttpUnavailable", "KeepAliveClient"]
 
 
 class HttpUnavailable(ConnectionError):
     """No answer: the connection could not be made, broke, timed out, or the reply was not
     HTTP. A subclass of :class:`OSError`, which is what the credential socket's proxy contract
-    takes for "the API could not be reached"."""
+    takes for "the API could not be reached".
+
+    ``request`` names what was sent (``"GET /v1/x"``), ``reason`` is the OS's reason when there
+    is one (``"Connection refused"``), and ``timed_out`` tells a silent server from a refusal,
+    so that a command can say which it was.
+    """
+
+    def __init__(
+        self, message: str, *, request: str = "", reason: str = "", timed_out: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.request = request
+        self.reason = reason or message
+        self.timed_out = timed_out
 
 
 @dataclass(frozen=True)
@@ -60,24 +75,6 @@ class _TlsConnection(http.client.HTTPSConnection):
     def connect(self) -> None:
         super().connect()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP over a unix socket; the URL's host still names the server in the Host header."""
-
-    def __init__(self, path: str, host: str, port: int, *, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 def _tls_context() -> ssl.SSLContext:
@@ -146,7 +143,7 @@ class KeepAliveClient:
                 if self._closed:
                     raise HttpUnavailable(f"the client for {self.base_url} is closed")
                 if self._unix_socket:
-                    conn = _UnixConnection(
+                    conn = UnixHTTPConnection(
                         self._unix_socket, self._host, self._port, timeout=self.timeout
                     )
                 elif self._tls:
@@ -180,7 +177,12 @@ class KeepAliveClient:
             raw = resp.read()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise HttpUnavailable(f"{type(exc).__name__} talking to {self.base_url}") from None
+            raise HttpUnavailable(
+                f"{type(exc).__name__} talking to {self.base_url}",
+                request=f"{method} {path}",
+                reason=getattr(exc, "strerror", None) or type(exc).__name__,
+                timed_out=isinstance(exc, TimeoutError),
+            ) from None
         if resp.will_close:
             conn.close()
         try:

@@ -1,8 +1,11 @@
 """The supervisor's session with the server: prove identity, keep a session token, call.
 
 The long-lived Ed25519 key never leaves this process: each session starts with a fresh
-single-use assertion (60 s at most) signed by it, and the server answers with a short session
-token. The token is renewed before it expires, and a 401 renews it once more before giving up.
+single-use assertion signed by it, and the server answers with a short session token. The
+token is renewed before it expires, and a 401 renews it once more before giving up; that flow
+is :class:`~privsep.runner.api.client.SessionClient`, shared with the operator commands. What
+is the supervisor's own: statuses become exceptions its loop retries on or gives up on, and a
+first session is waited for with backoff.
 """
 
 from __future__ import annotations
@@ -10,20 +13,16 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from privsep.runner.api.keepalive import HttpUnavailable, KeepAliveClient
-from privsep.secrets.tokens import create_assertion
+from privsep.runner.api.client import SessionClient, SessionRefused
+from privsep.runner.api.keepalive import HttpReply, HttpUnavailable
 
 log = logging.getLogger("privsep.supervisor.api")
 
-# Renew when less than this share of the session's life is left.
-RENEW_AT_REMAINING = 0.3
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 300.0
 
@@ -39,13 +38,6 @@ class ApiRefused(Exception):
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
-
-
-@dataclass
-class _Session:
-    token: str
-    expires_at: int
-    issued_at: float
 
 
 def backoff_delays(
@@ -64,7 +56,7 @@ def backoff_delays(
     return next_delay
 
 
-class SupervisorApi:
+class SupervisorApi(SessionClient):
     """Calls the internal API as one supervisor. Thread-safe."""
 
     def __init__(
@@ -77,31 +69,29 @@ class SupervisorApi:
         timeout: float = 10.0,
         unix_socket: str | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.name = name
-        self._key = key
-        self.audience = audience or self.base_url
-        self.timeout = timeout
-        # One kept connection per calling thread; see keepalive.py for why not requests.
-        self._http = KeepAliveClient(self.base_url, timeout=timeout, unix_socket=unix_socket)
-        self._lock = threading.Lock()
-        self._session: _Session | None = None
+        super().__init__(
+            base_url,
+            name=name,
+            key=lambda: key,
+            session_path="/v1/supervisor/session",
+            audience=audience or base_url.rstrip("/"),
+            timeout=timeout,
+            unix_socket=unix_socket,
+        )
         self.supervisor_id = ""
-
-    def __repr__(self) -> str:
-        return f"SupervisorApi(name={self.name!r}, url={self.base_url!r})"
 
     # --- sessions ---------------------------------------------------------------------------
 
     def open_session(self) -> None:
         """One attempt to exchange a fresh assertion for a session token."""
-        assertion = create_assertion(
-            self._key, supervisor_name=self.name, audience=self.audience, ttl_seconds=30
-        )
-        body = self._send("POST", "/v1/supervisor/session", {"assertion": assertion}, token=None)
-        with self._lock:
-            self._session = _Session(body["token"], int(body["expires_at"]), time.time())
-            self.supervisor_id = str(body["subject"])
+        try:
+            body = self.new_session()
+        except HttpUnavailable as exc:
+            raise ServerUnavailable(str(exc)) from None
+        except SessionRefused as exc:
+            _data(exc.reply)  # raises for an error status
+            raise ApiRefused(exc.reply.status, "bad_session", "no token in the answer") from None
+        self.supervisor_id = str(body["subject"])
 
     def open_session_with_backoff(
         self, stop: threading.Event, on_wait: Callable[[float, str], None] | None = None
@@ -127,45 +117,32 @@ class SupervisorApi:
         return False
 
     def renew_if_due(self) -> None:
-        with self._lock:
-            session = self._session
-        if session is None:
-            self.open_session()
-            return
-        life = max(1.0, session.expires_at - session.issued_at)
-        if session.expires_at - time.time() < life * RENEW_AT_REMAINING:
+        if self.session_due():
             self.open_session()
 
     # --- calls ------------------------------------------------------------------------------
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """An authenticated call; a 401 opens a new session and retries once."""
-        self.renew_if_due()
-        with self._lock:
-            token = self._session.token if self._session else None
+        self.renew_if_due()  # a refused renewal is reported as ApiRefused, as before
         try:
-            return self._send(method, path, body, token=token)
-        except ApiRefused as exc:
-            if exc.status != 401:
-                raise
-        self.open_session()
-        with self._lock:
-            token = self._session.token if self._session else None
-        return self._send(method, path, body, token=token)
-
-    def _send(self, method: str, path: str, body: Any, *, token: str | None) -> Any:
-        try:
-            reply = self._http.request(method, path, body, token=token)
+            reply = self.send(method, path, body)
         except HttpUnavailable as exc:
             raise ServerUnavailable(str(exc)) from None
-        if reply.status >= 500:
-            raise ServerUnavailable(f"server answered {reply.status}")
-        data = reply.data
-        if reply.status >= 400:
-            code = data.get("code", "error") if isinstance(data, dict) else "error"
-            message = data.get("message", "") if isinstance(data, dict) else reply.text
-            raise ApiRefused(reply.status, str(code), str(message))
-        return data
+        except SessionRefused as exc:
+            reply = exc.reply
+            if reply.status < 400:
+                raise ApiRefused(reply.status, "bad_session", "no token in the answer") from None
+        return _data(reply)
 
-    def close(self) -> None:
-        self._http.close()
+
+def _data(reply: HttpReply) -> Any:
+    """The decoded body of a success; an error status as the exception the loop expects."""
+    if reply.status >= 500:
+        raise ServerUnavailable(f"server answered {reply.status}")
+    data = reply.data
+    if reply.status >= 400:
+        code = data.get("code", "error") if isinstance(data, dict) else "error"
+        message = data.get("message", "") if isinstance(data, dict) else reply.text
+        raise ApiRefused(reply.status, str(code), str(message))
+    return data

@@ -1,10 +1,9 @@
 """The operator commands: ``runner workflows|runs|tasks|variables|connections|policy``.
 
 They talk to the server's operator API (``/v1/operator``) over HTTP as the holder of the
-operator credential (``operator.credential``), the same way a supervisor does with its own:
-a fresh single-use assertion signed by the long-lived Ed25519 key buys a short session token.
-The token lives in this process's memory only; nothing about the session is written to disk,
-so there is no token file to steal or to leave behind.
+operator credential (``operator.credential``), the same way a supervisor does with its own
+(:mod:`privsep.runner.cli.operator_client`). What they print for people is in
+:mod:`privsep.runner.cli.output`.
 
 Output rules, shared by every command:
 
@@ -24,243 +23,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from typing import Any
 
+from privsep.runner.cli.operator_client import OperatorClient, seg
+from privsep.runner.cli.output import (
+    clean,
+    duration_seconds,
+    emit_json,
+    format_duration,
+    mask_secrets,
+    one_line,
+    print_fields,
+    print_table,
+    when,
+)
 from privsep.runner.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError
-
-if TYPE_CHECKING:
-    import requests
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from privsep.runner.config.loader import Config
 
 Handler = Callable[[argparse.Namespace], int]
 
-# Assertions are single-use and short; 30 s is plenty for one round trip.
-ASSERTION_TTL = 30
-# Open a new session when less than this many seconds of the current one are left, so a
-# request never leaves with a token that expires on the way.
-RENEW_MARGIN = 30.0
 # How often `runs trigger --wait` asks for the run's state.
 WAIT_POLL_SECONDS = 1.0
 FINAL_RUN_STATES = frozenset({"success", "failed"})
-MASK = "***"
-SECRET_FIELDS = ("password", "extra")
-
-
-# --- the client ------------------------------------------------------------------------------
-
-
-class OperatorClient:
-    """Calls the operator API with a session opened from the operator credential.
-
-    The key file is read (permission-checked) on the first call, not at construction, so
-    building a client never fails and commands that fail earlier never touch the key. A 401 on
-    a call opens one new session and retries once: a session can expire during a long
-    ``--wait``, and a restarted server may have rotated its signing keys.
-    """
-
-    def __init__(self, url: str, credential: str, *, timeout: float = 10.0) -> None:
-        # The configured URL is also the assertion's audience, which the server compares with
-        # its own server.url verbatim; only the request base is normalised.
-        self.url = url
-        self.base = url.rstrip("/")
-        self.credential = credential
-        self.timeout = timeout
-        self._http: requests.Session | None = None
-        self._token = ""
-        self._expires_at = 0.0
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> OperatorClient:
-        return cls(str(cfg.get("server.url")), str(cfg.path_of("operator.credential")))
-
-    def __repr__(self) -> str:  # the token never reaches a log through repr()
-        return f"OperatorClient(url={self.url!r}, credential={self.credential!r})"
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.close()
-            self._http = None
-        self._token = ""
-
-    def __enter__(self) -> OperatorClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # --- sessions ---------------------------------------------------------------------------
-
-    def _load_key(self) -> Ed25519PrivateKey:
-        """The operator key, or a one-line error that says how to get a usable one."""
-        from privsep.secrets.files import InsecureFileError
-        from privsep.secrets.keys import KeyFormatError, load_private_key
-
-        path = self.credential
-        try:
-            return load_private_key(path)
-        except FileNotFoundError:
-            raise CommandError(
-                f"no operator credential at {path}: create one with "
-                f"`runner credentials create --out {path}` and point "
-                "server.operator_public_key at its .pub (or set operator.credential)"
-            ) from None
-        except InsecureFileError as exc:
-            raise CommandError(f"refusing to use the operator credential: {exc}") from None
-        except KeyFormatError as exc:
-            raise CommandError(f"unusable operator credential {exc}") from None
-        except OSError as exc:
-            raise CommandError(
-                f"cannot read the operator credential {path}: {exc.strerror or exc}"
-            ) from None
-
-    def _open_session(self) -> None:
-        from privsep.secrets.tokens import create_assertion
-
-        key = self._load_key()
-        assertion = create_assertion(
-            key, supervisor_name="operator", audience=self.url, ttl_seconds=ASSERTION_TTL
-        )
-        status, body = self._send("POST", "/v1/operator/session", {"assertion": assertion}, None)
-        if status == 200 and isinstance(body, dict) and isinstance(body.get("token"), str):
-            self._token = body["token"]
-            self._expires_at = float(body.get("expires_at", 0))
-            return
-        code, message = _error_of(status, body)
-        where = f"cannot open an operator session with the server at {self.url}"
-        if code == "no_operator_key":
-            raise CommandError(
-                f"{where}: {message} (create a credential with `runner credentials create "
-                f"--out {self.credential}` and point server.operator_public_key at its .pub, "
-                "then restart `runner server`)"
-            )
-        if code == "bad_audience":
-            raise CommandError(
-                f"{where}: {message} (server.url here must be the server's own server.url)"
-            )
-        if status == 401:
-            raise CommandError(
-                f"{where}: the server refused the credential {self.credential}: {message} "
-                "(is server.operator_public_key the .pub of this key?)"
-            )
-        raise CommandError(f"{where}: {_status_text(status, message)}")
-
-    def _session_token(self) -> str:
-        if not self._token or self._expires_at - time.time() < RENEW_MARGIN:
-            self._open_session()
-        return self._token
-
-    # --- calls ------------------------------------------------------------------------------
-
-    def call(
-        self,
-        method: str,
-        path: str,
-        *,
-        what: str,
-        body: Any = None,
-        params: dict[str, Any] | None = None,
-        missing_ok: bool = False,
-    ) -> Any:
-        """One authenticated call; the parsed JSON body on success.
-
-        ``what`` completes "cannot ..." in the error message (``"trigger workflow 'etl'"``).
-        With ``missing_ok`` a 404 returns None instead of failing.
-        """
-        status, data = self._send(method, path, body, self._session_token(), params)
-        if status == 401:
-            self._token = ""
-            status, data = self._send(method, path, body, self._session_token(), params)
-        if 200 <= status < 300:
-            return data
-        if status == 404 and missing_ok:
-            return None
-        _, message = _error_of(status, data)
-        if status == 401:
-            raise CommandError(f"cannot {what}: the server refused the operator session: {message}")
-        if status == 403:
-            raise CommandError(f"cannot {what}: forbidden: {message}")
-        if status in (400, 422):
-            raise CommandError(f"cannot {what}: the server rejected the request: {message}")
-        if status in (404, 409):
-            raise CommandError(f"cannot {what}: {message}")
-        raise CommandError(f"cannot {what}: {_status_text(status, message)}")
-
-    def _send(
-        self,
-        method: str,
-        path: str,
-        body: Any,
-        token: str | None,
-        params: dict[str, Any] | None = None,
-    ) -> tuple[int, Any]:
-        """One HTTP exchange; network failures become the "cannot reach" error here."""
-        import requests
-
-        if self._http is None:
-            self._http = requests.Session()
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        try:
-            resp = self._http.request(
-                method,
-                self.base + path,
-                json=body,
-                params=params,
-                headers=headers,
-                timeout=self.timeout,
-                allow_redirects=False,  # a token is sent to the configured server only
-            )
-        except requests.Timeout:
-            raise CommandError(
-                f"the server at {self.url} did not answer {method} {path} within "
-                f"{self.timeout:g} s (is `runner server` overloaded or stuck?)"
-            ) from None
-        except requests.RequestException as exc:
-            raise CommandError(
-                f"cannot reach the server at {self.url}: {_network_reason(exc)} "
-                "(is `runner server` running? check server.url)"
-            ) from None
-        try:
-            data = resp.json() if resp.content else None
-        except ValueError:
-            data = None
-        return resp.status_code, data
-
-
-def _error_of(status: int, body: Any) -> tuple[str, str]:
-    """The server's ``{"code", "message"}``, or stand-ins when the body is not ours."""
-    if isinstance(body, dict):
-        return str(body.get("code", "error")), one_line(str(body.get("message", "")))
-    return "error", f"HTTP {status} without an error body"
-
-
-def _status_text(status: int, message: str) -> str:
-    if status >= 500:
-        return f"the server failed (HTTP {status}): {message} (see the `runner server` log)"
-    return f"HTTP {status}: {message}"
-
-
-_ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
-
-
-def _network_reason(exc: Exception) -> str:
-    """The OS's reason inside requests' nested exception text ("Connection refused")."""
-    found = _ERRNO_TEXT.search(str(exc))
-    if found:
-        return found.group(1).strip()
-    text = str(exc)
-    for marker in ("Name or service not known", "No route to host", "Connection refused"):
-        if marker in text:
-            return marker
-    return type(exc).__name__
 
 
 def _client(args: argparse.Namespace) -> OperatorClient:
@@ -269,114 +55,44 @@ def _client(args: argparse.Namespace) -> OperatorClient:
     return OperatorClient.from_config(load_config(args.config))
 
 
-def _seg(value: str) -> str:
-    """One URL path segment; ``.`` and ``..`` are encoded so no layer resolves them."""
-    encoded = quote(value, safe="")
-    return encoded.replace(".", "%2E") if set(value) <= {"."} else encoded
+def _get(args: argparse.Namespace, path: str, what: str, **params: Any) -> Any:
+    """The answer to one GET, for the commands that make only that call."""
+    with _client(args) as client:
+        return client.call("GET", path, what=what, params=params or None)
 
 
-# --- output ----------------------------------------------------------------------------------
+def _change(args: argparse.Namespace, method: str, path: str, what: str, body: Any = None) -> Any:
+    """The answer to one call that changes something, for the commands that make only that."""
+    with _client(args) as client:
+        return client.call(method, path, what=what, body=body)
 
 
-def _escape_char(ch: str) -> str:
-    code = ord(ch)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+def _done(args: argparse.Namespace, record: Any, text: str) -> int:
+    """A command's outcome: ``record`` with ``--json``, else ``text`` for people."""
+    if args.json:
+        emit_json(record)
+    else:
+        print(text)
+    return EXIT_OK
 
 
-def clean(text: str, *, keep_newlines: bool = False) -> str:
-    """``text`` safe for a terminal: control and format characters (escape sequences, bidi
-    overrides) are shown as ``\\x1b``-style escapes."""
-    out = []
-    for ch in text:
-        if keep_newlines and ch == "\n":
-            out.append(ch)
-        elif ch == "\t":
-            out.append("    ")
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
-            out.append(_escape_char(ch))
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def one_line(text: str, limit: int = 500) -> str:
-    """A message for a one-line error: newlines folded, controls escaped, length bounded."""
-    flat = " ".join(text.split())
-    flat = clean(flat)
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def mask_secrets(record: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a connection record with ``password`` and ``extra`` masked if set.
-
-    The server masks them already; this makes "never printed" hold even if it did not.
-    """
-    return {k: (MASK if k in SECRET_FIELDS and v is not None else v) for k, v in record.items()}
-
-
-def emit_json(value: Any) -> None:
-    print(json.dumps(value, indent=2))
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return one_line(str(value), limit=200)
-
-
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-    print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def print_fields(pairs: Sequence[tuple[str, Any]]) -> None:
-    width = max(len(k) for k, _ in pairs)
-    for key, value in pairs:
-        print(f"{key + ':':<{width + 1}}  {_cell(value)}")
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        return None
-
-
-def when(value: Any) -> str | None:
-    """An ISO timestamp from the server as ``2024-05-01 12:00:03`` (UTC, seconds)."""
-    moment = _parse_time(value)
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else None
-
-
-def duration_seconds(started: Any, ended: Any) -> float | None:
-    """Seconds between two server timestamps; None unless both are known."""
-    start, end = _parse_time(started), _parse_time(ended)
-    if start is None or end is None:
-        return None
-    return round(max(0.0, (end - start).total_seconds()), 3)
-
-
-def format_duration(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
+def _listing(
+    args: argparse.Namespace,
+    data: Any,
+    items: Sequence[Any],
+    none: str,
+    headers: Sequence[str],
+    row: Callable[[Any], Sequence[Any]],
+) -> int:
+    """A list command's output: ``data`` with ``--json``, ``none`` when ``items`` is empty,
+    else a table with one ``row(item)`` per item."""
+    if args.json:
+        emit_json(data)
+    elif not items:
+        print(none)
+    else:
+        print_table(headers, [row(item) for item in items])
+    return EXIT_OK
 
 
 def _loads_object(text: str, what: str) -> dict[str, Any]:
@@ -417,39 +133,28 @@ def _strip_newline(text: str) -> str:
 
 
 def cmd_workflows_list(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        data = client.call("GET", "/v1/operator/workflows", what="list workflows")
-    if args.json:
-        emit_json(data)
-        return EXIT_OK
-    workflows = data["workflows"]
-    if not workflows:
-        print("no workflows (none parsed yet? see `runner workflows errors`)")
-        return EXIT_OK
-    print_table(
+    data = _get(args, "/v1/operator/workflows", "list workflows")
+    return _listing(
+        args,
+        data,
+        data["workflows"],
+        "no workflows (none parsed yet? see `runner workflows errors`)",
         ("workflow", "active", "version", "bundle", "schedule", "tasks"),
-        [
-            (
-                w["id"],
-                w["active"],
-                w["current_version_id"],
-                w["bundle_version"] or None,
-                w["schedule"],
-                w["task_count"],
-            )
-            for w in workflows
-        ],
+        lambda w: (
+            w["id"],
+            w["active"],
+            w["current_version_id"],
+            w["bundle_version"] or None,
+            w["schedule"],
+            w["task_count"],
+        ),
     )
-    return EXIT_OK
 
 
 def cmd_workflows_show(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        data = client.call(
-            "GET",
-            f"/v1/operator/workflows/{_seg(args.workflow)}",
-            what=f"show workflow {args.workflow!r}",
-        )
+    data = _get(
+        args, f"/v1/operator/workflows/{seg(args.workflow)}", f"show workflow {args.workflow!r}"
+    )
     if args.json:
         emit_json(data)
         return EXIT_OK
@@ -485,13 +190,7 @@ def cmd_workflows_show(args: argparse.Namespace) -> int:
 
 
 def cmd_workflows_errors(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        data = client.call(
-            "GET",
-            "/v1/operator/parse-errors",
-            params={"limit": args.limit},
-            what="list parse errors",
-        )
+    data = _get(args, "/v1/operator/parse-errors", "list parse errors", limit=args.limit)
     if args.json:
         emit_json(data)
         return EXIT_OK
@@ -542,10 +241,10 @@ def _print_attempts(attempts: list[dict[str, Any]]) -> None:
 
 
 def _run_with_attempts(client: OperatorClient, run_id: str) -> dict[str, Any]:
-    run = client.call("GET", f"/v1/operator/runs/{_seg(run_id)}", what=f"show run {run_id!r}")
+    run = client.call("GET", f"/v1/operator/runs/{seg(run_id)}", what=f"show run {run_id!r}")
     attempts = client.call(
         "GET",
-        f"/v1/operator/runs/{_seg(run_id)}/attempts",
+        f"/v1/operator/runs/{seg(run_id)}/attempts",
         what=f"list the task attempts of run {run_id!r}",
     )
     return {**run, "attempts": _attempt_rows(attempts["attempts"])}
@@ -591,18 +290,13 @@ def cmd_runs_trigger(args: argparse.Namespace) -> int:
     with _client(args) as client:
         run = client.call(
             "POST",
-            f"/v1/operator/workflows/{_seg(args.workflow)}/runs",
+            f"/v1/operator/workflows/{seg(args.workflow)}/runs",
             body={"conf": conf},
             what=f"trigger workflow {args.workflow!r}",
         )
         if not args.wait:
-            if args.json:
-                emit_json(run)
-            else:
-                print(
-                    f"triggered run {run['id']} of workflow {run['workflow_id']} ({run['state']})"
-                )
-            return EXIT_OK
+            text = f"triggered run {run['id']} of workflow {run['workflow_id']} ({run['state']})"
+            return _done(args, run, text)
         if not args.json:
             print(
                 f"triggered run {run['id']} of workflow {run['workflow_id']}; waiting for it to end"
@@ -625,7 +319,7 @@ def cmd_runs_trigger(args: argparse.Namespace) -> int:
 def _wait_for(client: OperatorClient, run_id: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout if timeout > 0 else None
     while True:
-        run = client.call("GET", f"/v1/operator/runs/{_seg(run_id)}", what=f"follow run {run_id!r}")
+        run = client.call("GET", f"/v1/operator/runs/{seg(run_id)}", what=f"follow run {run_id!r}")
         if run["state"] in FINAL_RUN_STATES:
             return _run_with_attempts(client, run_id)
         if deadline is not None and time.monotonic() >= deadline:
@@ -637,26 +331,23 @@ def _wait_for(client: OperatorClient, run_id: str, timeout: float) -> dict[str, 
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
-    params: dict[str, Any] = {"limit": args.limit}
-    if args.workflow:
-        params["workflow_id"] = args.workflow
-    with _client(args) as client:
-        data = client.call("GET", "/v1/operator/runs", params=params, what="list runs")
-    if args.json:
-        emit_json(data)
-        return EXIT_OK
-    runs = data["runs"]
-    if not runs:
-        print("no runs")
-        return EXIT_OK
-    print_table(
-        ("run", "workflow", "state", "created", "ended"),
-        [
-            (r["id"], r["workflow_id"], r["state"], when(r["created_at"]), when(r["ended_at"]))
-            for r in runs
-        ],
+    data = _get(
+        args, "/v1/operator/runs", "list runs", limit=args.limit, workflow_id=args.workflow or None
     )
-    return EXIT_OK
+    return _listing(
+        args,
+        data,
+        data["runs"],
+        "no runs",
+        ("run", "workflow", "state", "created", "ended"),
+        lambda r: (
+            r["id"],
+            r["workflow_id"],
+            r["state"],
+            when(r["created_at"]),
+            when(r["ended_at"]),
+        ),
+    )
 
 
 def cmd_runs_show(args: argparse.Namespace) -> int:
@@ -670,12 +361,11 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks_list(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        data = client.call(
-            "GET",
-            f"/v1/operator/runs/{_seg(args.run)}/attempts",
-            what=f"list the task attempts of run {args.run!r}",
-        )
+    data = _get(
+        args,
+        f"/v1/operator/runs/{seg(args.run)}/attempts",
+        f"list the task attempts of run {args.run!r}",
+    )
     attempts = _attempt_rows(data["attempts"])
     if args.json:
         emit_json({"run_id": args.run, "attempts": attempts})
@@ -688,10 +378,7 @@ def cmd_tasks_list(args: argparse.Namespace) -> int:
 
 
 def cmd_variables_get(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        data = client.call(
-            "GET", f"/v1/operator/variables/{_seg(args.key)}", what=f"get variable {args.key!r}"
-        )
+    data = _get(args, f"/v1/operator/variables/{seg(args.key)}", f"get variable {args.key!r}")
     if args.json:
         emit_json(data)
     else:
@@ -708,45 +395,29 @@ def cmd_variables_set(args: argparse.Namespace) -> int:
         else _strip_newline(_read_text(args.value_file, "--value-file"))
     )
     body = {"value": value, "description": args.description}
-    with _client(args) as client:
-        client.call(
-            "PUT",
-            f"/v1/operator/variables/{_seg(args.key)}",
-            body=body,
-            what=f"set variable {args.key!r}",
-        )
-    if args.json:
-        emit_json({"key": args.key, "description": args.description, "set": True})
-    else:
-        print(f"set variable {args.key}")
-    return EXIT_OK
+    _change(
+        args, "PUT", f"/v1/operator/variables/{seg(args.key)}", f"set variable {args.key!r}", body
+    )
+    record = {"key": args.key, "description": args.description, "set": True}
+    return _done(args, record, f"set variable {args.key}")
 
 
 def cmd_variables_delete(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        client.call(
-            "DELETE",
-            f"/v1/operator/variables/{_seg(args.key)}",
-            what=f"delete variable {args.key!r}",
-        )
-    if args.json:
-        emit_json({"key": args.key, "deleted": True})
-    else:
-        print(f"deleted variable {args.key}")
-    return EXIT_OK
+    path = f"/v1/operator/variables/{seg(args.key)}"
+    _change(args, "DELETE", path, f"delete variable {args.key!r}")
+    return _done(args, {"key": args.key, "deleted": True}, f"deleted variable {args.key}")
 
 
 def cmd_variables_list(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        data = client.call("GET", "/v1/operator/variables", what="list variables")
-    if args.json:
-        emit_json(data)
-        return EXIT_OK
-    if not data["variables"]:
-        print("no variables")
-        return EXIT_OK
-    print_table(("key", "description"), [(v["key"], v["description"]) for v in data["variables"]])
-    return EXIT_OK
+    data = _get(args, "/v1/operator/variables", "list variables")
+    return _listing(
+        args,
+        data,
+        data["variables"],
+        "no variables",
+        ("key", "description"),
+        lambda v: (v["key"], v["description"]),
+    )
 
 
 # --- connections -----------------------------------------------------------------------------
@@ -793,7 +464,7 @@ def cmd_connections_add(args: argparse.Namespace) -> int:
     if args.extra_file is not None:
         extra = _read_text(args.extra_file, "--extra-file")
         _loads_object(extra, f"--extra-file {args.extra_file}")  # says nothing of the content
-    path = f"/v1/operator/connections/{_seg(args.conn_id)}"
+    path = f"/v1/operator/connections/{seg(args.conn_id)}"
     body = {
         "conn_type": args.conn_type,
         "host": args.host,
@@ -825,12 +496,9 @@ def cmd_connections_add(args: argparse.Namespace) -> int:
 
 
 def cmd_connections_get(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        conn = client.call(
-            "GET",
-            f"/v1/operator/connections/{_seg(args.conn_id)}",
-            what=f"get connection {args.conn_id!r}",
-        )
+    conn = _get(
+        args, f"/v1/operator/connections/{seg(args.conn_id)}", f"get connection {args.conn_id!r}"
+    )
     if args.json:
         emit_json(mask_secrets(conn))
     else:
@@ -839,45 +507,24 @@ def cmd_connections_get(args: argparse.Namespace) -> int:
 
 
 def cmd_connections_delete(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        client.call(
-            "DELETE",
-            f"/v1/operator/connections/{_seg(args.conn_id)}",
-            what=f"delete connection {args.conn_id!r}",
-        )
-    if args.json:
-        emit_json({"conn_id": args.conn_id, "deleted": True})
-    else:
-        print(f"deleted connection {args.conn_id}")
-    return EXIT_OK
+    path = f"/v1/operator/connections/{seg(args.conn_id)}"
+    _change(args, "DELETE", path, f"delete connection {args.conn_id!r}")
+    record = {"conn_id": args.conn_id, "deleted": True}
+    return _done(args, record, f"deleted connection {args.conn_id}")
 
 
 def cmd_connections_list(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        data = client.call("GET", "/v1/operator/connections", what="list connections")
+    data = _get(args, "/v1/operator/connections", "list connections")
     connections = [mask_secrets(c) for c in data["connections"]]
-    if args.json:
-        emit_json({"connections": connections})
-        return EXIT_OK
-    if not connections:
-        print("no connections")
-        return EXIT_OK
-    print_table(
+    columns = ("conn_id", "conn_type", "host", "port", "login", "password", "extra")
+    return _listing(
+        args,
+        {"connections": connections},
+        connections,
+        "no connections",
         ("connection", "type", "host", "port", "login", "password", "extra"),
-        [
-            (
-                c["conn_id"],
-                c["conn_type"],
-                c["host"],
-                c["port"],
-                c["login"],
-                c["password"],
-                c["extra"],
-            )
-            for c in connections
-        ],
+        lambda c: [c[k] for k in columns],
     )
-    return EXIT_OK
 
 
 # --- policy ----------------------------------------------------------------------------------
@@ -891,19 +538,15 @@ def _grant_text(grant: dict[str, Any]) -> str:
 
 
 def cmd_policy_show(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        data = client.call("GET", "/v1/operator/policy", what="show the policy")
-    if args.json:
-        emit_json(data)
-        return EXIT_OK
-    if not data["grants"]:
-        print("no grants: no workflow may read any variable or connection")
-        return EXIT_OK
-    print_table(
+    data = _get(args, "/v1/operator/policy", "show the policy")
+    return _listing(
+        args,
+        data,
+        data["grants"],
+        "no grants: no workflow may read any variable or connection",
         ("id", "workflows", "kind", "names"),
-        [(g["id"], g["workflow_pattern"], g["kind"], g["name_pattern"]) for g in data["grants"]],
+        lambda g: (g["id"], g["workflow_pattern"], g["kind"], g["name_pattern"]),
     )
-    return EXIT_OK
 
 
 def cmd_policy_grant(args: argparse.Namespace) -> int:
@@ -912,30 +555,16 @@ def cmd_policy_grant(args: argparse.Namespace) -> int:
         "kind": args.kind,
         "name_pattern": args.name_pattern,
     }
-    with _client(args) as client:
-        grant = client.call(
-            "POST",
-            "/v1/operator/policy",
-            body=body,
-            what=f"grant {args.kind} {args.name_pattern!r} to {args.workflow_pattern!r}",
-        )
-    if args.json:
-        emit_json(grant)
-    else:
-        print(f"granted #{grant['id']}: {_grant_text(grant)}")
-    return EXIT_OK
+    what = f"grant {args.kind} {args.name_pattern!r} to {args.workflow_pattern!r}"
+    grant = _change(args, "POST", "/v1/operator/policy", what, body)
+    return _done(args, grant, f"granted #{grant['id']}: {_grant_text(grant)}")
 
 
 def cmd_policy_revoke(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        client.call(
-            "DELETE", f"/v1/operator/policy/{args.grant_id}", what=f"revoke grant #{args.grant_id}"
-        )
-    if args.json:
-        emit_json({"id": args.grant_id, "revoked": True})
-    else:
-        print(f"revoked grant #{args.grant_id}")
-    return EXIT_OK
+    path = f"/v1/operator/policy/{args.grant_id}"
+    _change(args, "DELETE", path, f"revoke grant #{args.grant_id}")
+    record = {"id": args.grant_id, "revoked": True}
+    return _done(args, record, f"revoked grant #{args.grant_id}")
 
 
 # --- the parser ------------------------------------------------------------------------------

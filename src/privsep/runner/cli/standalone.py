@@ -25,6 +25,7 @@ from typing import Any
 
 import requests
 
+from privsep.runner.cli.operator_client import OperatorClient
 from privsep.runner.errors import EXIT_USAGE, CommandError
 from privsep.secrets.files import make_private_dir, write_private_file
 
@@ -140,71 +141,21 @@ def first_run(home: Path, env: dict[str, str], progress: Any) -> bool:
     return created
 
 
-class Operator:
-    """The operator's view: a session from the operator credential, then plain API calls."""
-
-    def __init__(self, url: str, home: Path) -> None:
-        self.url = url.rstrip("/")
-        self.home = home
-        self._token = ""
-        self._http = requests.Session()
-
-    def _session(self) -> str:
-        from privsep.secrets.keys import load_private_key
-        from privsep.secrets.tokens import create_assertion
-
-        key = load_private_key(str(self.home / "credentials" / "operator.key"))
-        assertion = create_assertion(key, supervisor_name="operator", audience=self.url)
-        resp = self._http.post(
-            self.url + "/v1/operator/session", json={"assertion": assertion}, timeout=10
-        )
-        if resp.status_code != 200:
-            raise CommandError(f"the server refused the operator credential: {resp.text[:200]}")
-        return str(resp.json()["token"])
-
-    def call(self, method: str, path: str, body: Any = None) -> requests.Response:
-        if not self._token:
-            self._token = self._session()
-        resp = self._http.request(
-            method,
-            self.url + path,
-            json=body,
-            timeout=10,
-            headers={"Authorization": f"Bearer {self._token}"},
-        )
-        if resp.status_code == 401:
-            self._token = self._session()
-            resp = self._http.request(
-                method,
-                self.url + path,
-                json=body,
-                timeout=10,
-                headers={"Authorization": f"Bearer {self._token}"},
-            )
-        return resp
-
-    def json(self, method: str, path: str, body: Any = None) -> Any:
-        resp = self.call(method, path, body)
-        if resp.status_code >= 400:
-            raise CommandError(f"{method} {path} failed: {resp.status_code} {resp.text[:200]}")
-        return resp.json()
-
-
-def load_example_policy(op: Operator) -> None:
+def load_example_policy(op: OperatorClient) -> None:
     existing = {
         (g["workflow_pattern"], g["kind"], g["name_pattern"])
-        for g in op.json("GET", "/v1/operator/policy")["grants"]
+        for g in op.call("GET", "/v1/operator/policy")["grants"]
     }
     for grant in EXAMPLE_POLICY:
         if grant not in existing:
-            op.json(
+            op.call(
                 "POST",
                 "/v1/operator/policy",
-                {"workflow_pattern": grant[0], "kind": grant[1], "name_pattern": grant[2]},
+                body={"workflow_pattern": grant[0], "kind": grant[1], "name_pattern": grant[2]},
             )
     for key, value in EXAMPLE_VARIABLES.items():
-        op.json("PUT", f"/v1/operator/variables/{key}", {"value": value})
-    op.json("PUT", "/v1/operator/connections/warehouse", EXAMPLE_CONNECTION)
+        op.call("PUT", f"/v1/operator/variables/{key}", body={"value": value})
+    op.call("PUT", "/v1/operator/connections/warehouse", body=EXAMPLE_CONNECTION)
 
 
 class Standalone:
@@ -275,7 +226,7 @@ class Standalone:
                 proc.kill()
                 proc.wait()
 
-    def watch(self, op: Operator) -> None:
+    def watch(self, op: OperatorClient) -> None:
         """Live progress on a terminal: the latest runs and their tasks, until Ctrl-C."""
         from rich.live import Live
 
@@ -285,35 +236,35 @@ class Standalone:
                 time.sleep(1.0)
                 live.update(self.progress_table(op))
 
-    def progress_table(self, op: Operator) -> Any:
+    def progress_table(self, op: OperatorClient) -> Any:
         from rich.table import Table
 
         table = Table(title=f"privsep standalone on {self.url} (Ctrl-C stops)")
         for column in ("run", "workflow", "state", "tasks"):
             table.add_column(column)
         try:
-            runs = op.json("GET", "/v1/operator/runs?limit=10")["runs"]
+            runs = op.call("GET", "/v1/operator/runs", params={"limit": 10})["runs"]
             for run in runs:
-                attempts = op.json("GET", f"/v1/operator/runs/{run['id']}/attempts")["attempts"]
+                attempts = op.call("GET", f"/v1/operator/runs/{run['id']}/attempts")["attempts"]
                 counts: dict[str, int] = {}
                 for a in attempts:
                     counts[a["state"]] = counts.get(a["state"], 0) + 1
                 tasks = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
                 table.add_row(run["id"][:8], run["workflow_id"], run["state"], tasks or "-")
-        except (CommandError, requests.RequestException) as exc:
+        except CommandError as exc:
             table.add_row("-", "-", f"server unreachable: {exc}", "")
         return table
 
     # --- --once -------------------------------------------------------------------------------
 
-    def wait_for_parses(self, op: Operator, files: list[Path]) -> list[str]:
+    def wait_for_parses(self, op: OperatorClient, files: list[Path]) -> list[str]:
         """Every file either defines workflows or has a parse error; returns workflow ids."""
         wanted = {f.resolve().as_uri() for f in files}
         deadline = time.monotonic() + PARSE_WAIT
         while True:
             self.check_alive()
-            workflows = op.json("GET", "/v1/operator/workflows")["workflows"]
-            errors = op.json("GET", "/v1/operator/parse-errors")["errors"]
+            workflows = op.call("GET", "/v1/operator/workflows")["workflows"]
+            errors = op.call("GET", "/v1/operator/parse-errors")["errors"]
             parsed = {w["source_uri"] for w in workflows if w["active"]}
             failed = {e["file_path"] for e in errors}
             if wanted <= parsed | failed:
@@ -331,7 +282,7 @@ class Standalone:
                 )
             time.sleep(0.2)
 
-    def run_once(self, op: Operator) -> int:
+    def run_once(self, op: OperatorClient) -> int:
         files = definition_files(self.opts.workflows)
         ids = self.wait_for_parses(op, files)
         if not ids:
@@ -341,8 +292,8 @@ class Standalone:
             )
         runs = {}
         for workflow_id in ids:
-            runs[workflow_id] = op.json(
-                "POST", f"/v1/operator/workflows/{workflow_id}/runs", {"conf": {}}
+            runs[workflow_id] = op.call(
+                "POST", f"/v1/operator/workflows/{workflow_id}/runs", body={"conf": {}}
             )["id"]
             self.progress(f"triggered {workflow_id} (run {runs[workflow_id][:8]})")
         deadline = time.monotonic() + RUN_WAIT
@@ -350,7 +301,7 @@ class Standalone:
         while pending:
             self.check_alive()
             for workflow_id, run_id in list(pending.items()):
-                state = op.json("GET", f"/v1/operator/runs/{run_id}")["state"]
+                state = op.call("GET", f"/v1/operator/runs/{run_id}")["state"]
                 if state in ("success", "failed"):
                     self.progress(f"{workflow_id}: {state}")
                     del pending[workflow_id]
@@ -363,10 +314,10 @@ class Standalone:
         self.print_summary(rows)
         return 0 if rows and all(r["state"] == "success" for r in rows) else 1
 
-    def summary(self, op: Operator, runs: dict[str, str]) -> list[dict[str, Any]]:
+    def summary(self, op: OperatorClient, runs: dict[str, str]) -> list[dict[str, Any]]:
         rows = []
         for workflow_id, run_id in runs.items():
-            attempts = op.json("GET", f"/v1/operator/runs/{run_id}/attempts")["attempts"]
+            attempts = op.call("GET", f"/v1/operator/runs/{run_id}/attempts")["attempts"]
             by_task: dict[str, list[dict[str, Any]]] = {}
             for a in attempts:
                 by_task.setdefault(a["task_id"], []).append(a)
@@ -449,13 +400,13 @@ def run_standalone(opts: Options, base_env: dict[str, str] | None = None) -> int
         # loopback TCP for both sides), unless the configuration says otherwise.
         env["PRIVSEP__SUPERVISOR__API_SOCKET"] = str(cfg.path_of("server.socket"))
     app = Standalone(opts, env, url)
+    op = OperatorClient(url, str(opts.home / "credentials" / "operator.key"))
     if first_run(opts.home, env, app.progress):
         app.progress(f"created {opts.home}")
     app.progress(f"home {opts.home}, workflows {opts.workflows}")
     try:
         app.start("server")
         app.wait_for_server()
-        op = Operator(url, opts.home)
         if opts.workflows.resolve() == bundled_examples().resolve():
             load_example_policy(op)
         app.start("supervisor")
@@ -472,3 +423,4 @@ def run_standalone(opts: Options, base_env: dict[str, str] | None = None) -> int
         return 0
     finally:
         app.stop()
+        op.close()

@@ -36,8 +36,9 @@ frame being finished once started, any reply being read. Between exchanges a con
 stay idle (the client SDK keeps one connection for its lifetime), bounded by the per-sandbox
 cap.
 
-The token is a secret: it is held in :class:`_Secret`, which no ``repr``, log line or exception
-message shows, and is revealed only where the reply frame is built or the proxy handler called.
+The token is a secret: it is held in a :class:`~privsep._token.Token`, which no ``repr``, log
+line or exception message shows, and is revealed only where the reply frame is built or the
+proxy handler called.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
+from privsep._token import Token
 from privsep.client._exceptions import ProtocolError
 from privsep.client._wire import (
     MAX_FRAME,
@@ -163,30 +165,6 @@ ALLOWED: Final[Mapping[SandboxState, Mapping[RequestType, Rule]]] = {
 reported through ``on_violation``."""
 
 
-class _Secret:
-    """A token that keeps itself out of ``repr``, ``str``, logs and pickles."""
-
-    __slots__ = ("__value",)
-
-    def __init__(self, value: str) -> None:
-        self.__value = value
-
-    def reveal(self) -> str:
-        return self.__value
-
-    def scrub(self, text: str) -> str:
-        """``text`` with every copy of the token replaced, for messages that quote others'."""
-        return text.replace(self.__value, "***") if self.__value else text
-
-    def __repr__(self) -> str:
-        return "<token ***>"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> Any:
-        raise TypeError("a token cannot be pickled")
-
-
 @dataclass
 class Counters:
     """What happened on one socket (or, summed, on all of them). Written by the loop thread."""
@@ -275,7 +253,7 @@ class SocketEntry:
         self._uid = uid
         self._gid = gid
         self._root: ProcessRecord | None = None
-        self._token: _Secret | None = None
+        self._token: Token | None = None
         self._expires_at = 0
         self._closed = False
         self._conns: set[_Conn] = set()  # loop thread only
@@ -372,7 +350,7 @@ class SocketEntry:
         with self._lock:
             if self._state is SandboxState.ENDED or self._closed:
                 return False
-            self._token = _Secret(token)
+            self._token = Token(token, expires_at)
             self._expires_at = expires_at
             ready = self._become_running()
         if ready:
@@ -389,7 +367,7 @@ class SocketEntry:
             self._token = None
         self._server._wake_entry(self)
 
-    def _snapshot(self) -> tuple[SandboxState, _Secret | None, int]:
+    def _snapshot(self) -> tuple[SandboxState, Token | None, int]:
         with self._lock:
             return self._state, self._token, self._expires_at
 
@@ -940,7 +918,7 @@ class CredentialServer:
             assert isinstance(request, ProxyRequest)  # noqa: S101 - the table maps the type
             self._proxy(conn, request, token)
 
-    def _proxy(self, conn: _Conn, request: ProxyRequest, token: _Secret | None) -> None:
+    def _proxy(self, conn: _Conn, request: ProxyRequest, token: Token | None) -> None:
         # parse_request has checked both; checked again here because this is where it counts.
         try:
             if request.method not in METHODS:
@@ -967,7 +945,7 @@ class CredentialServer:
 
     @staticmethod
     def _call_proxy(
-        sandbox_id: str, request: ProxyRequest, token: _Secret, handler: ProxyHandler
+        sandbox_id: str, request: ProxyRequest, token: Token, handler: ProxyHandler
     ) -> ToSandbox:
         """Runs on a pool thread: one API call, turned into the reply for the child."""
         what = f"{request.method} {request.path}"

@@ -1,0 +1,146 @@
+"""The one API client of the trusted callers: signed assertion → session token → calls.
+
+The supervisor, the operator commands and ``runner standalone`` all hold a long-lived Ed25519
+key and call the server the same way: a fresh single-use assertion (30 s at most) signed by
+the key buys a short session token; the token is renewed before it runs out, and a 401 opens a
+new session and sends the request once more (the session may have expired on the way, or a
+restarted server may have rotated its signing keys). That flow lives here once; what each
+caller makes of a status (an exception to retry on, a one-line error for a person) stays with
+the caller.
+
+The session token stays in this process's memory, in a :class:`~privsep._token.Token`, and is
+revealed only where the ``Authorization`` header is written.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from privsep._token import Token
+from privsep.runner.api.keepalive import HttpReply, KeepAliveClient
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+__all__ = ["ASSERTION_TTL", "RENEW_AT_REMAINING", "SessionClient", "SessionRefused"]
+
+# Assertions are single-use and short; 30 s is plenty for one round trip.
+ASSERTION_TTL = 30
+# Renew when less than this share of the session's life is left, so a request never leaves
+# with a token that expires on the way.
+RENEW_AT_REMAINING = 0.3
+
+
+class SessionRefused(Exception):
+    """The server answered the session request without a session; ``reply`` says why."""
+
+    def __init__(self, reply: HttpReply) -> None:
+        super().__init__(f"no session: HTTP {reply.status}")
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class _Session:
+    token: Token
+    issued_at: float
+
+    def due(self, now: float) -> bool:
+        life = max(1.0, self.token.expires_at - self.issued_at)
+        return self.token.expires_at - now < life * RENEW_AT_REMAINING
+
+
+class SessionClient:
+    """Calls the API under a session opened with a signed assertion. Thread-safe.
+
+    ``key`` is called each time a session is opened, so a caller can read its key file only
+    when it is needed (and report a bad one its own way). ``audience`` defaults to ``base_url``
+    as given: the server compares it with its own ``server.url`` verbatim. Raises
+    :class:`~privsep.runner.api.keepalive.HttpUnavailable` when the server gives no answer and
+    :class:`SessionRefused` when it gives no session; any other status is returned.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        name: str,
+        key: Callable[[], Ed25519PrivateKey],
+        session_path: str,
+        audience: str | None = None,
+        timeout: float = 10.0,
+        unix_socket: str | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.name = name
+        self.audience = audience or base_url
+        self.timeout = timeout
+        self._key = key
+        self._session_path = session_path
+        # One kept connection per calling thread; see keepalive.py for why not requests.
+        self._http = KeepAliveClient(self.base_url, timeout=timeout, unix_socket=unix_socket)
+        self._lock = threading.Lock()
+        self._session: _Session | None = None
+
+    def __repr__(self) -> str:  # the token never reaches a log through repr()
+        return f"{type(self).__name__}(name={self.name!r}, url={self.base_url!r})"
+
+    def new_session(self) -> dict[str, Any]:
+        """Exchange a fresh assertion for a session token; the server's answer."""
+        return self._open()[1]
+
+    def _open(self) -> tuple[Token, dict[str, Any]]:
+        from privsep.secrets.tokens import create_assertion
+
+        assertion = create_assertion(
+            self._key(),
+            supervisor_name=self.name,
+            audience=self.audience,
+            ttl_seconds=ASSERTION_TTL,
+        )
+        reply = self._http.request("POST", self._session_path, {"assertion": assertion})
+        body = reply.data
+        if (
+            reply.status != 200
+            or not isinstance(body, dict)
+            or not isinstance(body.get("token"), str)
+        ):
+            raise SessionRefused(reply)
+        token = Token(body["token"], int(body.get("expires_at", 0)))
+        with self._lock:
+            self._session = _Session(token, time.time())
+        return token, body
+
+    def session_due(self) -> bool:
+        """True when there is no session or it is close enough to its end to renew."""
+        with self._lock:
+            session = self._session
+        return session is None or session.due(time.time())
+
+    def _token(self) -> Token:
+        with self._lock:
+            session = self._session
+        if session is None or session.due(time.time()):
+            return self._open()[0]
+        return session.token
+
+    def send(self, method: str, path: str, body: Any = None) -> HttpReply:
+        """One authenticated request; a 401 opens a new session and sends it once more.
+
+        A 401 means the server did not act on the request, so sending it again is safe even
+        for a POST.
+        """
+        reply = self._http.request(method, path, body, token=self._token().reveal())
+        if reply.status != 401:
+            return reply
+        token, _ = self._open()
+        return self._http.request(method, path, body, token=token.reveal())
+
+    def close(self) -> None:
+        """Close the connections and forget the session."""
+        with self._lock:
+            self._session = None
+        self._http.close()
