@@ -18,8 +18,7 @@ from concurrent.futures import Executor
 from privsep.sandbox._classify import ExitFacts
 from privsep.sandbox._docker import DOCKER_TIMEOUT, DockerAPI, one_line
 from privsep.sandbox._reactor import Reactor
-from privsep.sandbox._reactor_handle import DRAIN_AFTER_EXIT, ReactorHandle, Watched
-from privsep.sandbox.spec import SandboxSpec
+from privsep.sandbox._reactor_handle import DRAIN_AFTER_EXIT, Launched, ReactorHandle
 
 log = logging.getLogger("privsep.sandbox")
 
@@ -38,20 +37,17 @@ class ContainerHandle(ReactorHandle):
     def __init__(
         self,
         *,
+        launched: Launched,
         reactor: Reactor,
-        spec: SandboxSpec,
-        uid: int,
-        watched: Watched,
         container_id: str,
         api: DockerAPI,
         docker: Executor,
         finished: Callable[[ContainerHandle, bool], None],
     ) -> None:
-        super().__init__(reactor=reactor, spec=spec, uid=uid, watched=watched)
+        super().__init__(launched=launched, reactor=reactor, finished=finished)
         self.container_id = container_id
         self._api = api
         self._docker = docker
-        self._finished = finished
         self._frames = bytearray()
         # self._exited (from the base): PID 1 is gone (pidfd)
         self._collected: tuple[int | None, bool, str] | None = None  # exit code, OOM, error
@@ -150,9 +146,6 @@ class ContainerHandle(ReactorHandle):
 
     def _give_back(self) -> bool:
         return self._removed  # a container that could not be removed may still run as the uid
-
-    def _forget(self, *, release_uid: bool) -> None:
-        self._finished(self, release_uid)
 
     def _facts(self) -> ExitFacts:
         assert self._collected is not None  # noqa: S101 - _end_known() said so

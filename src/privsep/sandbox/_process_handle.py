@@ -14,11 +14,10 @@ from collections.abc import Callable
 
 from privsep.sandbox._classify import ExitFacts
 from privsep.sandbox._reactor import Reactor
-from privsep.sandbox._reactor_handle import DRAIN_AFTER_EXIT, ReactorHandle, Watched
+from privsep.sandbox._reactor_handle import DRAIN_AFTER_EXIT, Launched, ReactorHandle
 from privsep.sandbox._steps import SETUP_CODES
 from privsep.sandbox._wire import EXITED
 from privsep.sandbox.cgroups import SandboxCgroup
-from privsep.sandbox.spec import SandboxSpec
 from privsep.sandbox.status import signal_name
 
 log = logging.getLogger("privsep.sandbox")
@@ -34,18 +33,15 @@ class ProcessHandle(ReactorHandle):
     def __init__(
         self,
         *,
+        launched: Launched,
         reactor: Reactor,
-        spec: SandboxSpec,
-        uid: int | None,
-        watched: Watched,
         is_child: bool,
         cgroup: SandboxCgroup | None,
         finished: Callable[[ProcessHandle, bool], None],
     ) -> None:
-        super().__init__(reactor=reactor, spec=spec, uid=uid, watched=watched)
+        super().__init__(launched=launched, reactor=reactor, finished=finished)
         self._is_child = is_child
         self._cgroup = cgroup
-        self._finished = finished
         self._exit_record: tuple[int | None, float, float, int] | None = None
         self._monitor: tuple[str, int] | None = None  # ("exit", code) | ("signal", n); spawn
 
@@ -106,9 +102,6 @@ class ProcessHandle(ReactorHandle):
             self.uid,
         )
         return False
-
-    def _forget(self, *, release_uid: bool) -> None:
-        self._finished(self, release_uid)
 
     def _facts(self) -> ExitFacts:
         code: int | None = None

@@ -19,6 +19,7 @@ import threading
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
 
 from privsep.sandbox._classify import ExitFacts, classify
 from privsep.sandbox._hostprep import release_workdir
@@ -37,13 +38,16 @@ DRAIN_AFTER_EXIT = 2.0  # how long output may still arrive once the sandbox has 
 
 
 @dataclass(frozen=True)
-class Watched:
-    """The host's ends of one started sandbox: what the reactor watches and writes to.
+class Launched:
+    """One sandbox a backend started: its spec, the pool uid it runs as (``None`` when it
+    holds none), and the host's ends the reactor watches and writes to.
 
     ``pid`` is ``None`` and ``pidfd`` -1 when the sandbox had already ended when looked at.
     The handle owns every fd from here on.
     """
 
+    spec: SandboxSpec
+    uid: int | None
     pid: int | None
     pidfd: int
     out_fd: int
@@ -55,25 +59,29 @@ class Watched:
 class ReactorHandle(SandboxHandle):
     """A sandbox watched by a backend's reactor thread (see the module docstring).
 
-    ``uid`` is the pool uid the sandbox runs as (``None`` when it holds none): its work dir
-    is handed back to root when the sandbox is gone.
+    The work dir of a sandbox that holds a pool uid is handed back to root when the sandbox
+    is gone. ``finished(handle, release_uid)`` then tells the backend it is gone, and whether
+    its uid may go to another sandbox.
     """
 
+    _finished: Callable[[Self, bool], None]
+
     def __init__(
-        self, *, reactor: Reactor, spec: SandboxSpec, uid: int | None, watched: Watched
+        self, *, launched: Launched, reactor: Reactor, finished: Callable[[Self, bool], None]
     ) -> None:
         self._reactor = reactor
-        self.spec = spec
-        self.uid = uid
-        self._pid = watched.pid
-        self._pidfd = watched.pidfd
-        self._out_fd = watched.out_fd
-        self._status_fd = watched.status_fd
-        self._log_fd = watched.log_fd
-        self._log_path = watched.log_path
+        self._finished = finished
+        self.spec = spec = launched.spec
+        self.uid = launched.uid
+        self._pid = launched.pid
+        self._pidfd = launched.pidfd
+        self._out_fd = launched.out_fd
+        self._status_fd = launched.status_fd
+        self._log_fd = launched.log_fd
+        self._log_path = launched.log_path
         lim = spec.limits
         self._capture = LogCapture(
-            watched.log_fd,
+            launched.log_fd,
             max_bytes=lim.log_max_bytes,
             max_lines=lim.log_max_lines,
             max_line_bytes=lim.log_max_line_bytes,
@@ -178,11 +186,14 @@ class ReactorHandle(SandboxHandle):
     def _flush_output(self) -> None:
         """The output stream ended: a backend keeps what it still holds back (a cut frame)."""
 
+    def _stop_reading(self, fd: int) -> None:
+        self._reactor.remove_reader(fd)
+        os.close(fd)
+
     def _close_output(self) -> None:
         if self._out_open:
             self._out_open = False
-            self._reactor.remove_reader(self._out_fd)
-            os.close(self._out_fd)
+            self._stop_reading(self._out_fd)
             self._flush_output()
             self._capture.finish()
             self._maybe_finish()
@@ -201,8 +212,7 @@ class ReactorHandle(SandboxHandle):
     def _close_status(self) -> None:
         if self._status_open:
             self._status_open = False
-            self._reactor.remove_reader(self._status_fd)
-            os.close(self._status_fd)
+            self._stop_reading(self._status_fd)
             self._maybe_finish()
 
     @abstractmethod
@@ -227,11 +237,7 @@ class ReactorHandle(SandboxHandle):
         """Free what the sandbox held (cgroups, container); False if something of it may
         still run, so its uid must not go to another sandbox."""
 
-    @abstractmethod
-    def _forget(self, *, release_uid: bool) -> None:
-        """Tell the backend the sandbox is gone (and whether its uid may be handed out)."""
-
-    def _maybe_finish(self) -> None:
+    def _maybe_finish(self: Self) -> None:
         if self._done.is_set() or not self._end_known() or self._out_open or self._status_open:
             return
         self._cancel_timers()
@@ -241,7 +247,7 @@ class ReactorHandle(SandboxHandle):
         clean = self._give_back()
         if self.uid is not None:
             release_workdir(self.spec.workdir)
-        self._forget(release_uid=clean)
+        self._finished(self, clean)
         self._complete()
 
     def _on_record(self, kind: bytes, payload: object) -> None:

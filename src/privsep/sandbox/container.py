@@ -45,9 +45,9 @@ import logging
 import os
 import stat
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from privsep.sandbox._backend_base import BackendBase
 from privsep.sandbox._container_handle import ContainerHandle
 from privsep.sandbox._docker import JSON, DockerAPI, docker_client, one_line
 from privsep.sandbox._hostprep import (
@@ -59,7 +59,7 @@ from privsep.sandbox._hostprep import (
 )
 from privsep.sandbox._incontainer import PLAN_NAME, STATUS_NAME
 from privsep.sandbox._reactor import Reactor
-from privsep.sandbox._reactor_handle import Watched
+from privsep.sandbox._reactor_handle import Launched
 from privsep.sandbox.errors import SandboxLaunchError, SandboxUnavailable
 from privsep.sandbox.image import BUILD_COMMAND, SOURCE_LABEL, default_image, source_digest
 from privsep.sandbox.spec import SandboxSpec
@@ -79,7 +79,7 @@ LABEL_SUPERVISOR = "privsep.supervisor"
 ENTRY_MODULE = "privsep.sandbox._incontainer"
 
 
-class ContainerBackend:
+class ContainerBackend(BackendBase[ContainerHandle]):
     """Launches sandboxes as Docker containers. One per supervisor; thread-safe."""
 
     def __init__(
@@ -113,13 +113,10 @@ class ContainerBackend:
         with open(self._empty_file, "wb"):
             pass
         os.chmod(self._empty_file, 0o400)
-        self._reactor = Reactor(name="privsep-container-reactor")
+        super().__init__(Reactor(name="privsep-container-reactor"))
         self._docker = ThreadPoolExecutor(
             max_workers=docker_workers, thread_name_prefix="privsep-docker"
         )
-        self._handles: set[ContainerHandle] = set()
-        self._lock = threading.Lock()
-        self._closed = False
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -173,9 +170,7 @@ class ContainerBackend:
 
     def launch(self, spec: SandboxSpec) -> ContainerHandle:
         """Start one container for ``spec``. Raises :class:`SandboxLaunchError` on failure."""
-        with self._lock:
-            if self._closed:
-                raise SandboxLaunchError("the sandbox backend is closed")
+        self._ensure_open()
         uid = self._pool.acquire()
         fds: list[int] = []
         container_id: str | None = None
@@ -212,18 +207,13 @@ class ContainerBackend:
             ) from exc
         handle = ContainerHandle(
             reactor=self._reactor,
-            spec=spec,
-            uid=uid,
-            watched=Watched(pid, pidfd, out_fd, status_fd, log_fd, log_path),
+            launched=Launched(spec, uid, pid, pidfd, out_fd, status_fd, log_fd, log_path),
             container_id=container_id,
             api=self._api,
             docker=self._docker,
             finished=self._finished,
         )
-        with self._lock:
-            self._handles.add(handle)
-        self._reactor.call_soon(handle._attach)
-        return handle
+        return self._watch(handle)
 
     def _create(
         self,
@@ -354,25 +344,14 @@ class ContainerBackend:
                 handle.sandbox_id,
                 handle.uid,
             )
-        with self._lock:
-            self._handles.discard(handle)
-
-    def running(self) -> list[ContainerHandle]:
-        """Handles of sandboxes not yet finished."""
-        with self._lock:
-            return list(self._handles)
+        self._forget(handle)
 
     def close(self, grace: float = 1.0) -> None:
         """Kill every running sandbox, wait for them, and remove every container of ours."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            handles = list(self._handles)
-        for handle in handles:
-            handle.kill(grace=grace)
-        for handle in handles:
-            handle.wait(timeout=grace + 30.0)
+        handles = self._mark_closed()
+        if handles is None:
+            return
+        self._end_all(handles, grace, wait=grace + 30.0)
         with contextlib.suppress(Exception):
             self._remove_stale()  # anything a failed removal left
         self._reactor.stop()
@@ -381,12 +360,6 @@ class ContainerBackend:
         with contextlib.suppress(OSError):
             os.unlink(self._empty_file)
             os.rmdir(self._private)
-
-    def __enter__(self) -> ContainerBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _within(path: str, root: str) -> bool:

@@ -27,17 +27,17 @@ import select
 import subprocess
 import sys
 import tempfile
-import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, NamedTuple
 
+from privsep.sandbox._backend_base import BackendBase
 from privsep.sandbox._classify import failed_step
 from privsep.sandbox._hostprep import open_log, prepare_socket, prepare_workdir, write_all
 from privsep.sandbox._process_handle import ProcessHandle
 from privsep.sandbox._reactor import Reactor
-from privsep.sandbox._reactor_handle import Watched
+from privsep.sandbox._reactor_handle import Launched
 from privsep.sandbox._spawn import devnull_fd, spawn_python
 from privsep.sandbox._template import ZygoteClient
 from privsep.sandbox._wire import FAILED, Plan, RecordParser
@@ -111,7 +111,7 @@ def userns_available(python: str = sys.executable) -> tuple[bool, str]:
     return False, lines[-1] if lines else f"exit {proc.returncode}"
 
 
-class ProcessBackend:
+class ProcessBackend(BackendBase[ProcessHandle]):
     """Launches sandboxes as isolated processes. One per supervisor; thread-safe."""
 
     def __init__(
@@ -155,16 +155,13 @@ class ProcessBackend:
         self._seccomp = b"" if unsafe_inline else compile_filter()
         self._cgroups = CgroupManager() if use_cgroups and os.geteuid() == 0 else None
         self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privsep-launch")
-        self._reactor = Reactor()
+        super().__init__(Reactor())
         self._zygote: ZygoteClient | None = None
         if launch_mode == "template":
             self._zygote = ZygoteClient(
                 python=python, launcher=self._launcher, preload=zygote_preload
             )
             self._zygote.start()
-        self._handles: set[ProcessHandle] = set()
-        self._lock = threading.Lock()
-        self._closed = False
         # Pre-warmed sandboxes (template mode): forked, in their cgroup, root skeleton built,
         # waiting for a plan. Filled by their own thread, never on the launch path.
         self._prewarm = prewarm if self._zygote is not None and not unsafe_inline else 0
@@ -220,9 +217,7 @@ class ProcessBackend:
 
     def launch(self, spec: SandboxSpec) -> ProcessHandle:
         """Start one sandbox for ``spec``. Raises :class:`SandboxLaunchError` on failure."""
-        with self._lock:
-            if self._closed:
-                raise SandboxLaunchError("the sandbox backend is closed")
+        self._ensure_open()
         uses_pool = not (self.userns or self.unsafe_inline)
         uid = self._pool.acquire() if uses_pool else os.geteuid()
         gid = uid if uses_pool else os.getegid()
@@ -267,20 +262,22 @@ class ProcessBackend:
                 ) from exc
             raise
         handle = ProcessHandle(
-            reactor=self._reactor,
-            spec=spec,
-            uid=uid if uses_pool else None,
-            watched=Watched(
-                started.pid, started.pidfd, started.out_r, started.status_r, log_fd, log_path
+            launched=Launched(
+                spec,
+                uid if uses_pool else None,
+                started.pid,
+                started.pidfd,
+                started.out_r,
+                started.status_r,
+                log_fd,
+                log_path,
             ),
+            reactor=self._reactor,
             is_child=started.is_child,
             cgroup=started.cgroup,
             finished=self._finished,
         )
-        with self._lock:
-            self._handles.add(handle)
-        self._reactor.call_soon(handle._attach)
-        return handle
+        return self._watch(handle)
 
     def _start_cold(self, spec: SandboxSpec, plan: Plan) -> _Started:
         """Fork (template) or exec (spawn) a new child that runs ``enter()`` from the start."""
@@ -446,30 +443,19 @@ class ProcessBackend:
     def _finished(self, handle: ProcessHandle, release_uid: bool) -> None:
         if handle.uid is not None and release_uid:
             self._pool.release(handle.uid)
-        with self._lock:
-            self._handles.discard(handle)
-
-    def running(self) -> list[ProcessHandle]:
-        """Handles of sandboxes not yet finished."""
-        with self._lock:
-            return list(self._handles)
+        self._forget(handle)
 
     def close(self, grace: float = 1.0) -> None:
         """Kill every running sandbox, wait for them, stop the zygote and the reactor."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            handles = list(self._handles)
+        handles = self._mark_closed()
+        if handles is None:
+            return
         self._prewarmer.shutdown(wait=True)
         with self._lock:
             warm, self._warm = list(self._warm), deque()
         for entry in warm:
             self._discard_warm(entry)
-        for handle in handles:
-            handle.kill(grace=grace)
-        for handle in handles:
-            handle.wait(timeout=grace + 10.0)
+        self._end_all(handles, grace, wait=grace + 10.0)
         if self._zygote is not None:
             self._zygote.close()
         for cgroup in self._stale_cgroups:  # the zygote has reaped everything by now
@@ -477,12 +463,6 @@ class ProcessBackend:
                 log.error("privsep: cannot remove sandbox cgroups %s", cgroup.dirs)
         self._reactor.stop()
         self._launcher.shutdown(wait=True)
-
-    def __enter__(self) -> ProcessBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 _MAX_WARM_FAILURES = 3
