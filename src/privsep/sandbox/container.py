@@ -61,6 +61,7 @@ from privsep.sandbox._incontainer import PLAN_NAME, STATUS_NAME
 from privsep.sandbox._reactor import Reactor
 from privsep.sandbox._reactor_handle import Launched
 from privsep.sandbox.errors import SandboxLaunchError, SandboxUnavailable
+from privsep.sandbox.handle import SandboxBackend
 from privsep.sandbox.image import BUILD_COMMAND, SOURCE_LABEL, default_image, source_digest
 from privsep.sandbox.spec import SandboxSpec
 from privsep.sandbox.uidpool import UidPool
@@ -406,3 +407,8 @@ def running_containers(supervisor: str) -> list[JSON]:
         )
     finally:
         client.close()
+
+
+def _is_a_sandbox_backend(backend: ContainerBackend) -> SandboxBackend:
+    """Never called: mypy checks here that the backend offers all of ``SandboxBackend``."""
+    return backend

@@ -43,6 +43,7 @@ from privsep.sandbox._template import ZygoteClient
 from privsep.sandbox._wire import FAILED, Plan, RecordParser
 from privsep.sandbox.cgroups import CgroupManager, SandboxCgroup
 from privsep.sandbox.errors import SandboxError, SandboxLaunchError, SandboxUnavailable
+from privsep.sandbox.handle import SandboxBackend
 from privsep.sandbox.seccomp_policy import compile_filter
 from privsep.sandbox.spec import SandboxSpec
 from privsep.sandbox.uidpool import UidPool
@@ -545,3 +546,8 @@ def _read_failure(status_r: int) -> str | None:
         if kind == FAILED and isinstance(payload, tuple) and len(payload) == 2:
             return failed_step(int(payload[0]), str(payload[1]))[1]
     return None
+
+
+def _is_a_sandbox_backend(backend: ProcessBackend) -> SandboxBackend:
+    """Never called: mypy checks here that the backend offers all of ``SandboxBackend``."""
+    return backend
