@@ -87,27 +87,20 @@ class _MountAttr(ctypes.Structure):
     )
 
 
-_libc.unshare.argtypes = (ctypes.c_int,)
-_libc.unshare.restype = ctypes.c_int
-_libc.mount.argtypes = (
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_char_p,
-)
-_libc.mount.restype = ctypes.c_int
-_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-_libc.umount2.restype = ctypes.c_int
-_libc.prctl.argtypes = (
-    ctypes.c_int,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-)
-_libc.prctl.restype = ctypes.c_int
-_libc.syscall.restype = ctypes.c_long
+def _declare(name: str, restype: type, *argtypes: type) -> None:
+    """Give libc's ``name`` its C signature, so ctypes converts (and checks) the arguments
+    instead of passing every Python int as a C int."""
+    func = getattr(_libc, name)
+    func.restype = restype
+    if argtypes:
+        func.argtypes = argtypes
+
+
+_declare("unshare", ctypes.c_int, ctypes.c_int)
+_declare("mount", ctypes.c_int, *(ctypes.c_char_p,) * 3, ctypes.c_ulong, ctypes.c_char_p)
+_declare("umount2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int)
+_declare("prctl", ctypes.c_int, ctypes.c_int, *(ctypes.c_ulong,) * 4)
+_declare("syscall", ctypes.c_long)  # variadic: only the result type can be declared
 
 
 def _check(result: int, what: str) -> int:

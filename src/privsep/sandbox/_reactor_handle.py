@@ -1,21 +1,28 @@
 """What the process and container handles share.
 
 Both backends watch their sandboxes from one reactor thread, which owns each handle's state:
-the public methods here only read that state or post work to the thread. A backend's handle
-adds how its sandbox's output, status records and end reach the reactor, and how its outcome
-is read; ``_terminate`` and ``_signal`` (through a pidfd, so never a reused pid) and the
-completion (``_complete``) are the same for both.
+the public methods here only read that state or post work to the thread. The watching itself is
+the same for both: output read from one fd into the log capture, status records from another,
+the wall-clock deadline, ``_terminate`` and ``_signal`` (through a pidfd, so never a reused pid),
+the outcome read by one classifier (``_classify``) and the completion. A backend's handle adds
+only what differs: how its output is framed, how it learns of the end and gathers the facts of
+it, how it kills everything, and what it gives back once the sandbox is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from abc import abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Self
 
+from privsep.sandbox._classify import ExitFacts, classify
+from privsep.sandbox._hostprep import release_workdir
 from privsep.sandbox._logcap import LogCapture
 from privsep.sandbox._reactor import Reactor, Timer
 from privsep.sandbox._wire import FAILED, READY, RecordParser
@@ -25,29 +32,56 @@ from privsep.sandbox.status import ExitReason, ExitStatus, SandboxOutput
 
 log = logging.getLogger("privsep.sandbox")
 
+READ_CHUNK = 65536
+READS_PER_EVENT = 16  # then other sandboxes get their turn on the reactor
+DRAIN_AFTER_EXIT = 2.0  # how long output may still arrive once the sandbox has ended
+
+
+@dataclass(frozen=True)
+class Launched:
+    """One sandbox a backend started: its spec, the pool uid it runs as (``None`` when it
+    holds none), and the host's ends the reactor watches and writes to.
+
+    ``pid`` is ``None`` and ``pidfd`` -1 when the sandbox had already ended when looked at.
+    The handle owns every fd from here on.
+    """
+
+    spec: SandboxSpec
+    uid: int | None
+    pid: int | None
+    pidfd: int
+    out_fd: int
+    status_fd: int
+    log_fd: int
+    log_path: str
+
 
 class ReactorHandle(SandboxHandle):
-    """A sandbox watched by a backend's reactor thread (see the module docstring)."""
+    """A sandbox watched by a backend's reactor thread (see the module docstring).
+
+    The work dir of a sandbox that holds a pool uid is handed back to root when the sandbox
+    is gone. ``finished(handle, release_uid)`` then tells the backend it is gone, and whether
+    its uid may go to another sandbox.
+    """
+
+    _finished: Callable[[Self, bool], None]
 
     def __init__(
-        self,
-        *,
-        reactor: Reactor,
-        spec: SandboxSpec,
-        pid: int | None,
-        pidfd: int,
-        log_fd: int,
-        log_path: str,
+        self, *, launched: Launched, reactor: Reactor, finished: Callable[[Self, bool], None]
     ) -> None:
         self._reactor = reactor
-        self.spec = spec
-        self._pid = pid
-        self._pidfd = pidfd
-        self._log_fd = log_fd
-        self._log_path = log_path
+        self._finished = finished
+        self.spec = spec = launched.spec
+        self.uid = launched.uid
+        self._pid = launched.pid
+        self._pidfd = launched.pidfd
+        self._out_fd = launched.out_fd
+        self._status_fd = launched.status_fd
+        self._log_fd = launched.log_fd
+        self._log_path = launched.log_path
         lim = spec.limits
         self._capture = LogCapture(
-            log_fd,
+            launched.log_fd,
             max_bytes=lim.log_max_bytes,
             max_lines=lim.log_max_lines,
             max_line_bytes=lim.log_max_line_bytes,
@@ -116,6 +150,105 @@ class ReactorHandle(SandboxHandle):
         )
 
     # -- reactor thread ----------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        """Start watching: output, status records, the end, and the wall-clock deadline."""
+        for fd in (self._out_fd, self._status_fd):
+            os.set_blocking(fd, False)
+        self._reactor.add_reader(self._out_fd, self._on_output)
+        self._reactor.add_reader(self._status_fd, self._on_status)
+        if self._pidfd >= 0:
+            self._reactor.add_reader(self._pidfd, self._on_exit)
+        else:
+            self._on_exit(-1)  # it had already ended when the backend looked
+        wall = self.spec.limits.wall_seconds
+        self._timers.append(
+            self._reactor.call_later(wall, lambda: self._terminate(ExitReason.TIMEOUT, None))
+        )
+
+    def _on_output(self, fd: int) -> None:
+        for _ in range(READS_PER_EVENT):
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:  # the stream broke: what came so far is all there is
+                data = b""
+            if not data:
+                self._close_output()
+                return
+            self._feed_output(data)
+
+    def _feed_output(self, data: bytes) -> None:
+        """Bytes read from the output fd; a backend whose stream is framed unframes them."""
+        self._capture.feed(data)
+
+    def _flush_output(self) -> None:
+        """The output stream ended: a backend keeps what it still holds back (a cut frame)."""
+
+    def _stop_reading(self, fd: int) -> None:
+        self._reactor.remove_reader(fd)
+        os.close(fd)
+
+    def _close_output(self) -> None:
+        if self._out_open:
+            self._out_open = False
+            self._stop_reading(self._out_fd)
+            self._flush_output()
+            self._capture.finish()
+            self._maybe_finish()
+
+    def _on_status(self, fd: int) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self._close_status()
+            return
+        for kind, payload in self._parser.feed(data):
+            self._on_record(kind, payload)
+
+    def _close_status(self) -> None:
+        if self._status_open:
+            self._status_open = False
+            self._stop_reading(self._status_fd)
+            self._maybe_finish()
+
+    @abstractmethod
+    def _on_exit(self, fd: int) -> None:
+        """The pidfd became readable (or ``fd`` is -1: it had already ended)."""
+
+    def _cancel_timers(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
+
+    @abstractmethod
+    def _end_known(self) -> bool:
+        """Whether the backend has everything it will learn of the end (output aside)."""
+
+    @abstractmethod
+    def _facts(self) -> ExitFacts:
+        """What this backend saw of the end, for :func:`classify`."""
+
+    @abstractmethod
+    def _give_back(self) -> bool:
+        """Free what the sandbox held (cgroups, container); False if something of it may
+        still run, so its uid must not go to another sandbox."""
+
+    def _maybe_finish(self: Self) -> None:
+        if self._done.is_set() or not self._end_known() or self._out_open or self._status_open:
+            return
+        self._cancel_timers()
+        self._status = classify(self._facts(), self.spec.limits)
+        with contextlib.suppress(OSError):
+            os.close(self._log_fd)
+        clean = self._give_back()
+        if self.uid is not None:
+            release_workdir(self.spec.workdir)
+        self._finished(self, clean)
+        self._complete()
 
     def _on_record(self, kind: bytes, payload: object) -> None:
         """One status record from the sandbox's setup code: running, or failed."""

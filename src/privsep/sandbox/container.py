@@ -43,79 +43,44 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import stat
-import struct
 import tempfile
-import threading
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
+from privsep.sandbox._backend_base import BackendBase
+from privsep.sandbox._container_handle import ContainerHandle
+from privsep.sandbox._docker import JSON, DockerAPI, docker_client, one_line
+from privsep.sandbox._hostprep import (
+    open_log,
+    prepare_socket,
+    prepare_workdir,
+    release_workdir,
+    write_all,
+)
 from privsep.sandbox._incontainer import PLAN_NAME, STATUS_NAME
 from privsep.sandbox._reactor import Reactor
-from privsep.sandbox._reactor_handle import ReactorHandle
-from privsep.sandbox._steps import SETUP_CODES, SetupStep
+from privsep.sandbox._reactor_handle import Launched
+from privsep.sandbox.errors import SandboxLaunchError, SandboxUnavailable
+from privsep.sandbox.handle import SandboxBackend
 from privsep.sandbox.image import BUILD_COMMAND, SOURCE_LABEL, default_image, source_digest
-from privsep.sandbox.process import (
-    SandboxLaunchError,
-    SandboxUnavailable,
-    _prepare_socket,
-    _prepare_workdir,
-    _release_workdir,
-)
 from privsep.sandbox.spec import SandboxSpec
-from privsep.sandbox.status import ExitReason, ExitStatus, signal_name
 from privsep.sandbox.uidpool import UidPool
+
+__all__ = [
+    "ContainerBackend",
+    "ContainerHandle",  # lives in ``_container_handle``; the package exports it from here
+    "docker_client",
+    "running_containers",
+]
 
 log = logging.getLogger("privsep.sandbox")
 
 LABEL_SANDBOX = "privsep.sandbox_id"
 LABEL_SUPERVISOR = "privsep.supervisor"
 ENTRY_MODULE = "privsep.sandbox._incontainer"
-_READ_CHUNK = 65536
-_READS_PER_EVENT = 16
-_DRAIN_AFTER_EXIT = 2.0
-_FRAME = struct.Struct(">BxxxI")  # Docker's multiplexed attach stream: stream, size
-_DOCKER_TIMEOUT = 60
 
 
-def docker_client(timeout: int = _DOCKER_TIMEOUT) -> Any:
-    """A Docker SDK client for the local engine, or :class:`SandboxUnavailable` in one line.
-
-    Only a local engine (a unix socket) will do: the backend bind-mounts host paths and holds
-    a pidfd on each container's PID 1, both of which must be on this host.
-    """
-    try:
-        import docker
-    except ImportError:
-        raise SandboxUnavailable(
-            "privsep: the container backend needs the Docker SDK: pip install 'privsep[container]'"
-        ) from None
-    try:
-        client = docker.from_env(timeout=timeout)
-        client.ping()
-    except Exception as exc:
-        where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-        raise SandboxUnavailable(
-            f"privsep: no Docker engine answers at {where} ({_one_line(exc)}); "
-            "start dockerd, or set DOCKER_HOST"
-        ) from None
-    if not str(client.api.base_url).startswith("http+docker://"):
-        client.close()
-        raise SandboxUnavailable(
-            f"privsep: the container backend needs a local Docker engine on a unix socket, "
-            f"not {client.api.base_url}: it mounts host paths and watches host pids"
-        )
-    return client
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1][:300] if text else type(exc).__name__
-
-
-class ContainerBackend:
+class ContainerBackend(BackendBase[ContainerHandle]):
     """Launches sandboxes as Docker containers. One per supervisor; thread-safe."""
 
     def __init__(
@@ -135,7 +100,7 @@ class ContainerBackend:
         self.image = image or default_image()
         self.supervisor = supervisor
         self._client = docker_client()
-        self._api = self._client.api
+        self._api: DockerAPI = self._client.api
         try:
             self._check_image()
             self._remove_stale()
@@ -149,13 +114,10 @@ class ContainerBackend:
         with open(self._empty_file, "wb"):
             pass
         os.chmod(self._empty_file, 0o400)
-        self._reactor = Reactor(name="privsep-container-reactor")
+        super().__init__(Reactor(name="privsep-container-reactor"))
         self._docker = ThreadPoolExecutor(
             max_workers=docker_workers, thread_name_prefix="privsep-docker"
         )
-        self._handles: set[ContainerHandle] = set()
-        self._lock = threading.Lock()
-        self._closed = False
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -209,21 +171,15 @@ class ContainerBackend:
 
     def launch(self, spec: SandboxSpec) -> ContainerHandle:
         """Start one container for ``spec``. Raises :class:`SandboxLaunchError` on failure."""
-        with self._lock:
-            if self._closed:
-                raise SandboxLaunchError("the sandbox backend is closed")
+        self._ensure_open()
         uid = self._pool.acquire()
         fds: list[int] = []
         container_id: str | None = None
         try:
-            workdir = _prepare_workdir(spec.workdir, uid, uid, chown=True)
-            socket_path = _prepare_socket(spec.credential_socket, uid, uid, chown=True)
+            workdir = prepare_workdir(spec.workdir, uid, uid, chown=True)
+            socket_path = prepare_socket(spec.credential_socket, uid, uid, chown=True)
             log_path = spec.log_path or os.path.join(self._log_dir, f"{spec.sandbox_id}.log")
-            log_fd = os.open(
-                log_path,
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-            )
+            log_fd = open_log(log_path)
             fds.append(log_fd)
             plan_path = os.path.join(workdir, PLAN_NAME)
             status_path = os.path.join(workdir, STATUS_NAME)
@@ -243,29 +199,22 @@ class ContainerBackend:
                 with contextlib.suppress(Exception):
                     self._api.remove_container(container_id, force=True)
             with contextlib.suppress(OSError):
-                _release_workdir(spec.workdir)
+                release_workdir(spec.workdir)
             self._pool.release(uid)
             if isinstance(exc, SandboxUnavailable):
                 raise
             raise SandboxLaunchError(
-                f"privsep: cannot launch container sandbox {spec.sandbox_id}: {_one_line(exc)}"
+                f"privsep: cannot launch container sandbox {spec.sandbox_id}: {one_line(exc)}"
             ) from exc
         handle = ContainerHandle(
-            backend=self,
-            spec=spec,
+            reactor=self._reactor,
+            launched=Launched(spec, uid, pid, pidfd, out_fd, status_fd, log_fd, log_path),
             container_id=container_id,
-            pid=pid,
-            pidfd=pidfd,
-            uid=uid,
-            out_fd=out_fd,
-            status_fd=status_fd,
-            log_fd=log_fd,
-            log_path=log_path,
+            api=self._api,
+            docker=self._docker,
+            finished=self._finished,
         )
-        with self._lock:
-            self._handles.add(handle)
-        self._reactor.call_soon(handle._attach)
-        return handle
+        return self._watch(handle)
 
     def _create(
         self,
@@ -279,7 +228,7 @@ class ContainerBackend:
         from docker.types import LogConfig, Mount, Ulimit
 
         lim = spec.limits
-        mounts: list[Any] = []
+        mounts: list[Mount] = []
         sources: list[str] = []
         for path in (*spec.code_paths, *spec.bundle_paths):
             real = os.path.realpath(path)
@@ -386,7 +335,7 @@ class ContainerBackend:
 
     # -- bookkeeping ------------------------------------------------------------------------
 
-    def _finished(self, handle: ContainerHandle, *, release_uid: bool) -> None:
+    def _finished(self, handle: ContainerHandle, release_uid: bool) -> None:
         if release_uid:
             self._pool.release(handle.uid)
         else:
@@ -396,25 +345,14 @@ class ContainerBackend:
                 handle.sandbox_id,
                 handle.uid,
             )
-        with self._lock:
-            self._handles.discard(handle)
-
-    def running(self) -> list[ContainerHandle]:
-        """Handles of sandboxes not yet finished."""
-        with self._lock:
-            return list(self._handles)
+        self._forget(handle)
 
     def close(self, grace: float = 1.0) -> None:
         """Kill every running sandbox, wait for them, and remove every container of ours."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            handles = list(self._handles)
-        for handle in handles:
-            handle.kill(grace=grace)
-        for handle in handles:
-            handle.wait(timeout=grace + 30.0)
+        handles = self._mark_closed()
+        if handles is None:
+            return
+        self._end_all(handles, grace, wait=grace + 30.0)
         with contextlib.suppress(Exception):
             self._remove_stale()  # anything a failed removal left
         self._reactor.stop()
@@ -423,12 +361,6 @@ class ContainerBackend:
         with contextlib.suppress(OSError):
             os.unlink(self._empty_file)
             os.rmdir(self._private)
-
-    def __enter__(self) -> ContainerBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _within(path: str, root: str) -> bool:
@@ -446,10 +378,7 @@ def _write_plan(path: str, spec: SandboxSpec, socket_path: str | None, uid: int)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
     try:
         os.fchown(fd, uid, uid)
-        data = json.dumps(plan).encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, json.dumps(plan).encode())
     finally:
         os.close(fd)
 
@@ -469,250 +398,7 @@ def _make_status_fifo(path: str, uid: int) -> int:
     return fd
 
 
-class ContainerHandle(ReactorHandle):
-    """Handle on one container sandbox. Its state is owned by the backend's reactor thread."""
-
-    def __init__(
-        self,
-        *,
-        backend: ContainerBackend,
-        spec: SandboxSpec,
-        container_id: str,
-        pid: int | None,
-        pidfd: int,
-        uid: int,
-        out_fd: int,
-        status_fd: int,
-        log_fd: int,
-        log_path: str,
-    ) -> None:
-        super().__init__(
-            reactor=backend._reactor,
-            spec=spec,
-            pid=pid,
-            pidfd=pidfd,
-            log_fd=log_fd,
-            log_path=log_path,
-        )
-        self._backend = backend
-        self.container_id = container_id
-        self.uid = uid
-        self._out_fd = out_fd
-        self._status_fd = status_fd
-        self._frames = bytearray()
-        # self._exited (from the base): PID 1 is gone (pidfd)
-        self._collected: tuple[int | None, bool, str] | None = None  # exit code, OOM, error
-        self._removed = False  # the container is gone, so nothing runs as its uid any more
-        self._collecting = False
-
-    def __repr__(self) -> str:
-        return (
-            f"<ContainerHandle {self.sandbox_id} container={self.container_id[:12]} "
-            f"pid={self._pid} status={self._status}>"
-        )
-
-    # -- reactor thread ----------------------------------------------------------------------
-
-    def _attach(self) -> None:
-        self._reactor.add_reader(self._out_fd, self._on_output)
-        self._reactor.add_reader(self._status_fd, self._on_status)
-        if self._pidfd >= 0:
-            self._reactor.add_reader(self._pidfd, self._on_exit)
-        else:
-            self._on_exit(-1)  # it had already exited when we looked
-        wall = self.spec.limits.wall_seconds
-        self._timers.append(
-            self._reactor.call_later(wall, lambda: self._terminate(ExitReason.TIMEOUT, None))
-        )
-
-    def _on_output(self, fd: int) -> None:
-        for _ in range(_READS_PER_EVENT):
-            try:
-                data = os.read(fd, _READ_CHUNK)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._close_output()
-                return
-            self._frames += data
-            self._demux()
-
-    def _demux(self) -> None:
-        buf = self._frames
-        while len(buf) >= _FRAME.size:
-            _, size = _FRAME.unpack_from(buf)
-            if len(buf) < _FRAME.size + size:
-                break
-            self._capture.feed(bytes(buf[_FRAME.size : _FRAME.size + size]))
-            del buf[: _FRAME.size + size]
-
-    def _close_output(self) -> None:
-        if self._out_open:
-            self._out_open = False
-            self._reactor.remove_reader(self._out_fd)
-            os.close(self._out_fd)
-            if self._frames:  # a frame cut short: keep what there is
-                self._capture.feed(bytes(self._frames[_FRAME.size :]))
-                self._frames.clear()
-            self._capture.finish()
-            self._maybe_finish()
-
-    def _on_status(self, fd: int) -> None:
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        if not data:
-            self._close_status()
-            return
-        for kind, payload in self._parser.feed(data):
-            self._on_record(kind, payload)
-
-    def _close_status(self) -> None:
-        if self._status_open:
-            self._status_open = False
-            self._reactor.remove_reader(self._status_fd)
-            os.close(self._status_fd)
-            self._maybe_finish()
-
-    def _on_exit(self, fd: int) -> None:
-        if fd >= 0:
-            self._reactor.remove_reader(fd)
-            os.close(fd)
-        self._pidfd = -1
-        self._exited = True
-        for timer in self._timers:
-            timer.cancel()
-        self._timers = []
-        self._collect()
-
-    def _collect(self) -> None:
-        if self._collecting:
-            return
-        self._collecting = True
-        try:
-            self._backend._docker.submit(self._collect_in_worker)
-        except RuntimeError:  # the executor is shut down: closing
-            self._collected = (None, False, "the backend closed before the exit was read")
-            self._after_collect()
-
-    def _collect_in_worker(self) -> None:
-        """Worker thread: Docker's view of the end, then the container is removed."""
-        import docker.errors
-
-        api = self._backend._api
-        code: int | None = None
-        oom = False
-        error = ""
-        try:
-            result = api.wait(self.container_id, timeout=_DOCKER_TIMEOUT)
-            code = int(result.get("StatusCode", -1))
-            state = api.inspect_container(self.container_id)["State"]
-            oom = bool(state.get("OOMKilled"))
-            if state.get("Error"):
-                error = str(state["Error"])
-        except Exception as exc:
-            error = _one_line(exc)
-        try:
-            api.remove_container(self.container_id, force=True)
-            self._removed = True
-        except docker.errors.NotFound:
-            self._removed = True
-        except Exception as exc:
-            log.error(
-                "privsep: cannot remove container %s of sandbox %s: %s",
-                self.container_id[:12],
-                self.sandbox_id,
-                _one_line(exc),
-            )
-        self._collected = (code, oom, error)
-        with contextlib.suppress(RuntimeError):
-            self._reactor.call_soon(self._after_collect)
-
-    def _after_collect(self) -> None:
-        self._running.set()
-        # The container is gone: nothing can write to the FIFO any more.
-        if self._status_open:
-            self._on_status(self._status_fd)
-            self._close_status()
-        self._timers.append(self._reactor.call_later(_DRAIN_AFTER_EXIT, self._close_output))
-        self._maybe_finish()
-
-    def _hard_kill(self) -> None:
-        if not self._exited:
-            self._signal(signal.SIGKILL)  # through the pidfd: SIGKILL to PID 1 ends it all
-
-    def _maybe_finish(self) -> None:
-        if self._done.is_set() or self._collected is None:
-            return
-        if self._out_open or self._status_open:
-            return
-        for timer in self._timers:
-            timer.cancel()
-        self._timers = []
-        self._status = self._compute_status()
-        with contextlib.suppress(OSError):
-            os.close(self._log_fd)
-        _release_workdir(self.spec.workdir)
-        self._backend._finished(self, release_uid=self._removed)
-        self._complete()
-
-    def _compute_status(self) -> ExitStatus:
-        assert self._collected is not None  # noqa: S101 - checked by the caller
-        code, oom, error = self._collected
-        lim = self.spec.limits
-        sig: int | None = None
-        if code is not None and 128 < code <= 128 + 64:
-            # Docker reports a signal death as 128 + n; a voluntary exit(128 + n) looks the
-            # same and is read as the signal.
-            sig, code = code - 128, None
-
-        def result(reason: ExitReason, detail: str) -> ExitStatus:
-            return ExitStatus(reason, detail, exit_code=code, signal=sig)
-
-        if self._termination is ExitReason.TIMEOUT:
-            return result(
-                ExitReason.TIMEOUT,
-                f"wall-clock limit of {lim.wall_seconds:g} s reached; sandbox killed",
-            )
-        if self._termination is ExitReason.KILLED:
-            return result(ExitReason.KILLED, "killed on request")
-        if oom:
-            return result(
-                ExitReason.MEMORY_LIMIT,
-                f"memory limit of {lim.memory_bytes} bytes reached (OOM kill in the container)",
-            )
-        if not self._ready:
-            if self._failure is not None:
-                step_code, detail = self._failure
-                step = SetupStep(step_code) if step_code in SETUP_CODES else SetupStep.BOOTSTRAP
-                return ExitStatus(
-                    ExitReason.SETUP_FAILED, f"{step.message}: {detail}", setup_step=step
-                )
-            what = f"exit {code}" if code is not None else (error or "status unknown")
-            if sig is not None:
-                what = f"killed by {signal_name(sig)}"
-            return ExitStatus(
-                ExitReason.SETUP_FAILED,
-                f"container died before user code started ({what})",
-                exit_code=code,
-                signal=sig,
-                setup_step=SetupStep.BOOTSTRAP,
-            )
-        if code is None and sig is None:
-            return result(ExitReason.LOST, f"Docker did not report the exit ({error})")
-        if sig is not None:
-            if lim.cpu_seconds is not None and sig == signal.SIGXCPU:
-                return result(ExitReason.CPU_LIMIT, f"CPU limit of {lim.cpu_seconds} s reached")
-            return result(ExitReason.SIGNALED, f"killed by {signal_name(sig)}")
-        if code == 0:
-            return result(ExitReason.SUCCEEDED, "exited with code 0")
-        return result(ExitReason.FAILED, f"exited with code {code}")
-
-
-def running_containers(supervisor: str) -> Sequence[dict[str, Any]]:
+def running_containers(supervisor: str) -> list[JSON]:
     """The containers (any state) labelled with ``supervisor``'s name; for tests and tools."""
     client = docker_client()
     try:
@@ -721,3 +407,8 @@ def running_containers(supervisor: str) -> Sequence[dict[str, Any]]:
         )
     finally:
         client.close()
+
+
+def _is_a_sandbox_backend(backend: ContainerBackend) -> SandboxBackend:
+    """Never called: mypy checks here that the backend offers all of ``SandboxBackend``."""
+    return backend

@@ -1,17 +1,23 @@
-"""The backend-neutral handle on one running sandbox.
+"""The backend-neutral handle on one running sandbox, and the backend-neutral backend.
 
-Both the process backend and a later container backend hand one of these back from
+Both the process backend and the container backend hand one of these back from
 ``launch(spec)``. Callers wait, kill, read the outcome and read the output; nothing here says
-how the isolation is done.
+how the isolation is done. :class:`SandboxBackend` is what a caller (the supervisor) may
+rely on of either backend, so it can hold one without knowing which, and still be checked.
 """
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from privsep.sandbox.status import ExitStatus, SandboxOutput
+
+if TYPE_CHECKING:
+    from privsep.sandbox.spec import SandboxSpec
+    from privsep.sandbox.uidpool import UidPool
 
 
 class SandboxHandle(ABC):
@@ -63,3 +69,28 @@ class SandboxHandle(ABC):
     @abstractmethod
     def output(self) -> SandboxOutput:
         """What has been captured so far (complete once :meth:`wait` returned a status)."""
+
+
+class SandboxBackend(Protocol):
+    """What every backend offers: launch sandboxes, list the running ones, close them all."""
+
+    @property
+    def uid_pool(self) -> UidPool:
+        """The pool sandboxes draw their uids from."""
+        ...
+
+    def describe(self) -> str:
+        """One line for the supervisor's startup log: how children are isolated here."""
+        ...
+
+    def launch(self, spec: SandboxSpec) -> SandboxHandle:
+        """Start one sandbox for ``spec``; ``SandboxLaunchError`` if none could start."""
+        ...
+
+    def running(self) -> Sequence[SandboxHandle]:
+        """Handles of sandboxes not yet finished."""
+        ...
+
+    def close(self, grace: float = 1.0) -> None:
+        """Kill every running sandbox, wait for them, and stop what the backend runs."""
+        ...

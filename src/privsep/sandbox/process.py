@@ -24,28 +24,41 @@ import itertools
 import logging
 import os
 import select
-import signal
-import stat
 import subprocess
 import sys
 import tempfile
-import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, NamedTuple
 
+from privsep.sandbox._backend_base import BackendBase
+from privsep.sandbox._classify import failed_step
+from privsep.sandbox._hostprep import open_log, prepare_socket, prepare_workdir, write_all
+from privsep.sandbox._process_handle import ProcessHandle
 from privsep.sandbox._reactor import Reactor
-from privsep.sandbox._reactor_handle import ReactorHandle
+from privsep.sandbox._reactor_handle import Launched
 from privsep.sandbox._spawn import devnull_fd, spawn_python
-from privsep.sandbox._steps import SETUP_CODES, SetupStep
 from privsep.sandbox._template import ZygoteClient
-from privsep.sandbox._wire import EXITED, FAILED, Plan, RecordParser
+from privsep.sandbox._wire import FAILED, Plan, RecordParser
 from privsep.sandbox.cgroups import CgroupManager, SandboxCgroup
+from privsep.sandbox.errors import SandboxError, SandboxLaunchError, SandboxUnavailable
+from privsep.sandbox.handle import SandboxBackend
 from privsep.sandbox.seccomp_policy import compile_filter
 from privsep.sandbox.spec import SandboxSpec
-from privsep.sandbox.status import ExitReason, ExitStatus, signal_name
 from privsep.sandbox.uidpool import UidPool
+
+__all__ = [
+    # The handle and the errors live in modules of their own; they are named here as well
+    # because the package's lazy exports (``privsep.sandbox.__init__``) resolve them here.
+    "ProcessBackend",
+    "ProcessHandle",
+    "SandboxError",
+    "SandboxLaunchError",
+    "SandboxUnavailable",
+    "set_non_dumpable",
+    "userns_available",
+]
 
 log = logging.getLogger("privsep.sandbox")
 
@@ -60,21 +73,6 @@ DEFAULT_SYSTEM_PATHS: tuple[str, ...] = (
     "/libx32",
     "/etc",
 )
-_READ_CHUNK = 65536
-_READS_PER_EVENT = 16
-_DRAIN_AFTER_EXIT = 2.0
-
-
-class SandboxError(RuntimeError):
-    """Base of the sandbox backend's errors."""
-
-
-class SandboxUnavailable(SandboxError):
-    """This host or user cannot run sandboxes; the message says why and what to change."""
-
-
-class SandboxLaunchError(SandboxError):
-    """One launch failed before a child existed (nothing is left running)."""
 
 
 def set_non_dumpable() -> None:
@@ -114,7 +112,7 @@ def userns_available(python: str = sys.executable) -> tuple[bool, str]:
     return False, lines[-1] if lines else f"exit {proc.returncode}"
 
 
-class ProcessBackend:
+class ProcessBackend(BackendBase[ProcessHandle]):
     """Launches sandboxes as isolated processes. One per supervisor; thread-safe."""
 
     def __init__(
@@ -158,16 +156,13 @@ class ProcessBackend:
         self._seccomp = b"" if unsafe_inline else compile_filter()
         self._cgroups = CgroupManager() if use_cgroups and os.geteuid() == 0 else None
         self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privsep-launch")
-        self._reactor = Reactor()
+        super().__init__(Reactor())
         self._zygote: ZygoteClient | None = None
         if launch_mode == "template":
             self._zygote = ZygoteClient(
                 python=python, launcher=self._launcher, preload=zygote_preload
             )
             self._zygote.start()
-        self._handles: set[ProcessHandle] = set()
-        self._lock = threading.Lock()
-        self._closed = False
         # Pre-warmed sandboxes (template mode): forked, in their cgroup, root skeleton built,
         # waiting for a plan. Filled by their own thread, never on the launch path.
         self._prewarm = prewarm if self._zygote is not None and not unsafe_inline else 0
@@ -223,22 +218,16 @@ class ProcessBackend:
 
     def launch(self, spec: SandboxSpec) -> ProcessHandle:
         """Start one sandbox for ``spec``. Raises :class:`SandboxLaunchError` on failure."""
-        with self._lock:
-            if self._closed:
-                raise SandboxLaunchError("the sandbox backend is closed")
+        self._ensure_open()
         uses_pool = not (self.userns or self.unsafe_inline)
         uid = self._pool.acquire() if uses_pool else os.geteuid()
         gid = uid if uses_pool else os.getegid()
         log_fd = -1
         try:
-            workdir = _prepare_workdir(spec.workdir, uid, gid, chown=uses_pool)
-            socket_path = _prepare_socket(spec.credential_socket, uid, gid, chown=uses_pool)
+            workdir = prepare_workdir(spec.workdir, uid, gid, chown=uses_pool)
+            socket_path = prepare_socket(spec.credential_socket, uid, gid, chown=uses_pool)
             log_path = spec.log_path or os.path.join(self._log_dir, f"{spec.sandbox_id}.log")
-            log_fd = os.open(
-                log_path,
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-            )
+            log_fd = open_log(log_path)
             plan = Plan(
                 sandbox_id=spec.sandbox_id,
                 kind=spec.kind,
@@ -274,53 +263,43 @@ class ProcessBackend:
                 ) from exc
             raise
         handle = ProcessHandle(
-            backend=self,
-            spec=spec,
-            pid=started.pid,
-            pidfd=started.pidfd,
+            launched=Launched(
+                spec,
+                uid if uses_pool else None,
+                started.pid,
+                started.pidfd,
+                started.out_r,
+                started.status_r,
+                log_fd,
+                log_path,
+            ),
+            reactor=self._reactor,
             is_child=started.is_child,
-            uid=uid if uses_pool else None,
             cgroup=started.cgroup,
-            out_r=started.out_r,
-            status_r=started.status_r,
-            log_fd=log_fd,
-            log_path=log_path,
+            finished=self._finished,
         )
-        with self._lock:
-            self._handles.add(handle)
-        self._reactor.call_soon(handle._attach)
-        return handle
+        return self._watch(handle)
 
     def _start_cold(self, spec: SandboxSpec, plan: Plan) -> _Started:
         """Fork (template) or exec (spawn) a new child that runs ``enter()`` from the start."""
-        cgroup: SandboxCgroup | None = None
-        fds: list[int] = []
-        try:
+        with _Pending() as pending:
             if self._cgroups is not None and self._cgroups.available and not self.unsafe_inline:
-                cgroup = self._cgroups.create(
+                pending.cgroup = self._cgroups.create(
                     f"{spec.sandbox_id}-{os.getpid()}",
                     memory_bytes=spec.limits.memory_bytes,
                     pids=_cgroup_pids(spec, monitor=self._has_monitor),
                 )
-                plan.cgroup_procs = cgroup.procs
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            fds += [out_r, out_w]
-            status_r, status_w = os.pipe2(os.O_CLOEXEC)
-            fds += [status_r, status_w]
+                plan.cgroup_procs = pending.cgroup.procs
+            out_r, out_w = pending.pipe()
+            status_r, status_w = pending.pipe()
             if self._zygote is not None:
                 pid, pidfd = self._zygote.launch(plan.to_wire(), [out_w, status_w])
                 is_child = False
             else:
                 pid, pidfd, is_child = self._spawn(plan, out_w, status_w)
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            if cgroup is not None:
-                cgroup.remove()
-            raise
         os.close(out_w)
         os.close(status_w)
-        return _Started(pid, pidfd, is_child, cgroup, out_r, status_r)
+        return _Started(pid, pidfd, is_child, pending.cgroup, out_r, status_r)
 
     def _spawn(self, plan: Plan, out_w: int, status_w: int) -> tuple[int, int, bool]:
         data = plan.to_wire()
@@ -356,7 +335,7 @@ class ProcessBackend:
                         pids=_cgroup_pids(spec, monitor=self._has_monitor),
                     )
                 plan.cgroup_procs = warm.procs
-                _write_all(warm.request_w, plan.to_wire())
+                write_all(warm.request_w, plan.to_wire())
             except OSError as exc:
                 log.warning("privsep: pre-warmed sandbox %d unusable: %s", warm.pid, exc)
                 self._discard_warm(warm)
@@ -413,29 +392,18 @@ class ProcessBackend:
         if self._zygote is None:
             raise RuntimeError("only template mode pre-warms sandboxes")
         n = next(self._warm_seq)
-        cgroup: SandboxCgroup | None = None
-        fds: list[int] = []
-        try:
+        with _Pending() as pending:
             if self._cgroups is not None and self._cgroups.available:
-                cgroup = self._cgroups.create(f"warm{n}-{os.getpid()}")
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            fds += [out_r, out_w]
-            status_r, status_w = os.pipe2(os.O_CLOEXEC)
-            fds += [status_r, status_w]
-            request_r, request_w = os.pipe2(os.O_CLOEXEC)
-            fds += [request_r, request_w]
-            plan = self._warm_plan(n, cgroup.procs if cgroup else [])
+                pending.cgroup = self._cgroups.create(f"warm{n}-{os.getpid()}")
+            out_r, out_w = pending.pipe()
+            status_r, status_w = pending.pipe()
+            request_r, request_w = pending.pipe()
+            plan = self._warm_plan(n, pending.procs)
             pid, pidfd = self._zygote.launch(plan.to_wire(), [out_w, status_w, request_r])
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            if cgroup is not None:
-                cgroup.remove()
-            raise
         for fd in (out_w, status_w, request_r):
             os.close(fd)
         self._warm_failures = 0
-        return _Warm(pid, pidfd, cgroup, out_r, status_r, request_w)
+        return _Warm(pid, pidfd, pending.cgroup, out_r, status_r, request_w)
 
     def _warm_plan(self, n: int, procs: list[str]) -> Plan:
         """What a pre-warmed child needs before its request: no spec field that matters."""
@@ -473,33 +441,22 @@ class ProcessBackend:
                 with self._lock:
                     self._stale_cgroups.append(warm.cgroup)  # retried at close()
 
-    def _finished(self, handle: ProcessHandle, *, release_uid: bool) -> None:
+    def _finished(self, handle: ProcessHandle, release_uid: bool) -> None:
         if handle.uid is not None and release_uid:
             self._pool.release(handle.uid)
-        with self._lock:
-            self._handles.discard(handle)
-
-    def running(self) -> list[ProcessHandle]:
-        """Handles of sandboxes not yet finished."""
-        with self._lock:
-            return list(self._handles)
+        self._forget(handle)
 
     def close(self, grace: float = 1.0) -> None:
         """Kill every running sandbox, wait for them, stop the zygote and the reactor."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            handles = list(self._handles)
+        handles = self._mark_closed()
+        if handles is None:
+            return
         self._prewarmer.shutdown(wait=True)
         with self._lock:
             warm, self._warm = list(self._warm), deque()
         for entry in warm:
             self._discard_warm(entry)
-        for handle in handles:
-            handle.kill(grace=grace)
-        for handle in handles:
-            handle.wait(timeout=grace + 10.0)
+        self._end_all(handles, grace, wait=grace + 10.0)
         if self._zygote is not None:
             self._zygote.close()
         for cgroup in self._stale_cgroups:  # the zygote has reaped everything by now
@@ -507,12 +464,6 @@ class ProcessBackend:
                 log.error("privsep: cannot remove sandbox cgroups %s", cgroup.dirs)
         self._reactor.stop()
         self._launcher.shutdown(wait=True)
-
-    def __enter__(self) -> ProcessBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 _MAX_WARM_FAILURES = 3
@@ -540,6 +491,35 @@ class _Warm(NamedTuple):
         return self.cgroup.procs if self.cgroup is not None else []
 
 
+class _Pending:
+    """The pipes and cgroup made for a child that is not started yet: a context manager that
+    closes and removes them all if starting the child fails, and leaves them otherwise."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self.cgroup: SandboxCgroup | None = None
+
+    @property
+    def procs(self) -> list[str]:
+        return self.cgroup.procs if self.cgroup is not None else []
+
+    def pipe(self) -> tuple[int, int]:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        self.fds += [read_end, write_end]
+        return read_end, write_end
+
+    def __enter__(self) -> _Pending:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            return
+        for fd in self.fds:
+            os.close(fd)
+        if self.cgroup is not None:
+            self.cgroup.remove()
+
+
 def _cgroup_pids(spec: SandboxSpec, *, monitor: bool) -> int | None:
     """``pids.max``: the spec's limit, plus the monitor process where there is one."""
     if spec.limits.pids is None:
@@ -555,12 +535,6 @@ def _readable(*fds: int) -> bool:
     return bool(poller.poll(0))
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def _read_failure(status_r: int) -> str | None:
     """The ``F`` record a failed pre-warmed child left, if any."""
     os.set_blocking(status_r, False)
@@ -570,277 +544,10 @@ def _read_failure(status_r: int) -> str | None:
         return None
     for kind, payload in RecordParser().feed(data):
         if kind == FAILED and isinstance(payload, tuple) and len(payload) == 2:
-            code, detail = payload
-            step = SetupStep(code) if code in SETUP_CODES else SetupStep.BOOTSTRAP
-            return f"{step.message}: {detail}"
+            return failed_step(int(payload[0]), str(payload[1]))[1]
     return None
 
 
-def _prepare_workdir(path: str, uid: int, gid: int, *, chown: bool) -> str:
-    """Create (or adopt) the work dir: a real directory, mode 0700, owned by the sandbox uid."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise SandboxLaunchError(f"work dir {path} is not a directory (or is a symlink)")
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if chown:
-            os.fchown(fd, uid, gid)
-        os.fchmod(fd, 0o700)
-    finally:
-        os.close(fd)
-    return os.path.realpath(path)
-
-
-def _prepare_socket(path: str | None, uid: int, gid: int, *, chown: bool) -> str | None:
-    """Check the credential socket and let the sandbox uid (only) connect to it."""
-    if path is None:
-        return None
-    st = os.lstat(path)
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SandboxLaunchError(f"credential socket {path} is not a unix socket")
-    if chown:
-        os.chown(path, uid, gid, follow_symlinks=False)
-        os.chmod(path, 0o600)  # lstat said socket, not symlink: nothing else to follow
-    return os.path.realpath(path)
-
-
-def _release_workdir(path: str) -> None:
-    """After the sandbox: root-owned 0700 again, so the uid's next holder cannot get in."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fchown(fd, 0, 0)
-        os.fchmod(fd, 0o700)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class ProcessHandle(ReactorHandle):
-    """Handle on one process-backend sandbox. Its state is owned by the reactor thread."""
-
-    def __init__(
-        self,
-        *,
-        backend: ProcessBackend,
-        spec: SandboxSpec,
-        pid: int,
-        pidfd: int,
-        is_child: bool,
-        uid: int | None,
-        cgroup: SandboxCgroup | None,
-        out_r: int,
-        status_r: int,
-        log_fd: int,
-        log_path: str,
-    ) -> None:
-        super().__init__(
-            reactor=backend._reactor,
-            spec=spec,
-            pid=pid,
-            pidfd=pidfd,
-            log_fd=log_fd,
-            log_path=log_path,
-        )
-        self._backend = backend
-        self._is_child = is_child
-        self.uid = uid
-        self._cgroup = cgroup
-        self._out_r = out_r
-        self._status_r = status_r
-        self._exit_record: tuple[int | None, float, float, int] | None = None
-        self._monitor: tuple[str, int] | None = None  # ("exit", code) | ("signal", n); spawn
-
-    def __repr__(self) -> str:
-        return f"<ProcessHandle {self.sandbox_id} pid={self._pid} status={self._status}>"
-
-    # -- reactor thread ----------------------------------------------------------------------
-
-    def _attach(self) -> None:
-        for fd in (self._out_r, self._status_r):
-            os.set_blocking(fd, False)
-        self._reactor.add_reader(self._out_r, self._on_output)
-        self._reactor.add_reader(self._status_r, self._on_status)
-        self._reactor.add_reader(self._pidfd, self._on_exit)
-        wall = self.spec.limits.wall_seconds
-        self._timers.append(
-            self._reactor.call_later(wall, lambda: self._terminate(ExitReason.TIMEOUT, None))
-        )
-
-    def _on_output(self, fd: int) -> None:
-        for _ in range(_READS_PER_EVENT):
-            try:
-                data = os.read(fd, _READ_CHUNK)
-            except BlockingIOError:
-                return
-            if not data:
-                self._close_output()
-                return
-            self._capture.feed(data)
-
-    def _close_output(self) -> None:
-        if self._out_open:
-            self._out_open = False
-            self._reactor.remove_reader(self._out_r)
-            os.close(self._out_r)
-            self._capture.finish()
-            self._maybe_finish()
-
-    def _on_status(self, fd: int) -> None:
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        if not data:
-            self._close_status()
-            return
-        for kind, payload in self._parser.feed(data):
-            if kind == EXITED and isinstance(payload, tuple) and len(payload) == 4:
-                self._exit_record = payload
-            else:
-                self._on_record(kind, payload)
-
-    def _close_status(self) -> None:
-        if self._status_open:
-            self._status_open = False
-            self._reactor.remove_reader(self._status_r)
-            os.close(self._status_r)
-            self._maybe_finish()
-
-    def _on_exit(self, fd: int) -> None:
-        self._reactor.remove_reader(fd)
-        if self._is_child:
-            try:
-                info = os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
-            except ChildProcessError:
-                info = None  # someone else reaped it; the X record still tells us
-            if info is not None:
-                exited = info.si_code == os.CLD_EXITED
-                self._monitor = ("exit" if exited else "signal", info.si_status)
-        os.close(fd)
-        self._pidfd = -1
-        self._exited = True
-        self._running.set()
-        for timer in self._timers:
-            timer.cancel()
-        self._timers = [self._reactor.call_later(_DRAIN_AFTER_EXIT, self._force_finish)]
-        # Anything left in the sandbox (there should be nothing: the PID namespace is gone).
-        if self._cgroup is not None:
-            self._cgroup.kill()
-        self._maybe_finish()
-
-    def _hard_kill(self) -> None:
-        if self._exited:
-            return
-        self._signal(signal.SIGKILL)
-        if self._cgroup is not None:
-            self._cgroup.kill()
-
-    def _force_finish(self) -> None:
-        self._close_output()
-        self._close_status()
-
-    def _maybe_finish(self) -> None:
-        if self._done.is_set() or not self._exited or self._out_open or self._status_open:
-            return
-        for timer in self._timers:
-            timer.cancel()
-        self._timers = []
-        self._status = self._compute_status()
-        with contextlib.suppress(OSError):
-            os.close(self._log_fd)
-        clean = True
-        if self._cgroup is not None and not self._cgroup.remove(attempts=20, delay=0.005):
-            # Something of this sandbox outlived it: its uid must not go to the next one.
-            clean = False
-            log.error(
-                "privsep: sandbox %s left processes in its cgroups %s; uid %s is quarantined",
-                self.sandbox_id,
-                self._cgroup.dirs,
-                self.uid,
-            )
-        if self.uid is not None:
-            _release_workdir(self.spec.workdir)
-        self._backend._finished(self, release_uid=clean)
-        self._complete()
-
-    def _compute_status(self) -> ExitStatus:
-        lim = self.spec.limits
-        if not self._ready:
-            if self._failure is not None:
-                step_code, detail = self._failure
-                step = SetupStep(step_code) if step_code in SETUP_CODES else SetupStep.BOOTSTRAP
-                return ExitStatus(
-                    ExitReason.SETUP_FAILED, f"{step.message}: {detail}", setup_step=step
-                )
-            if self._termination is None:
-                monitor = self._monitor
-                if monitor is not None and monitor[0] == "exit" and monitor[1] in SETUP_CODES:
-                    step = SetupStep(monitor[1])
-                    return ExitStatus(ExitReason.SETUP_FAILED, step.message, setup_step=step)
-                return ExitStatus(
-                    ExitReason.SETUP_FAILED,
-                    f"sandbox died during setup ({self._describe_monitor()})",
-                    setup_step=SetupStep.BOOTSTRAP,
-                )
-        raw: int | None = None
-        cpu: float | None = None
-        maxrss: int | None = None
-        if self._exit_record is not None:
-            raw, utime, stime, maxrss = self._exit_record
-            cpu = utime + stime
-        code: int | None = None
-        sig: int | None = None
-        if raw is not None:
-            if os.WIFSIGNALED(raw):
-                sig = os.WTERMSIG(raw)
-            else:
-                code = os.waitstatus_to_exitcode(raw)
-
-        def result(reason: ExitReason, detail: str) -> ExitStatus:
-            return ExitStatus(
-                reason, detail, exit_code=code, signal=sig, cpu_seconds=cpu, max_rss_kib=maxrss
-            )
-
-        if self._termination is ExitReason.TIMEOUT:
-            return result(
-                ExitReason.TIMEOUT,
-                f"wall-clock limit of {lim.wall_seconds:g} s reached; sandbox killed",
-            )
-        if self._termination is ExitReason.KILLED:
-            return result(ExitReason.KILLED, "killed on request")
-        if self._cgroup is not None and self._cgroup.oom_killed():
-            return result(
-                ExitReason.MEMORY_LIMIT,
-                f"memory limit of {lim.memory_bytes} bytes reached (OOM kill in the sandbox)",
-            )
-        if raw is None:
-            return result(
-                ExitReason.LOST,
-                "the process reaping the sandbox (monitor or zygote) died without reporting "
-                f"({self._describe_monitor()})",
-            )
-        if sig is not None:
-            if lim.cpu_seconds is not None and cpu is not None and cpu >= lim.cpu_seconds:
-                return result(
-                    ExitReason.CPU_LIMIT,
-                    f"CPU limit of {lim.cpu_seconds} s reached ({signal_name(sig)})",
-                )
-            hint = " (perhaps out of memory?)" if sig == signal.SIGKILL else ""
-            return result(ExitReason.SIGNALED, f"killed by {signal_name(sig)}{hint}")
-        if code == 0:
-            return result(ExitReason.SUCCEEDED, "exited with code 0")
-        return result(ExitReason.FAILED, f"exited with code {code}")
-
-    def _describe_monitor(self) -> str:
-        if self._monitor is None:
-            return "status unknown"
-        kind, value = self._monitor
-        if kind == "signal":
-            return f"monitor killed by {signal_name(value)}"
-        return f"monitor exited with code {value}"
+def _is_a_sandbox_backend(backend: ProcessBackend) -> SandboxBackend:
+    """Never called: mypy checks here that the backend offers all of ``SandboxBackend``."""
+    return backend
