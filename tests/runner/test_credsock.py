@@ -38,7 +38,7 @@ import requests
 from privsep.client._exceptions import PrivsepError
 from privsep.client._transport import ProxyTransport, SocketChannel, TokenSource
 from privsep.client._wire import MAX_FRAME, ProxyRequest, TokenRequest, parse_request
-from privsep.runner.supervisor import credsock, peercheck
+from privsep.runner.supervisor import credconn, credentry, peercheck
 from privsep.runner.supervisor.credsock import (
     ALLOWED,
     CredentialServer,
@@ -991,7 +991,7 @@ def test_server_side_proxy_path_check_holds_without_the_parser(
             object.__setattr__(req, k, obj[k])
         return req
 
-    monkeypatch.setattr(credsock, "parse_request", lax_parse)
+    monkeypatch.setattr(credconn, "parse_request", lax_parse)
     sb = harness.sandbox()
     bad = frame({"type": "proxy", "method": "GET", "path": "/v1/operator/runs", "body": None})
     _out_of_turn(harness, sb, [bad], False)
@@ -1264,7 +1264,7 @@ def test_the_token_never_shows_in_reprs_logs_or_errors(harness: Harness, caplog:
     assert caplog.text  # something was logged
     for text in texts:
         assert "tok-SECRET-VALUE-42" not in text
-    secret = credsock._Secret("tok-SECRET-VALUE-42")
+    secret = credentry._Secret("tok-SECRET-VALUE-42")
     assert "tok-SECRET" not in repr(secret) + str(secret)
     with pytest.raises(TypeError):
         pickle.dumps(secret)
