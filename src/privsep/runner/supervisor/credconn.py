@@ -20,6 +20,7 @@ import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from privsep.client._exceptions import ProtocolError
 from privsep.client._wire import (
@@ -97,28 +98,28 @@ class Conn:
         self.peer_pid = 0
 
 
+@dataclass(frozen=True)
+class Options:
+    """How the connections are served (see :class:`~privsep.runner.supervisor.credsock.
+    CredentialServer` for each)."""
+
+    proxy_handler: ProxyHandler | None
+    on_violation: ViolationHandler | None
+    idle_timeout: float
+    max_connections: int
+    proxy_workers: int
+
+
 class Connections:
     """Serves the connections of every credential socket on one reactor (loop thread only,
     but for :meth:`shutdown`)."""
 
-    def __init__(
-        self,
-        reactor: Reactor,
-        *,
-        proxy_handler: ProxyHandler | None,
-        on_violation: ViolationHandler | None,
-        idle_timeout: float,
-        max_connections: int,
-        proxy_workers: int,
-    ) -> None:
+    def __init__(self, reactor: Reactor, options: Options) -> None:
         self._reactor = reactor
-        self._proxy_handler = proxy_handler
-        self._on_violation = on_violation
-        self.idle_timeout = idle_timeout
-        self.max_connections = max_connections
+        self._opts = options
         self.totals = Counters()
         self._proxy_pool = ThreadPoolExecutor(
-            max_workers=proxy_workers, thread_name_prefix="privsep-credsock-proxy"
+            max_workers=options.proxy_workers, thread_name_prefix="privsep-credsock-proxy"
         )
         self._notify_pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="privsep-credsock-notify"
@@ -167,7 +168,7 @@ class Connections:
                     self._pause_listener(entry)
                 return
             sock.setblocking(False)
-            if len(entry._conns) >= self.max_connections:
+            if len(entry._conns) >= self._opts.max_connections:
                 self._count(entry, "over_capacity")
                 self._warn(
                     entry,
@@ -199,7 +200,7 @@ class Connections:
             if conn.phase is not _Phase.CLOSED:
                 self._timed_out(conn)
 
-        conn.deadline = self._reactor.call_later(self.idle_timeout, expire)
+        conn.deadline = self._reactor.call_later(self._opts.idle_timeout, expire)
 
     def _clear_deadline(self, conn: Conn) -> None:
         if conn.deadline is not None:
@@ -215,7 +216,7 @@ class Connections:
             _Phase.WRITE: "did not read its reply",
         }.get(conn.phase, "made no progress")
         self._warn(
-            entry, "timeouts", f"dropped a connection that {what} for {self.idle_timeout:g} s"
+            entry, "timeouts", f"dropped a connection that {what} for {self._opts.idle_timeout:g} s"
         )
         self._close(conn)
 
@@ -346,7 +347,7 @@ class Connections:
         except ProtocolError as exc:
             self._violation(conn, f"proxy refused: {exc}")
             return
-        if self._proxy_handler is None:
+        if self._opts.proxy_handler is None:
             self._reply(
                 conn,
                 ErrorReply(code="proxy_unavailable", message="this supervisor does not proxy"),
@@ -358,7 +359,7 @@ class Connections:
         conn.phase = _Phase.BUSY
         self._set_events(conn, 0)
         future = self._proxy_pool.submit(
-            call_proxy, conn.entry.sandbox_id, request, token, self._proxy_handler
+            call_proxy, conn.entry.sandbox_id, request, token, self._opts.proxy_handler
         )
         future.add_done_callback(lambda f: self._post(lambda: self._proxy_done(conn, f)))
 
@@ -452,14 +453,14 @@ class Connections:
         for other in list(entry._conns):
             self._close(other)
         self._close(conn)
-        if self._on_violation is not None:
+        if self._opts.on_violation is not None:
             with contextlib.suppress(RuntimeError):  # pool shut down: we are closing
                 self._notify_pool.submit(self._notify_violation, entry.sandbox_id, reason)
 
     def _notify_violation(self, sandbox_id: str, reason: str) -> None:
-        assert self._on_violation is not None  # noqa: S101
+        assert self._opts.on_violation is not None  # noqa: S101
         try:
-            self._on_violation(sandbox_id, reason)
+            self._opts.on_violation(sandbox_id, reason)
         except Exception:
             log.error("credential socket %s: on_violation failed", sandbox_id, exc_info=True)
 
@@ -477,4 +478,4 @@ class Connections:
         self._clear_deadline(conn)
 
 
-__all__ = ["Conn", "Connections", "ViolationHandler"]
+__all__ = ["Conn", "Connections", "Options", "ViolationHandler"]

@@ -64,7 +64,6 @@ class SocketEntry:
     def __init__(
         self,
         wake: Callable[[SocketEntry], None],
-        *,
         sandbox_id: str,
         directory: str,
         path: str,
@@ -88,6 +87,23 @@ class SocketEntry:
         self._conns: set[Conn] = set()  # loop thread only
         self._warned: dict[str, tuple[float, int]] = {}  # loop thread only
         self.counters = Counters()
+
+    @classmethod
+    def listen(
+        cls,
+        wake: Callable[[SocketEntry], None],
+        sandbox_id: str,
+        place: tuple[str, str],
+        *,
+        backlog: int,
+        uid: int | None,
+        gid: int | None,
+    ) -> SocketEntry:
+        """Listen at ``place`` (directory, socket path; see :func:`listen_at`) and make the
+        entry that serves it."""
+        directory, path = place
+        listener = listen_at(directory, path, backlog=backlog, uid=uid, gid=gid)
+        return cls(wake, sandbox_id, directory, path, listener, uid, gid)
 
     @property
     def state(self) -> SandboxState:

@@ -61,8 +61,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Final
 
-from privsep.runner.supervisor.credconn import Connections, ViolationHandler
-from privsep.runner.supervisor.credentry import SOCKET_NAME, SocketEntry, listen_at, socket_place
+from privsep.runner.supervisor.credconn import Connections, Options, ViolationHandler
+from privsep.runner.supervisor.credentry import SOCKET_NAME, SocketEntry, socket_place
 from privsep.runner.supervisor.credproxy import DEFAULT_PROXY_WORKERS, ProxyHandler
 from privsep.runner.supervisor.credtable import (
     ALLOWED,
@@ -114,7 +114,9 @@ class CredentialServer:
         self._reactor = reactor
         self._own_reactor = reactor is None
         self._conns: Connections | None = None
-        self._connections_args = (proxy_handler, on_violation, proxy_workers)
+        self._options = Options(
+            proxy_handler, on_violation, idle_timeout, max_connections, proxy_workers
+        )
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -129,15 +131,7 @@ class CredentialServer:
                 return
             if self._reactor is None:
                 self._reactor = Reactor(name="privsep-credsock")
-            proxy_handler, on_violation, proxy_workers = self._connections_args
-            self._conns = Connections(
-                self._reactor,
-                proxy_handler=proxy_handler,
-                on_violation=on_violation,
-                idle_timeout=self.idle_timeout,
-                max_connections=self.max_connections,
-                proxy_workers=proxy_workers,
-            )
+            self._conns = Connections(self._reactor, self._options)
 
     def close(self) -> None:
         """Stop serving: every socket and connection is closed and every socket directory
@@ -179,7 +173,7 @@ class CredentialServer:
         0600, then both are handed to ``uid``/``gid`` (if given here; else at
         :meth:`SocketEntry.bind_process`).
         """
-        directory, path = socket_place(directory_root, sandbox_id)
+        place = socket_place(directory_root, sandbox_id)
         self.start()
         with self._lock:
             if self._closed:
@@ -189,24 +183,17 @@ class CredentialServer:
             # Reserve the id while the filesystem work runs without the lock.
             self._reserved.add(sandbox_id)
         try:
-            listener = listen_at(directory, path, backlog=self._backlog, uid=uid, gid=gid)
+            entry = SocketEntry.listen(
+                self._wake_entry, sandbox_id, place, backlog=self._backlog, uid=uid, gid=gid
+            )
         finally:
             with self._lock:
                 self._reserved.discard(sandbox_id)
-        entry = SocketEntry(
-            self._wake_entry,
-            sandbox_id=sandbox_id,
-            directory=directory,
-            path=path,
-            listener=listener,
-            uid=uid,
-            gid=gid,
-        )
         with self._lock:
             self._entries[sandbox_id] = entry
         conns = self._connections()
         self._post(lambda: conns.listen(entry))
-        log.debug("credential socket %s: listening on %s", sandbox_id, path)
+        log.debug("credential socket %s: listening on %s", sandbox_id, entry.path)
         return entry
 
     def close_socket(self, sandbox_id: str) -> None:
