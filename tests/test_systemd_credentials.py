@@ -14,7 +14,7 @@ import pytest
 
 from helpers import clean_env, make_dir, run_runner, write_file
 from privsep.runner.config.loader import ConfigError, load_config
-from privsep.runner.supervisor.daemon import SupervisorSettings
+from privsep.runner.supervisor.settings import SupervisorSettings
 from privsep.secrets.keys import generate_ed25519_pem
 
 SYSTEMD_VALUE = "systemd:supervisor.key"

@@ -39,7 +39,7 @@ from privsep._token import Token
 from privsep.client._exceptions import PrivsepError
 from privsep.client._transport import ProxyTransport, SocketChannel, TokenSource
 from privsep.client._wire import MAX_FRAME, ProxyRequest, TokenRequest, parse_request
-from privsep.runner.supervisor import credsock, peercheck
+from privsep.runner.supervisor import credconn, peercheck
 from privsep.runner.supervisor.credsock import (
     ALLOWED,
     CredentialServer,
@@ -992,7 +992,7 @@ def test_server_side_proxy_path_check_holds_without_the_parser(
             object.__setattr__(req, k, obj[k])
         return req
 
-    monkeypatch.setattr(credsock, "parse_request", lax_parse)
+    monkeypatch.setattr(credconn, "parse_request", lax_parse)
     sb = harness.sandbox()
     bad = frame({"type": "proxy", "method": "GET", "path": "/v1/operator/runs", "body": None})
     _out_of_turn(harness, sb, [bad], False)

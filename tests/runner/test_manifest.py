@@ -243,7 +243,7 @@ def test_bad_source_lists_are_refused(spec: str, says: str) -> None:
 
 def test_the_supervisor_refuses_a_bad_source_list_at_start(tmp_path: Path) -> None:
     from privsep.runner.config.loader import ConfigError, load_config
-    from privsep.runner.supervisor.daemon import SupervisorSettings
+    from privsep.runner.supervisor.settings import SupervisorSettings
 
     env = {"PRIVSEP_HOME": str(tmp_path), "PRIVSEP__SUPERVISOR__DISCOVERY_SOURCES": "crawl,walk"}
     with pytest.raises(ConfigError, match="discovery_sources unknown discovery source 'walk'"):

@@ -22,7 +22,7 @@ from stack import Stack, short_home
 from docker_kit import require_docker
 from privsep.runner.config.loader import load_config
 from privsep.runner.selftest.battery import ATTACKS, planted, run_battery
-from privsep.runner.supervisor.daemon import SupervisorSettings
+from privsep.runner.supervisor.settings import SupervisorSettings
 from privsep.sandbox import ProcessBackend, SandboxSpec, UidPool
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes need root")

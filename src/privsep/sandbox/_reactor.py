@@ -5,6 +5,10 @@ pipe would let a child stall the supervisor. The reactor runs an epoll selector 
 fds: output pipes, status pipes and pidfds (readable when the process exits); plus a heap of
 timers for wall-clock deadlines and kill escalation. Other threads never touch that state: they
 hand work in with :meth:`Reactor.call_soon`, which wakes the loop through a pipe.
+
+The supervisor's credential sockets run on the same reactor (:meth:`Reactor.watch` covers their
+writes too): one selector loop, one place where a slow callback would show, instead of two
+loops with two sets of wake-up and timer code.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Reactor:
         self._seq = itertools.count()
         self._stopping = False
         self._closed = False
+        self._wake_pending = False  # a wake-up byte is in the pipe: more calls add nothing
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -61,12 +66,22 @@ class Reactor:
         """Whether the caller is the reactor thread itself."""
         return threading.current_thread() is self._thread
 
+    @property
+    def running(self) -> bool:
+        """Whether calls handed in now will still run (not stopping, not stopped)."""
+        return self._thread.is_alive() and not self._stopping
+
     def call_soon(self, func: Callable[[], None]) -> None:
         """Run ``func`` on the reactor thread (thread-safe); RuntimeError once stopped."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the sandbox reactor has stopped")
             self._calls.append(func)
+            # One byte per turn is enough: a sandbox's start and end hand in several calls in
+            # a row, and each write is a syscall the loop would then have to drain.
+            if self._wake_pending:
+                return
+            self._wake_pending = True
             with contextlib.suppress(BlockingIOError):  # full of wake-ups already
                 os.write(self._wake_w, b"x")
 
@@ -85,6 +100,19 @@ class Reactor:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(fd)
 
+    def watch(self, fd: int, events: int, callback: FdCallback) -> None:
+        """Call ``callback(fd)`` when ``fd`` is ready for ``events`` (``EVENT_READ``,
+        ``EVENT_WRITE`` or both), replacing what was watched before; ``0`` stops watching.
+        For a connection that alternates between reading a request and writing its reply
+        (reactor thread only)."""
+        if events == 0:
+            self.remove_reader(fd)
+            return
+        try:
+            self._selector.modify(fd, events, callback)
+        except KeyError:
+            self._selector.register(fd, events, callback)
+
     def stop(self, timeout: float = 5.0) -> None:
         """Finish the loop after the calls already queued; joins the thread."""
 
@@ -101,6 +129,11 @@ class Reactor:
                 pass
         except BlockingIOError:
             pass
+        # Cleared after draining (a byte drained here may be a later call's, which must then
+        # not be left "pending" with nothing in the pipe) and before this turn runs the calls:
+        # a call handed in from here on writes a new byte, earlier ones run in this turn.
+        with self._lock:
+            self._wake_pending = False
 
     def _run(self) -> None:
         while not self._stopping:
@@ -120,6 +153,11 @@ class Reactor:
                 self._guard(self._calls.popleft())
         with self._lock:
             self._closed = True
+        # Calls handed in after the last turn still run: a caller whose call_soon succeeded
+        # may be waiting for it (the credential server's close does).
+        while self._calls:
+            self._guard(self._calls.popleft())
+        with self._lock:
             self._selector.close()
             os.close(self._wake_r)
             os.close(self._wake_w)

@@ -25,12 +25,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from privsep.runner.config.check_perms import targets
 from privsep.runner.config.loader import Config
-from privsep.runner.supervisor.daemon import SupervisorSettings
+from privsep.runner.supervisor.settings import SupervisorSettings
 from privsep.sandbox import ExitReason, Limits, SandboxSpec
 
 PROBE = Path(__file__).with_name("probe.py")
@@ -78,6 +78,12 @@ class Planted:
     server_host: str
     server_port: str
     secret_paths: list[str] = field(default_factory=list)
+
+
+class Launcher(Protocol):
+    """What the battery needs of a backend: launch one spec, get a handle that ends."""
+
+    def launch(self, spec: SandboxSpec) -> Any: ...
 
 
 Judge = Callable[[dict[str, Any], Planted], tuple[bool, str]]
@@ -271,7 +277,7 @@ def report_of(output: str) -> dict[str, Any] | None:
 
 
 def run_battery(
-    backend: Any,
+    backend: Launcher,
     settings: SupervisorSettings,
     plant: Planted,
     *,
@@ -288,7 +294,7 @@ def run_battery(
 
 
 def _run_one(
-    backend: Any,
+    backend: Launcher,
     settings: SupervisorSettings,
     plant: Planted,
     attack: Attack,

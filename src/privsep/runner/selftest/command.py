@@ -7,9 +7,14 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from privsep.runner.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError
+
+if TYPE_CHECKING:
+    from privsep.runner.supervisor.launch import Backend
+    from privsep.runner.supervisor.settings import SupervisorSettings
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -37,7 +42,7 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
 def run_selftest(cfg: Any, *, backend: str | None = None, as_json: bool = False) -> int:
     """Plant secrets, run every attack in a fresh sandbox, print the scorecard."""
     from privsep.runner.selftest.battery import ATTACKS, Verdict, planted, run_battery
-    from privsep.runner.supervisor.daemon import SupervisorSettings
+    from privsep.runner.supervisor.settings import SupervisorSettings
 
     if os.geteuid() != 0:
         raise CommandError(
@@ -60,7 +65,7 @@ def run_selftest(cfg: Any, *, backend: str | None = None, as_json: bool = False)
         )
     # The backend (and its zygote) starts after the secrets are planted, as a supervisor's
     # would start after it loaded its key: all it could inherit is there by then.
-    with planted(cfg, settings) as plant, _backend(settings) as sandboxes:
+    with planted(cfg, settings) as plant, _backend(settings, plant.area) as sandboxes:
         verdicts = run_battery(sandboxes, settings, plant, progress=show)
     failed = [v for v in verdicts if not v.held]
     if as_json:
@@ -84,18 +89,14 @@ def run_selftest(cfg: Any, *, backend: str | None = None, as_json: bool = False)
     return EXIT_FAILURE if failed else EXIT_OK
 
 
-def _backend(settings: Any) -> Any:
-    """The backend ``runner supervisor`` would build from these settings."""
-    from privsep.sandbox import ProcessBackend, SandboxUnavailable, UidPool
+def _backend(settings: SupervisorSettings, scratch: Path) -> Backend:
+    """The backend ``runner supervisor`` would build from these settings, under a name and a
+    state directory of its own: a container backend removes leftovers labelled with its
+    supervisor's name when it starts, and must not take a running supervisor's for them."""
+    from privsep.runner.supervisor.launch import make_backend
 
-    pool = UidPool(settings.uid_first, settings.uid_count)
-    try:
-        if settings.backend == "container":
-            from privsep.sandbox.container import ContainerBackend
-
-            return ContainerBackend(
-                image=settings.image or None, uid_pool=pool, supervisor="selftest"
-            )
-        return ProcessBackend(launch_mode=settings.launch_mode, uid_pool=pool, prewarm=1)
-    except SandboxUnavailable as exc:
-        raise CommandError(str(exc).removeprefix("privsep: ")) from None
+    return make_backend(
+        dataclasses.replace(
+            settings, name=f"selftest-{os.getpid()}", state_dir=scratch / "state", prewarm=1
+        )
+    )

@@ -1,51 +1,62 @@
-"""``runner supervisor``: the trusted middle of the credential chain.
+"""``runner supervisor``: the trusted middle of the credential chain, and its loop.
 
 It holds the one long-lived credential, claims work from the server, runs each item in a
 sandbox, hands the sandbox its short-lived token over a per-sandbox unix socket, refreshes that
 token while the item runs and reports the outcome. The loop is gunicorn's arbiter: signal
-handlers only enqueue; each pass drains signals, reaps finished sandboxes, refreshes tokens
-that are due, heartbeats, and claims work while there is room.
+handlers only enqueue, and each pass dispatches the queued signals to named handlers, reaps
+finished sandboxes, then runs each of its timed chores that is due. The chores are one table
+(:attr:`Supervisor._chores`): the pass runs the due ones and the wait until the next pass reads
+the same table, so a timer cannot be run without being waited for, or the other way round.
+
+Launching lives in :mod:`~privsep.runner.supervisor.launch`, outcomes in
+:mod:`~privsep.runner.supervisor.outcomes`, settings in
+:mod:`~privsep.runner.supervisor.settings`; this module is the loop that drives them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
-import random
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
-import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from privsep.runner.api.keepalive import KeepAliveClient
 from privsep.runner.api.session import ApiRefused, ServerUnavailable, SupervisorApi
 from privsep.runner.config.check_perms import PermissionViolation, enforce_at_start
-from privsep.runner.config.loader import Config, ConfigError, load_config
+from privsep.runner.config.loader import Config, load_config
 from privsep.runner.errors import CommandError
 from privsep.runner.sources.bundle_version import BundleVersionSource
 from privsep.runner.sources.bundles import BundleStore, pinned_uri
 from privsep.runner.sources.discovery import Discovery, DiscoveryError, load_sources
+from privsep.runner.supervisor.credsock import CredentialServer
+from privsep.runner.supervisor.launch import (
+    Active,
+    Backend,
+    Launcher,
+    LaunchFailed,
+    make_backend,
+)
 from privsep.runner.supervisor.loopwake import LoopWaker
 from privsep.runner.supervisor.orphans import OrphanRecords
+from privsep.runner.supervisor.outcomes import Outcomes
+from privsep.runner.supervisor.settings import SupervisorSettings
 from privsep.secrets.files import InsecureFileError, make_private_dir
 from privsep.secrets.keys import KeyFormatError, load_private_key
 
+if TYPE_CHECKING:
+    from privsep.runner.supervisor.systemd import LoopWatchdog, Notifier
+
 log = logging.getLogger("privsep.supervisor")
 
-ENTRY_POINTS = {
-    "task": "privsep.client._task:main",
-    "parse": "privsep.client._parse:main",
-    "trigger": "privsep.client._trigger:main",
-}
 # Claim polling: fast while work flows, backing off to this when the queue is empty.
 POLL_MIN = 0.02
 POLL_MAX = 1.0
@@ -54,148 +65,19 @@ POLL_MAX = 1.0
 LOOP_MAX_WAIT = 0.25
 MAX_CLAIM = 100  # the server's ClaimRequest.max_items limit
 PARSE_JOBS_PER_REQUEST = 1000  # the server's ParseJobBatchRequest limit
-# A sandbox's own report of its work item's end. Once the server has answered one of these
-# with a 2xx, it has ended the item (the attempt or parse job is no longer running), so a clean
-# exit needs no outcome from us. Trigger sandboxes have no such call: they always get one.
-REPORT_CALLS = frozenset(
-    {
-        ("POST", "/v1/task/succeed"),
-        ("POST", "/v1/task/fail"),
-        ("POST", "/v1/task/retry"),
-        ("POST", "/v1/task/defer"),
-        ("POST", "/v1/parse/result"),
-    }
-)
-# Outcomes the server could not take: first retry after this, doubling up to the cap.
-OUTCOME_RETRY_MIN = 0.5
-OUTCOME_RETRY_MAX = 5.0
+HEALTH_INTERVAL = 1.0
+RETENTION_INTERVAL = 3600.0
+NEVER = float("inf")
 
 
-@dataclass
-class Active:
-    """One work item running in one sandbox."""
+@dataclass(frozen=True)
+class Chore:
+    """One timed duty of the loop: when it is next due (monotonic seconds, :data:`NEVER`
+    while it has nothing to do) and what doing it means."""
 
-    kind: str
-    item_id: str
-    sandbox_id: str
-    handle: Any  # privsep.sandbox.SandboxHandle
-    socket: Any  # privsep.runner.supervisor.credsock entry
-    log_path: str
-    started: float
-    token_issued: float
-    token_expires: int
-    next_refresh: float
-    refreshable: bool = True
-
-
-@dataclass
-class Unreported:
-    """An outcome the server could not be told yet (it was down). Kept and sent again: the
-    heartbeats keep the item's attempt "running" on the server until it hears the outcome."""
-
-    body: dict[str, Any]
-    next_try: float
-    delay: float = OUTCOME_RETRY_MIN
-
-
-def refresh_time(issued: float, expires: float, rng: random.Random) -> float:
-    """When to refresh a token: at 50-80% of its lifetime, jittered so a fleet of sandboxes
-    does not refresh in step."""
-    life = max(1.0, expires - issued)
-    return issued + life * rng.uniform(0.5, 0.8)
-
-
-@dataclass
-class SupervisorSettings:
     name: str
-    server_url: str
-    credential: str
-    state_dir: Path
-    runtime_dir: Path
-    workflows_dir: Path
-    parallelism: int
-    heartbeat_interval: float
-    drain_grace: float
-    log_retention_days: float
-    discovery: bool
-    discovery_interval: float
-    task_timeout: float
-    parse_timeout: float
-    trigger_timeout: float
-    network: str
-    launch_mode: str
-    uid_first: int
-    uid_count: int
-    bundle_version: str = "git"  # git, none or literal:TEXT (supervisor.bundle_version)
-    prewarm: int = 4
-    api_socket: str = ""  # the API's unix socket, when it runs on this host ("" = TCP)
-    hidden_paths: tuple[str, ...] = field(default_factory=tuple)
-    discovery_sources: str = "manifest,crawl"
-    backend: str = "process"  # sandbox.backend: process or container
-    image: str = ""  # sandbox.image, for the container backend ("" = privsep-sandbox:<version>)
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> SupervisorSettings:
-        executor = str(cfg.get("supervisor.executor"))
-        parallelism = int(cfg.get("supervisor.parallelism")) or (os.cpu_count() or 1)
-        if executor == "sequential":
-            parallelism = 1
-        hidden = {
-            str(cfg.home / "credentials"),
-            str(cfg.home / "keys"),
-            str(cfg.path_of("server.signing_keyring")),
-            str(cfg.path_of("core.state_dir")),
-            str(cfg.path_of("supervisor.credential")),
-            str(cfg.path_of("operator.credential")),
-        }
-        if cfg.file_exists:
-            hidden.add(str(cfg.path))
-        sources = str(cfg.get("supervisor.discovery_sources"))
-        try:
-            load_sources(sources)
-        except ValueError as exc:
-            raise ConfigError(f"supervisor.discovery_sources {exc}") from None
-        return cls(
-            name=str(cfg.get("supervisor.name")) or socket.gethostname(),
-            server_url=str(cfg.get("server.url")),
-            api_socket=str(cfg.get("supervisor.api_socket")),
-            credential=str(cfg.path_of("supervisor.credential")),
-            state_dir=cfg.path_of("core.state_dir"),
-            runtime_dir=cfg.path_of("core.runtime_dir"),
-            workflows_dir=cfg.path_of("core.workflows_dir"),
-            parallelism=parallelism,
-            heartbeat_interval=float(cfg.get("supervisor.heartbeat_interval")),
-            drain_grace=float(cfg.get("supervisor.drain_grace")),
-            log_retention_days=float(cfg.get("supervisor.log_retention_days")),
-            discovery=bool(cfg.get("supervisor.discovery")),
-            discovery_interval=float(cfg.get("supervisor.discovery_interval")),
-            discovery_sources=sources,
-            task_timeout=float(cfg.get("supervisor.task_timeout")),
-            parse_timeout=float(cfg.get("supervisor.parse_timeout")),
-            trigger_timeout=float(cfg.get("supervisor.trigger_timeout")),
-            bundle_version=str(cfg.get("supervisor.bundle_version")),
-            network=str(cfg.get("sandbox.network")),
-            launch_mode=str(cfg.get("sandbox.launch_mode")),
-            uid_first=int(cfg.get("sandbox.uid_first")),
-            uid_count=int(cfg.get("sandbox.uid_count")),
-            prewarm=int(cfg.get("sandbox.prewarm")),
-            backend=str(cfg.get("sandbox.backend")),
-            image=str(cfg.get("sandbox.image")),
-            hidden_paths=tuple(sorted(hidden)),
-        )
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.state_dir / "logs"
-
-    @property
-    def work_dir(self) -> Path:
-        # Not under state_dir: the whole state directory is hidden from every sandbox.
-        return self.runtime_dir / "work"
-
-    @property
-    def sockets_dir(self) -> Path:
-        return self.runtime_dir / "sandboxes"
+    due: Callable[[], float]
+    run: Callable[[], None]
 
 
 class Supervisor:
@@ -208,10 +90,6 @@ class Supervisor:
         self.settings = settings
         self.config_path = config_path
         self.active: dict[str, Active] = {}
-        self.unreported: list[Unreported] = []
-        # Sandboxes whose own report the server accepted (REPORT_CALLS). Added to by the
-        # proxy threads, read and emptied by the loop; set.add/discard are atomic.
-        self._reported: set[str] = set()
         self._waker = LoopWaker()
         self._cleaner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privsep-cleanup")
         self._claim_soon = False  # set by a proxy thread: a report may have freed new work
@@ -219,7 +97,11 @@ class Supervisor:
         self.draining = False
         self.stopped = False
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._rng = random.Random()  # noqa: S311 - jitter
+        self._signal_handlers: dict[int, Callable[[], None]] = {
+            signal.SIGTERM: self.handle_term,
+            signal.SIGINT: self.handle_int,
+            signal.SIGHUP: self.handle_hup,
+        }
         self._poll = POLL_MIN
         self._next_claim = 0.0
         self._next_heartbeat = 0.0
@@ -227,26 +109,43 @@ class Supervisor:
         self._discovery_failure = ""  # the last scan's error, logged once
         self._next_retention = 0.0
         self._next_health = 0.0
+        self._next_watchdog = 0.0
         self._drain_deadline = 0.0
         self._stop_event = threading.Event()
         self.api: SupervisorApi | None = None
-        self.backend: Any = None
-        self.creds: Any = None
-        self.notifier: Any = None
-        self.watchdog: Any = None
-        self.discovery: Any = None
+        self.outcomes: Outcomes | None = None
+        self.backend: Backend | None = None
+        self.creds: CredentialServer | None = None
+        self.launcher: Launcher | None = None
+        self.notifier: Notifier | None = None
+        self.watchdog: LoopWatchdog | None = None
+        self.discovery: Discovery | None = None
         self._proxy_http: KeepAliveClient | None = None  # made in start()
         self.records = OrphanRecords(settings.state_dir / "sandboxes")
         self.bundles = BundleStore(settings.runtime_dir / "bundles")
         self.bundle_source = BundleVersionSource(settings.workflows_dir)
+        # In the order a pass runs them (the order the original loop had: outcomes the
+        # server missed first, then tokens, then the server's view of us, then new work).
+        self._chores: tuple[Chore, ...] = (
+            Chore("outcomes", self._outcomes_due, self._report_again),
+            Chore("refresh", self._refresh_at, self._refresh_due),
+            Chore("heartbeat", lambda: self._next_heartbeat, self._heartbeat),
+            Chore("discovery", self._discovery_due, self._discover),
+            Chore("retention", lambda: self._next_retention, self._apply_retention),
+            Chore("drain", self._drain_due, self._drain_step),
+            Chore("claim", self._claim_due, self._claim),
+            Chore("watchdog", self._watchdog_due, self._tick_watchdog),
+            Chore("health", lambda: self._next_health, self._write_health),
+        )
 
     # --- start-up -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """The issue's order: check-perms (strict), load the credential, become
-        non-dumpable, then open a session with the server (retrying with backoff)."""
+        """Check permissions (strict) before the credential is read, so a readable
+        credential is never loaded; become non-dumpable once it is in memory; scrub the
+        systemd variables before any child can inherit them; then open a session with the
+        server (retrying with backoff)."""
         from privsep.runner.supervisor import systemd
-        from privsep.runner.supervisor.credsock import CredentialServer
         from privsep.sandbox import set_non_dumpable
 
         enforce_at_start(self.cfg, "supervisor")
@@ -280,15 +179,25 @@ class Supervisor:
             )
         except ValueError as exc:
             raise CommandError(f"server.url: {exc}") from None
+        self.outcomes = Outcomes(self.api)
         if self.notifier:
             self.notifier.status("opening a session with the server")
         if not self.api.open_session_with_backoff(self._stop_event):
             raise CommandError("stopped before a session with the server could be opened")
         # Anything the server still thinks we run died with our previous process.
         self.api.call("POST", "/v1/supervisor/restarted", None)
-        self.backend = self._make_backend()
-        self.creds = CredentialServer(proxy_handler=self._proxy, on_violation=self._on_violation)
+        self.backend = make_backend(self.settings)
+        # The credential sockets run on the backend's reactor, which already watches every
+        # sandbox's pipes and deadlines: one selector loop in the supervisor, not two.
+        self.creds = CredentialServer(
+            reactor=self.backend._reactor,
+            proxy_handler=self._proxy,
+            on_violation=self._on_violation,
+        )
         self.creds.start()
+        self.launcher = Launcher(
+            self.settings, self.backend, self.creds, self.bundles, self.records
+        )
         if self.settings.discovery:
             self.discovery = Discovery(
                 self.settings.workflows_dir,
@@ -306,38 +215,58 @@ class Supervisor:
         if self.notifier:
             self.notifier.ready(status=f"running, parallelism {self.settings.parallelism}")
 
-    def _make_backend(self) -> Any:
-        """The ``sandbox.backend`` the configuration names; a host that cannot run it is a
-        one-line error (no engine, no image, no SDK), not a traceback."""
-        from privsep.sandbox import ProcessBackend, SandboxUnavailable, UidPool
-
-        pool = UidPool(self.settings.uid_first, self.settings.uid_count)
-        try:
-            if self.settings.backend == "container":
-                from privsep.sandbox.container import ContainerBackend
-
-                return ContainerBackend(
-                    image=self.settings.image or None,
-                    uid_pool=pool,
-                    log_dir=str(self.settings.logs_dir),
-                    supervisor=self.settings.name,
-                )
-            return ProcessBackend(
-                launch_mode=self.settings.launch_mode,  # type: ignore[arg-type]
-                uid_pool=pool,
-                log_dir=str(self.settings.logs_dir),
-                prewarm=self.settings.prewarm,
-            )
-        except SandboxUnavailable as exc:
-            raise CommandError(str(exc).removeprefix("privsep: ")) from None
+    # --- signals: the handler only enqueues; the loop dispatches -------------------------------
 
     def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in self._signal_handlers:
             signal.signal(sig, self._on_signal)
         self._waker.wake_on_signals()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signals.put_nowait(signum)  # no logging, no I/O, no locks
+
+    def _dispatch_signals(self) -> None:
+        while True:
+            try:
+                sig = self._signals.get_nowait()
+            except queue.Empty:
+                return
+            self._signal_handlers[sig]()
+
+    def handle_term(self) -> None:
+        """SIGTERM: drain (no new claims; running work has ``drain_grace`` to finish)."""
+        if self.draining:
+            return
+        log.info(
+            "draining: no new claims; running work has %.0f s to finish",
+            self.settings.drain_grace,
+        )
+        self.draining = True
+        self._drain_deadline = time.monotonic() + self.settings.drain_grace
+        if self.notifier:
+            self.notifier.stopping()
+
+    def handle_int(self) -> None:
+        """SIGINT: drain like SIGTERM; a second one (Ctrl-C again) stops now."""
+        if self.draining:
+            self._drain_deadline = 0
+        else:
+            self.handle_term()
+
+    def handle_hup(self) -> None:
+        """SIGHUP: re-read the configuration; keep the old one if the new one is bad."""
+        try:
+            cfg = load_config(self.config_path)
+            settings = SupervisorSettings.from_config(cfg)
+        except Exception as exc:  # keep running on the old configuration
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        self.cfg = cfg
+        self.settings.reload_from(settings)
+        if self.discovery is not None:
+            self.discovery.sources = load_sources(settings.discovery_sources)
+        self._next_retention = 0.0  # apply a changed log retention now, not within the hour
+        log.info("SIGHUP: configuration reloaded (parallelism %d)", self.settings.parallelism)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -352,55 +281,65 @@ class Supervisor:
 
     def run_once(self) -> None:
         """One pass of the loop. Public so tests can turn it by hand."""
-        self._handle_signals()
+        self._dispatch_signals()
         self._reap()
-        now = time.monotonic()
-        if self.unreported:
-            self._report_again(now)
-        self._refresh_due()
-        if now >= self._next_heartbeat:
-            self._heartbeat()
-        if self.discovery is not None and now >= self._next_discovery and not self.draining:
-            self._discover()
-        if now >= self._next_retention:
-            self._apply_retention()
         if self._claim_soon:
             self._claim_soon = False
             self._poll = POLL_MIN
             self._next_claim = 0.0
-        if self.draining:
-            self._drain_step()
-        elif now >= self._next_claim and len(self.active) < self.settings.parallelism:
-            self._claim()
-        if self.watchdog:
-            self.watchdog.tick()
-        if now >= self._next_health:
-            self._next_health = now + 1.0
-            self._write_health()
+        now = time.monotonic()
+        for chore in self._chores:
+            if now >= chore.due():
+                chore.run()
         self._waker.wait(self._wait_time())
 
     def _wait_time(self) -> float:
-        """Seconds until the earliest timer of the loop; 0 if one is due already."""
+        """Seconds until the earliest chore is due; 0 if one is due already."""
         now = time.monotonic()
-        due = [now + LOOP_MAX_WAIT, self._next_heartbeat, self._next_health, self._next_retention]
-        if self.watchdog:
-            due.append(now + self.watchdog.max_tick_age / 4)
-        if self.draining:
-            due.append(self._drain_deadline)
-        elif len(self.active) < self.settings.parallelism:
-            due.append(self._next_claim)
-        if self.discovery is not None and not self.draining:
-            due.append(self._next_discovery)
-        if self.unreported:
-            due.append(min(p.next_try for p in self.unreported))
+        return max(0.0, min(now + LOOP_MAX_WAIT, *(c.due() for c in self._chores)) - now)
+
+    # --- when each chore is due ----------------------------------------------------------------
+
+    def _outcomes_due(self) -> float:
+        return self.outcomes.next_retry() if self.outcomes is not None else NEVER
+
+    def _refresh_at(self) -> float:
         refresh = [i.next_refresh for i in self.active.values() if i.refreshable]
-        if refresh:
-            due.append(now + min(refresh) - time.time())
-        return max(0.0, min(due) - now)
+        if not refresh:
+            return NEVER
+        return time.monotonic() + min(refresh) - time.time()  # wall-clock times, made monotonic
+
+    def _discovery_due(self) -> float:
+        if self.discovery is None or self.draining:
+            return NEVER
+        return self._next_discovery
+
+    def _drain_due(self) -> float:
+        if not self.draining:
+            return NEVER
+        return self._drain_deadline if self.active else 0.0  # nothing left: stop at once
+
+    def _claim_due(self) -> float:
+        if self.draining or len(self.active) >= self.settings.parallelism:
+            return NEVER
+        return self._next_claim
+
+    def _watchdog_due(self) -> float:
+        return self._next_watchdog if self.watchdog else NEVER
+
+    # --- the chores ----------------------------------------------------------------------------
+
+    def _tick_watchdog(self) -> None:
+        # A tick at least every quarter of the watchdog's allowed age keeps its pings going
+        # with room for one slow pass.
+        assert self.watchdog is not None  # noqa: S101 - due only with a watchdog
+        self.watchdog.tick()
+        self._next_watchdog = time.monotonic() + self.watchdog.max_tick_age / 4
 
     def _write_health(self) -> None:
         from privsep.runner.supervisor.health import write_heartbeat
 
+        self._next_health = time.monotonic() + HEALTH_INTERVAL
         try:
             write_heartbeat(
                 str(self.settings.state_dir),
@@ -410,63 +349,16 @@ class Supervisor:
         except OSError as exc:  # a full disk must not stop the loop; runner health will say
             log.warning("cannot write the health record: %s", exc)
 
-    def _handle_signals(self) -> None:
-        while True:
-            try:
-                sig = self._signals.get_nowait()
-            except queue.Empty:
-                return
-            if sig in (signal.SIGTERM, signal.SIGINT):
-                if not self.draining:
-                    log.info(
-                        "draining: no new claims; running work has %.0f s to finish",
-                        self.settings.drain_grace,
-                    )
-                    self.draining = True
-                    self._drain_deadline = time.monotonic() + self.settings.drain_grace
-                    if self.notifier:
-                        self.notifier.stopping()
-                elif sig == signal.SIGINT:
-                    self._drain_deadline = 0  # a second Ctrl-C: stop now
-            elif sig == signal.SIGHUP:
-                self._reload()
-
-    def _reload(self) -> None:
-        try:
-            cfg = load_config(self.config_path)
-            settings = SupervisorSettings.from_config(cfg)
-        except Exception as exc:  # keep running on the old configuration
-            log.error("SIGHUP: configuration not reloaded: %s", exc)
-            return
-        self.cfg = cfg
-        for name in (
-            "parallelism",
-            "heartbeat_interval",
-            "drain_grace",
-            "log_retention_days",
-            "discovery_interval",
-            "discovery_sources",
-            "task_timeout",
-            "parse_timeout",
-            "trigger_timeout",
-            "network",
-            "bundle_version",
-        ):
-            setattr(self.settings, name, getattr(settings, name))
-        if self.discovery is not None:
-            self.discovery.sources = load_sources(settings.discovery_sources)
-        self._next_retention = 0.0  # apply a changed log retention now, not within the hour
-        log.info("SIGHUP: configuration reloaded (parallelism %d)", self.settings.parallelism)
-
     def _drain_step(self) -> None:
         if not self.active:
             self.stopped = True
             return
-        if time.monotonic() >= self._drain_deadline:
-            for item in list(self.active.values()):
-                item.handle.kill(grace=0)
+        for item in list(self.active.values()):
+            item.handle.kill(grace=0)
 
-    # --- claiming and launching -----------------------------------------------------------------
+    def _report_again(self) -> None:
+        assert self.outcomes is not None  # noqa: S101 - due only once set
+        self.outcomes.retry(time.monotonic())
 
     def _claim(self) -> None:
         assert self.api is not None  # noqa: S101 - set in start()
@@ -490,93 +382,19 @@ class Supervisor:
         self._poll = POLL_MIN if items else min(POLL_MAX, self._poll * 1.5)
         self._next_claim = time.monotonic() + (0 if items else self._poll)
 
-    def _payload(self, item: dict[str, Any]) -> tuple[bytes, float, str]:
-        kind = item["kind"]
-        if kind == "task":
-            source = self.bundles.path_for(item.get("source_uri"))
-            payload = {
-                "module": item["callable"]["module"],
-                "qualname": item["callable"]["qualname"],
-                "path": source,
-            }
-            timeout = float(item.get("timeout") or self.settings.task_timeout)
-            return json.dumps(payload).encode(), timeout, self.settings.network
-        if kind == "parse":
-            payload = {"path": self.bundles.path_for(item["uri"])}
-            return json.dumps(payload).encode(), self.settings.parse_timeout, "none"
-        paths = [self.bundles.path_for(u) for u in item.get("source_uris", [])]
-        payload = {"paths": [p for p in paths if p]}
-        return json.dumps(payload).encode(), self.settings.trigger_timeout, self.settings.network
-
     def _launch(self, item: dict[str, Any]) -> None:
-        from privsep.sandbox import Limits, SandboxSpec
-
-        kind, item_id = item["kind"], item["id"]
-        sandbox_id = uuid.uuid4().hex[:16]
-        log_path = str(self.settings.logs_dir / f"{kind}-{item_id}.log")
-        entry = None
+        assert self.launcher is not None and self.outcomes is not None  # noqa: S101
         try:
-            payload, timeout, network = self._payload(item)
-            entry = self.creds.open_socket(
-                sandbox_id, directory_root=str(self.settings.sockets_dir)
-            )
-            env = {"PRIVSEP_CREDENTIAL_SOCKET": entry.path}
-            if network == "host":
-                env["PRIVSEP_API_URL"] = self.settings.server_url
-            spec = SandboxSpec(
-                kind=kind,
-                entry_point=ENTRY_POINTS[kind],
-                workdir=str(self.settings.work_dir / sandbox_id),
-                payload=payload,
-                env=env,
-                limits=Limits(wall_seconds=timeout),
-                network=network,  # type: ignore[arg-type]
-                bundle_paths=tuple(
-                    str(p) for p in (self.settings.workflows_dir, self.bundles.root) if p.is_dir()
-                ),
-                hidden_paths=tuple(p for p in self.settings.hidden_paths if os.path.exists(p)),
-                credential_socket=entry.path,
-                log_path=log_path,
-                sandbox_id=sandbox_id,
-            )
-            handle = self.backend.launch(spec)
-        except Exception as exc:
-            log.error("cannot launch %s %s: %s", kind, item_id, exc)
-            if entry is not None:
-                self.creds.close_socket(sandbox_id)
-            self._report(kind, item_id, None, f"sandbox could not be launched: {exc}")
+            active = self.launcher.launch(item, time.time())
+        except LaunchFailed as exc:
+            log.error("cannot launch %s %s: %s", item["kind"], item["id"], exc.__cause__)
+            self.outcomes.report(item["kind"], item["id"], None, str(exc))
             return
-        uid = getattr(handle, "uid", None)
-        try:
-            if handle.pid is None:
-                raise ProcessLookupError("no process")
-            entry.bind_process(handle.pid, os.geteuid() if uid is None else uid)
-        except ProcessLookupError:
-            # It ended before it could be bound (a container that died at once): nothing can
-            # ask for the token now; the reap below reports how it ended.
-            log.info("%s %s ended before its credential socket was bound", kind, item_id)
-        entry.set_token(item["token"], int(item["expires_at"]))
-        self.records.add(sandbox_id, pid=handle.pid, item=f"{kind}:{item_id}")
-        now = time.time()
-        self.active[sandbox_id] = Active(
-            kind=kind,
-            item_id=item_id,
-            sandbox_id=sandbox_id,
-            handle=handle,
-            socket=entry,
-            log_path=log_path,
-            started=now,
-            token_issued=now,
-            token_expires=int(item["expires_at"]),
-            next_refresh=refresh_time(now, int(item["expires_at"]), self._rng),
-            refreshable=kind != "trigger",
-        )
-        self._waker.watch(handle)
-
-    # --- running work -----------------------------------------------------------------------------
+        self.active[active.sandbox_id] = active
+        self._waker.watch(active.handle)
 
     def _refresh_due(self) -> None:
-        assert self.api is not None  # noqa: S101
+        assert self.api is not None and self.launcher is not None  # noqa: S101
         now = time.time()
         for item in list(self.active.values()):
             if not item.refreshable or now < item.next_refresh or item.handle.status is not None:
@@ -598,7 +416,9 @@ class Supervisor:
             item.socket.set_token(body["token"], int(body["expires_at"]))
             item.token_issued = now
             item.token_expires = int(body["expires_at"])
-            item.next_refresh = refresh_time(now, item.token_expires, self._rng)
+            item.next_refresh = self.launcher.next_refresh(now, item.token_expires)
+
+    # --- every pass ----------------------------------------------------------------------------
 
     def _reap(self) -> None:
         """Finish every sandbox that ended: the socket stops answering, the outcome goes to
@@ -611,16 +431,8 @@ class Supervisor:
             item.socket.end()  # from here on its token is gone and proxying out of turn
             self._cleaner.submit(self._clean_up, sandbox_id)
             self.records.remove(sandbox_id)
-            reported = sandbox_id in self._reported
-            self._reported.discard(sandbox_id)
-            if reported and getattr(status, "ok", False):
-                # The server heard the sandbox's own report and ended the item; an outcome
-                # now would only be ignored (it cost a request and a write transaction).
-                log.debug("%s %s reported its own outcome", item.kind, item.item_id)
-            else:
-                code = getattr(status, "exit_code", None)
-                reason = "" if code == 0 else str(getattr(status, "detail", "") or status)
-                self._report(item.kind, item.item_id, code, reason)
+            assert self.outcomes is not None  # noqa: S101 - nothing is active before start()
+            self.outcomes.finished(sandbox_id, item.kind, item.item_id, status)
             self._poll = POLL_MIN  # a finished task may have made its downstream runnable
             self._next_claim = 0.0
 
@@ -629,53 +441,11 @@ class Supervisor:
         mount points in its (dying) mount namespace, and removing one can wait in the kernel
         for that namespace's mounts to be detached: milliseconds the loop need not spend."""
         try:
-            self.creds.close_socket(sandbox_id)
+            if self.creds is not None:
+                self.creds.close_socket(sandbox_id)
         except Exception:
             log.error("cannot close the credential socket of %s", sandbox_id, exc_info=True)
         shutil.rmtree(self.settings.work_dir / sandbox_id, ignore_errors=True)
-
-    def _report(self, kind: str, item_id: str, exit_code: int | None, reason: str) -> None:
-        assert self.api is not None  # noqa: S101
-        body = {
-            "kind": kind,
-            "id": item_id,
-            "exit_code": exit_code,
-            "reason": reason[:4000] or ("" if exit_code == 0 else "sandbox failed"),
-        }
-        if exit_code == 0:
-            body["reason"] = "sandbox exited without reporting an outcome"
-        if not self._send_outcome(body):
-            log.warning(
-                "outcome of %s %s not reported: the server is unavailable; will retry",
-                kind,
-                item_id,
-            )
-            self.unreported.append(Unreported(body, time.monotonic() + OUTCOME_RETRY_MIN))
-
-    def _send_outcome(self, body: dict[str, Any]) -> bool:
-        """One try, never blocking the loop on a retry: True once the server has answered
-        (taken or refused), False if it could not be reached."""
-        assert self.api is not None  # noqa: S101
-        try:
-            self.api.call("POST", "/v1/supervisor/outcome", body)
-        except ServerUnavailable:
-            return False
-        except ApiRefused as exc:
-            log.warning("outcome of %s %s refused: %s", body["kind"], body["id"], exc)
-        return True
-
-    def _report_again(self, now: float) -> None:
-        """Send the outcomes the server missed; stop at the first failure (it is still down)."""
-        for pending in list(self.unreported):
-            if now < pending.next_try:
-                continue
-            if not self._send_outcome(pending.body):
-                for later in self.unreported:
-                    later.delay = min(OUTCOME_RETRY_MAX, later.delay * 2)
-                    later.next_try = max(later.next_try, now + later.delay)
-                return
-            self.unreported.remove(pending)
-            log.info("outcome of %s %s reported late", pending.body["kind"], pending.body["id"])
 
     def _heartbeat(self) -> None:
         assert self.api is not None  # noqa: S101
@@ -686,7 +456,7 @@ class Supervisor:
             log.warning("heartbeat failed: %s", exc)
 
     def _discover(self) -> None:
-        assert self.api is not None  # noqa: S101
+        assert self.api is not None and self.discovery is not None  # noqa: S101
         self._next_discovery = time.monotonic() + self.settings.discovery_interval
         try:
             changes = self.discovery.scan()
@@ -729,7 +499,7 @@ class Supervisor:
             log.warning("discovery could not reach the server (%s); will rescan", exc)
 
     def _apply_retention(self) -> None:
-        self._next_retention = time.monotonic() + 3600
+        self._next_retention = time.monotonic() + RETENTION_INTERVAL
         days = self.settings.log_retention_days
         if days <= 0:
             return
@@ -742,19 +512,19 @@ class Supervisor:
             except OSError:
                 continue
 
-    # --- callbacks from the credential server (its thread) -----------------------------------
+    # --- callbacks from the credential server (other threads) ---------------------------------
 
     def _proxy(
         self, sandbox_id: str, method: str, path: str, body: Any, token: str
     ) -> tuple[int, Any]:
         """Forward one sandbox's API call, on the calling pool thread's kept connection, and
-        note an accepted report of the item's end (see :data:`REPORT_CALLS`).
+        note an accepted report of the item's end (see
+        :data:`~privsep.runner.supervisor.outcomes.REPORT_CALLS`).
         :class:`~privsep.runner.api.keepalive.HttpUnavailable` is an OSError: the credential
         server turns it into ``server_unavailable`` for the child."""
-        assert self._proxy_http is not None  # noqa: S101 - set in start(), before creds
+        assert self._proxy_http is not None and self.outcomes is not None  # noqa: S101
         reply = self._proxy_http.request(method, path, body, token=token)
-        if 200 <= reply.status < 300 and (method, path) in REPORT_CALLS:
-            self._reported.add(sandbox_id)
+        if self.outcomes.note_proxied(sandbox_id, method, path, reply.status):
             # Its downstream may be runnable now: claim at once, not at the next poll.
             self._claim_soon = True
             self._waker.wake()
@@ -775,18 +545,12 @@ class Supervisor:
         while self.active and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.05)
-        if self.unreported and self.api is not None:
-            self._report_again(float("inf"))
-            for pending in self.unreported:
-                log.error(
-                    "outcome of %s %s never reached the server; it ends the item when this "
-                    "supervisor starts again",
-                    pending.body["kind"],
-                    pending.body["id"],
-                )
+        if self.outcomes is not None:
+            self.outcomes.last_try()
         if self.watchdog:
             self.watchdog.stop()
         self._cleaner.shutdown(wait=True)
+        # Before the backend: the credential sockets run on its reactor.
         if self.creds is not None:
             self.creds.stop()
         if self.backend is not None:
