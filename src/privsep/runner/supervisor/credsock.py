@@ -945,7 +945,7 @@ class CredentialServer:
         try:
             if request.method not in METHODS:
                 raise ProtocolError(f"proxy method {request.method[:20]!r} is not allowed")
-            check_proxy_path(request.path)
+            check_proxy_path(request.method, request.path)
         except ProtocolError as exc:
             self._violation(conn, f"proxy refused: {exc}")
             return

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from privsep.client import _surface
 from privsep.runner.api.keepalive import KeepAliveClient
 from privsep.runner.api.session import ApiRefused, ServerUnavailable, SupervisorApi
 from privsep.runner.config.check_perms import PermissionViolation, enforce_at_start
@@ -54,18 +55,11 @@ POLL_MAX = 1.0
 LOOP_MAX_WAIT = 0.25
 MAX_CLAIM = 100  # the server's ClaimRequest.max_items limit
 PARSE_JOBS_PER_REQUEST = 1000  # the server's ParseJobBatchRequest limit
-# A sandbox's own report of its work item's end. Once the server has answered one of these
-# with a 2xx, it has ended the item (the attempt or parse job is no longer running), so a clean
-# exit needs no outcome from us. Trigger sandboxes have no such call: they always get one.
-REPORT_CALLS = frozenset(
-    {
-        ("POST", "/v1/task/succeed"),
-        ("POST", "/v1/task/fail"),
-        ("POST", "/v1/task/retry"),
-        ("POST", "/v1/task/defer"),
-        ("POST", "/v1/parse/result"),
-    }
-)
+# A sandbox's own report of its work item's end (the REPORT rows of the sandbox surface). Once
+# the server has answered one of these with a 2xx, it has ended the item (the attempt or parse
+# job is no longer running), so a clean exit needs no outcome from us. Trigger sandboxes have
+# no such call: they always get one.
+REPORT_CALLS = _surface.REPORT_CALLS
 # Outcomes the server could not take: first retry after this, doubling up to the cap.
 OUTCOME_RETRY_MIN = 0.5
 OUTCOME_RETRY_MAX = 5.0
