@@ -64,7 +64,7 @@ class Route:
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.path.startswith(PREFIXES[self.scope]):
+        if not self.path.startswith(PREFIXES.get(self.scope, "/v1/")):
             raise ValueError(f"route {self.name}: {self.path} is outside its scope's prefix")
         parts = _PARAM.split(self.path)  # literal, name, literal, name, ..., literal
         regex = "".join(
@@ -119,6 +119,9 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("trigger.event", "POST", "/v1/trigger/{trigger_id}/event", TRIGGER, PROXY),
     Route("trigger.failure", "POST", "/v1/trigger/{trigger_id}/failure", TRIGGER, PROXY),
 )
+
+if any(route.scope not in SCOPES for route in ROUTES):
+    raise ValueError("a row of the sandbox surface takes a scope no sandbox is given")
 
 BY_NAME: Final = {route.name: route for route in ROUTES}
 
