@@ -162,6 +162,10 @@ def _json_value(stored: Any) -> Any:
     return json.loads(stored) if isinstance(stored, str) else stored
 
 
+# What a task's context says of it: the principal's fields, all but its supervisor.
+_PRINCIPAL_IN_CONTEXT = ("attempt_id", "run_id", "workflow_id", "task_id", "try_number")
+
+
 def read_context(reads: ReadPool, token: TaskToken) -> TaskContext:
     """The attempt's context (run, workflow, task, try, params, trigger event), if it is
     live: one statement."""
@@ -170,11 +174,7 @@ def read_context(reads: ReadPool, token: TaskToken) -> TaskContext:
     me = check_attempt(token, row)
     assert row is not None  # noqa: S101 - check_attempt refused otherwise
     return TaskContext(
-        attempt_id=me.attempt_id,
-        run_id=me.run_id,
-        workflow_id=me.workflow_id,
-        task_id=me.task_id,
-        try_number=me.try_number,
+        **{name: getattr(me, name) for name in _PRINCIPAL_IN_CONTEXT},
         params=_json_value(row["conf"]) or {},
         trigger_event=_json_value(row["trigger_event"]),
     )

@@ -10,6 +10,7 @@ queued → running in a conditional UPDATE, so two supervisors racing for it can
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from pydantic_core import to_json
 from sqlalchemy import Integer, bindparam, insert, select, update
@@ -50,6 +51,25 @@ def issue_work_token(
         ttl_seconds=ttl,
         extra=extra,
     )
+
+
+def _issued(
+    state: ServerState,
+    me: SupervisorPrincipal,
+    scope: str,
+    item_id: str,
+    extra: dict[str, object] | None = None,
+) -> dict[str, Any]:
+    """The ``id``, ``token`` and ``expires_at`` of a claimed item: a work token for it, bound
+    to the claiming supervisor (``sup``)."""
+    token = issue_work_token(
+        state,
+        scope,
+        item_id,
+        state.settings.work_token_ttl,
+        {**(extra or {}), "sup": me.supervisor_id},
+    )
+    return {"id": item_id, "token": token.reveal(), "expires_at": token.exp}
 
 
 def claim_work(state: ServerState, me: SupervisorPrincipal, body: ClaimRequest) -> bytes:
@@ -137,18 +157,9 @@ def _claim_tasks(
             raise LookupError(
                 f"task {row.task_id!r} is not in workflow version {row.workflow_version_id}"
             )
-        token = issue_work_token(
-            state,
-            "task",
-            row.id,
-            state.settings.work_token_ttl,
-            {"try": row.try_number, "sup": me.supervisor_id},
-        )
         out.append(
             TaskWork(
-                id=row.id,
-                token=token.reveal(),
-                expires_at=token.exp,
+                **_issued(state, me, "task", row.id, {"try": row.try_number}),
                 run_id=row.run_id,
                 workflow_id=row.workflow_id,
                 task_id=row.task_id,
@@ -198,14 +209,9 @@ def _claim_parse(
     order = {job_id: index for index, job_id in enumerate(candidates)}
     out: list[TaskWork | ParseWork | TriggerWork] = []
     for job in sorted(won, key=lambda row: order[row.id]):
-        token = issue_work_token(
-            state, "parse", job.id, state.settings.work_token_ttl, {"sup": me.supervisor_id}
-        )
         out.append(
             ParseWork(
-                id=job.id,
-                token=token.reveal(),
-                expires_at=token.exp,
+                **_issued(state, me, "parse", job.id),
                 uri=job.uri,
                 bundle_version=job.bundle_version,
             )
@@ -244,13 +250,6 @@ def _claim_triggers(
     if not won:
         return []
     batch = f"batch-{uuid.uuid4()}"
-    token = issue_work_token(
-        state,
-        "trigger",
-        batch,
-        state.settings.work_token_ttl,
-        {"sup": me.supervisor_id, "triggers": won},
-    )
     uris = session.scalars(
         select(WorkflowVersion.source_uri)
         .distinct()
@@ -261,9 +260,7 @@ def _claim_triggers(
     ).all()
     return [
         TriggerWork(
-            id=batch,
-            token=token.reveal(),
-            expires_at=token.exp,
+            **_issued(state, me, "trigger", batch, {"triggers": won}),
             trigger_ids=won,
             source_uris=sorted(u for u in uris if u),
         )
