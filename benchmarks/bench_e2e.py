@@ -757,8 +757,8 @@ def _direct_init(url: str, supervisor_id: str) -> None:
     from privsep.server.auth import ParsePrincipal
     from privsep.server.db import Database
     from privsep.server.db.models import ParseJob, ParseJobState, utcnow
-    from privsep.server.routes.parse_trigger import submit_result
     from privsep.server.schemas import ParseResultRequest
+    from privsep.server.services.parse_results import store_result
 
     db = Database.from_url(url)
 
@@ -776,7 +776,7 @@ def _direct_init(url: str, supervisor_id: str) -> None:
         ParseJob=ParseJob,
         ParseJobState=ParseJobState,
         utcnow=utcnow,
-        submit_result=submit_result,
+        store_result=store_result,
         ParseResultRequest=ParseResultRequest,
     )
 
@@ -800,7 +800,7 @@ def _direct_parse_and_sync(path: str) -> float:
     workflows = d["serialize_module"](path)  # the parse sandbox's import
     # As JSON, as the API receives it.
     body = d["ParseResultRequest"].model_validate_json(json.dumps({"workflows": workflows}))
-    d["submit_result"](body, d["ParsePrincipal"](job_id, d["supervisor_id"]), d["state"])
+    d["store_result"](d["state"], d["ParsePrincipal"](job_id, d["supervisor_id"]), body)
     return time.process_time() - cpu
 
 

@@ -156,11 +156,23 @@ def test_malformed_frames_are_protocol_errors(
         ),
         (
             {"type": "proxy", "method": "GET", "path": "/v1/operator/runs", "body": None},
-            "outside /v1/task/",
+            "not a route of the sandbox surface",
         ),
         (
             {"type": "proxy", "method": "GET", "path": "/v1/supervisor/claim", "body": None},
-            "outside",
+            "not a route of the sandbox surface",
+        ),
+        (
+            {"type": "proxy", "method": "GET", "path": "/v1/task/nothing-here", "body": None},
+            "not a route of the sandbox surface",
+        ),
+        (
+            {"type": "proxy", "method": "DELETE", "path": "/v1/task/xcoms/k", "body": None},
+            "not a route of the sandbox surface",
+        ),
+        (
+            {"type": "proxy", "method": "GET", "path": "/v1/task/variables/a/b", "body": None},
+            "not a route of the sandbox surface",
         ),
         (
             {"type": "proxy", "method": "GET", "path": "/v1/task/../operator/x", "body": None},
@@ -184,7 +196,7 @@ def test_malformed_frames_are_protocol_errors(
         ),
         (
             {"type": "proxy", "method": "GET", "path": "http://evil/v1/task/x", "body": None},
-            "outside",
+            "unreserved characters",
         ),
     ],
 )

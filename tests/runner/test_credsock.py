@@ -79,7 +79,7 @@ def raw_frame(payload: bytes) -> bytes:
 
 
 TOKEN_REQ = frame({"type": "token"})
-PROXY_REQ = frame({"type": "proxy", "method": "GET", "path": "/v1/task/state", "body": None})
+PROXY_REQ = frame({"type": "proxy", "method": "GET", "path": "/v1/task/context", "body": None})
 
 
 # --- code that runs in forked processes (no logging, no pytest, os._exit only) ----------------
@@ -904,7 +904,7 @@ BAD_FRAMES: dict[str, tuple[list[bytes], bool]] = {
         False,
     ),
     "proxy_bad_method": (
-        [frame({"type": "proxy", "method": "PATCH", "path": "/v1/task/state", "body": None})],
+        [frame({"type": "proxy", "method": "PATCH", "path": "/v1/task/context", "body": None})],
         False,
     ),
     "good_then_bad": ([TOKEN_REQ, frame({"type": "bogus"})], False),
@@ -1048,7 +1048,7 @@ class _Api(http.server.BaseHTTPRequestHandler):
         )
         if self.path.endswith("/slow"):
             time.sleep(2.0)
-        status = 201 if self.command == "POST" else 200
+        status = 201 if self.command in ("POST", "PUT") else 200
         out = json.dumps({"echo": body, "path": self.path}).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -1093,12 +1093,12 @@ def test_proxy_relays_status_and_body_from_a_real_http_server(harness: Harness, 
     harness.proxy = requests_handler(api)
     sb = harness.sandbox()
     result = sb.probe(
-        mode="client_proxy", method="POST", api_path="/v1/task/xcom/k", body={"v": [1, 2]}
+        mode="client_proxy", method="PUT", api_path="/v1/task/xcoms/k", body={"v": [1, 2]}
     )
     assert result["status"] == 201
-    assert result["body"] == {"echo": {"v": [1, 2]}, "path": "/v1/task/xcom/k"}
+    assert result["body"] == {"echo": {"v": [1, 2]}, "path": "/v1/task/xcoms/k"}
     assert _Api.seen == [
-        {"method": "POST", "path": "/v1/task/xcom/k", "auth": f"Bearer {sb.token}"}
+        {"method": "PUT", "path": "/v1/task/xcoms/k", "auth": f"Bearer {sb.token}"}
     ]
     assert sb.entry.counters.proxied == 1
     assert harness.proxied_for == [sb.entry.sandbox_id]  # the supervisor learns whose call
@@ -1131,7 +1131,7 @@ def test_a_slow_api_call_does_not_hold_up_other_sandboxes(harness: Harness, api:
     fast = harness.sandbox()
     slow.tree.send(
         {"uid": slow.uid, "path": slow.path, "mode": "client_proxy", "method": "GET",
-         "api_path": "/v1/task/slow"}
+         "api_path": "/v1/task/variables/slow"}
     )  # fmt: skip
     deadline = time.monotonic() + 5
     while not _Api.seen and time.monotonic() < deadline:

@@ -29,9 +29,9 @@ from privsep.server.db.models import (
     WorkflowVersion,
 )
 from privsep.server.errors import ApiError
-from privsep.server.routes.parse_trigger import submit_result
-from privsep.server.routes.supervisor import claim_work
 from privsep.server.schemas import ClaimRequest, ParseResultRequest
+from privsep.server.services.claims import claim_work
+from privsep.server.services.parse_results import store_result
 
 from .api import ApiHarness, Work, bearer, error_code, task, workflow
 
@@ -194,7 +194,7 @@ def test_a_result_for_a_job_that_is_no_longer_running_is_409_and_writes_nothing(
     )
     for body in (again, ParseResultRequest(error="late")):
         with pytest.raises(ApiError) as refused:
-            submit_result(body, ParsePrincipal(job.id, me.supervisor_id), api.state)
+            store_result(api.state, ParsePrincipal(job.id, me.supervisor_id), body)
         assert (refused.value.status, refused.value.code) == (409, "not_running")
     assert len(versions(api, "wf_once")) == 1
     with api.state.db.read_session() as session:
@@ -212,8 +212,8 @@ def test_a_result_under_another_supervisor_is_409_and_the_job_keeps_running(
     (job,) = api.claim(sess, ["parse"])
     other = principal(api, "sup-b")
     with pytest.raises(ApiError) as refused:
-        submit_result(
-            ParseResultRequest(error="x"), ParsePrincipal(job_id, other.supervisor_id), api.state
+        store_result(
+            api.state, ParsePrincipal(job_id, other.supervisor_id), ParseResultRequest(error="x")
         )
     assert (refused.value.status, refused.value.code) == (409, "not_running")
     assert job_row(api, job_id)["state"] == ParseJobState.RUNNING

@@ -35,7 +35,6 @@ from privsep.server.db.models import (
     version_digest,
 )
 from privsep.server.routes._sql import affected
-from privsep.server.routes.parse_trigger import _store_definition
 from privsep.server.runs import start_run
 from privsep.server.scheduler import (
     CronSchedule,
@@ -56,6 +55,7 @@ from privsep.server.scheduler import (
 from privsep.server.scheduler.facts import cache as version_facts
 from privsep.server.scheduler.timeouts import _expire_running
 from privsep.server.schemas import WorkflowDefinition
+from privsep.server.services.parse_results import store_definition
 
 from .api import ApiHarness, task, workflow
 
@@ -286,7 +286,7 @@ def test_cron_workflow_fires_exactly_on_its_tick(db: Database) -> None:
 def test_a_version_the_parse_route_stored_is_parsed_once_then_cached(db: Database) -> None:
     wf = WorkflowDefinition.model_validate(definition("stored", "@hourly"))
     with db.write_session() as session:
-        _store_definition(session, wf, "file:///w/stored.py#sha256=" + "0" * 64, "")
+        store_definition(session, wf, "file:///w/stored.py#sha256=" + "0" * 64, "")
     with db.read_session() as session:
         content_hash = session.scalar(
             select(WorkflowVersion.content_hash).where(WorkflowVersion.workflow_id == "stored")

@@ -30,7 +30,8 @@ Child → supervisor (:data:`ToSupervisor`, validated by :func:`parse_request`)
         ``POST``, ``PUT`` or ``DELETE``; ``P`` is an absolute path under ``/v1/task/``,
         ``/v1/parse/`` or ``/v1/trigger/`` made of unreserved characters and ``%XX`` escapes,
         with no query, no fragment, no empty, ``.`` or ``..`` segment (also when
-        percent-decoded); ``B`` is the JSON request body, or ``null`` for none.
+        percent-decoded), and ``M P`` must be a call on a ``PROXY`` row of the sandbox surface
+        (:mod:`privsep.client._surface`); ``B`` is the JSON request body, or ``null`` for none.
 
 Supervisor → child (:data:`ToSandbox`, validated by :func:`parse_reply`)
     ``{"type": "token", "token": T, "expires_at": E}``
@@ -61,6 +62,7 @@ from typing import Any, Final, Literal
 from urllib.parse import unquote
 
 from privsep.client._exceptions import ConnectionLost, FrameTooLarge, ProtocolError
+from privsep.client._surface import PROXY, find
 
 MAX_FRAME: Final = 1024 * 1024
 """The largest payload a frame may carry, in bytes (the 4-byte header excluded)."""
@@ -68,8 +70,6 @@ MAX_FRAME: Final = 1024 * 1024
 _HEADER = struct.Struct(">I")
 
 METHODS: Final = frozenset({"GET", "POST", "PUT", "DELETE"})
-PROXY_PREFIXES: Final = ("/v1/task/", "/v1/parse/", "/v1/trigger/")
-"""The API routes a child may reach through ``proxy``: its own work item's, nothing else."""
 
 _PATH_CHARS = re.compile(r"^/[A-Za-z0-9._~%/-]*$")
 _PERCENT_OK = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -171,14 +171,12 @@ def _check_fields(obj: dict[str, Any], allowed: frozenset[str]) -> None:
         raise ProtocolError(f"{obj['type']!r} message lacks fields {sorted(missing)}")
 
 
-def check_proxy_path(path: str) -> str:
-    """Return ``path`` if a child may ask the supervisor to forward a call to it, else raise
+def check_proxy_path(method: str, path: str) -> str:
+    """Return ``path`` if a child may ask the supervisor to forward ``method path``, else raise
     :class:`ProtocolError` saying why. Both sides call this: the client before sending, the
     supervisor (via :func:`parse_request`) before forwarding."""
     if not isinstance(path, str) or len(path) > 2048:
         raise ProtocolError("proxy path must be a string of at most 2048 characters")
-    if not path.startswith(PROXY_PREFIXES):
-        raise ProtocolError(f"proxy path {path[:100]!r} is outside {', '.join(PROXY_PREFIXES)}")
     if not _PATH_CHARS.match(path) or _PERCENT_OK.search(path):
         raise ProtocolError(
             f"proxy path {path[:100]!r} may hold only unreserved characters and %XX escapes"
@@ -187,6 +185,10 @@ def check_proxy_path(path: str) -> str:
     for segments in (path[1:].split("/"), unquote(path)[1:].split("/")):
         if any(s in ("", ".", "..") for s in segments):
             raise ProtocolError(f"proxy path {path[:100]!r} has an empty, '.' or '..' segment")
+    if find(method, path, PROXY) is None:
+        raise ProtocolError(
+            f"proxy call {method[:20]} {path[:100]!r} is not a route of the sandbox surface"
+        )
     return path
 
 
@@ -212,7 +214,7 @@ class ProxyRequest:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ProtocolError(f"proxy method must be one of {sorted(METHODS)}")
-        check_proxy_path(self.path)
+        check_proxy_path(self.method, self.path)
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": "proxy", "method": self.method, "path": self.path, "body": self.body}

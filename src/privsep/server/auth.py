@@ -15,7 +15,7 @@ raises :class:`Denied` when it must refuse. Denials are audited after that trans
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
+from privsep.client import _surface as surface
 from privsep.secrets.tokens import Claims, TokenRejected, verify_token
 from privsep.server.db.models import (
     AttemptState,
@@ -43,9 +44,12 @@ from privsep.server.state import ServerState
 _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*$")
 _TOKEN_PARAMS = frozenset({"access_token", "token", "jwt", "authorization", "bearer"})
 
-TASK_SCOPES = frozenset({"task"})
+# Each sandbox scope is one of the sandbox surface's (privsep.client._surface), whose rows say
+# which routes take it.
+TASK_SCOPES = frozenset({surface.TASK})
+PARSE_SCOPES = frozenset({surface.PARSE})
+TRIGGER_SCOPES = frozenset({surface.TRIGGER})
 SUPERVISOR_SCOPES = frozenset({"supervisor"})
-PARSE_SCOPES = frozenset({"parse"})
 
 
 def get_state(request: Request) -> ServerState:
@@ -227,7 +231,7 @@ def _claim_str(claims: Claims, name: str) -> str:
     return value
 
 
-async def _fetch(state: ServerState, sql: str, params: dict[str, Any]) -> Sequence[Any]:
+async def _fetch(state: ServerState, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
     """One read statement on the read pool: on the event loop against SQLite (tens of
     microseconds), in a worker thread against PostgreSQL (a network round trip)."""
     if state.inline_reads is not None:
@@ -242,9 +246,9 @@ async def active_supervisor(state: ServerState, supervisor_id: str) -> Superviso
     """The supervisor, if it is registered and active (one statement; raises on a database
     error, such as a busy SQLite file)."""
     rows = await _fetch(state, _SUPERVISOR_SQL, {"id": supervisor_id})
-    if not rows or not rows[0][1]:
+    if not rows or not rows[0]["active"]:
         return None
-    return SupervisorPrincipal(supervisor_id, rows[0][0])
+    return SupervisorPrincipal(supervisor_id, rows[0]["name"])
 
 
 async def supervisor_principal(request: Request) -> SupervisorPrincipal:
@@ -328,31 +332,35 @@ def revoked(token: TaskToken, message: str) -> Denied:
     return Denied(error, token.attempt_id, {"code": error.code, "status": error.status})
 
 
-# The columns every task statement starts with, in the order ``check_attempt`` reads them (the
-# first two are text, so a statement can add grant rows to its result with UNION ALL).
-ATTEMPT_COLUMNS = "a.state, a.supervisor_id, a.try_number, a.run_id, a.task_id"
+# The columns ``check_attempt`` reads, which every task statement selects, with the attempt's
+# workflow (``r``, the run, joined on ``a.run_id``).
+ATTEMPT_COLUMNS = "a.state, a.supervisor_id, a.try_number, a.run_id, a.task_id, r.workflow_id"
 
 
-def check_attempt(token: TaskToken, row: Sequence[Any] | None, workflow_id: str) -> TaskPrincipal:
-    """The caller, if ``row`` (``ATTEMPT_COLUMNS`` of the token's attempt, or ``None`` when
-    there is no such attempt) says the attempt is running with the token's try number and
-    supervisor; otherwise :class:`Denied` (401 ``revoked``, audited)."""
+def check_attempt(token: TaskToken, row: Mapping[str, Any] | None) -> TaskPrincipal:
+    """The caller, if ``row`` (``ATTEMPT_COLUMNS`` of the token's attempt, by name, or
+    ``None`` when there is no such attempt) says the attempt is running with the token's try
+    number and supervisor; otherwise :class:`Denied` (401 ``revoked``, audited)."""
     if row is None:
         raise revoked(token, "no such attempt")
-    state, supervisor_id, try_number, run_id, task_id = row[:5]
     if (
-        state != AttemptState.RUNNING
-        or try_number != token.try_number
-        or supervisor_id != token.supervisor_id
+        row["state"] != AttemptState.RUNNING
+        or row["try_number"] != token.try_number
+        or row["supervisor_id"] != token.supervisor_id
     ):
         raise revoked(token, "the attempt this token was issued for is no longer running")
     return TaskPrincipal(
-        token.attempt_id, run_id, workflow_id, task_id, try_number, token.supervisor_id
+        token.attempt_id,
+        row["run_id"],
+        row["workflow_id"],
+        row["task_id"],
+        row["try_number"],
+        token.supervisor_id,
     )
 
 
 _ATTEMPT_SQL = (
-    f"SELECT {ATTEMPT_COLUMNS}, r.workflow_id FROM task_attempts a "  # noqa: S608 - constants
+    f"SELECT {ATTEMPT_COLUMNS} FROM task_attempts a "  # noqa: S608 - constants
     "JOIN runs r ON r.id = a.run_id WHERE a.id = :attempt"
 )
 
@@ -360,8 +368,7 @@ _ATTEMPT_SQL = (
 def load_task_principal(state: ServerState, token: TaskToken) -> TaskPrincipal:
     """The caller's attempt, checked in one read statement (raises :class:`Denied`)."""
     rows = state.reads.fetch(state.reads.sql(_ATTEMPT_SQL), {"attempt": token.attempt_id})
-    row = rows[0] if rows else None
-    return check_attempt(token, row, row[5] if row else "")
+    return check_attempt(token, rows[0] if rows else None)
 
 
 def task_principal(request: Request) -> TaskPrincipal:
@@ -388,7 +395,12 @@ async def parse_principal(request: Request) -> ParsePrincipal:
         rows = await _fetch(state, _PARSE_JOB_SQL, {"id": me.job_id})
     except Exception:  # a busy database on the loop: the full check, in a worker thread
         return await run_in_threadpool(_parse_principal_slow, request, claims, me.supervisor_id)
-    if not rows or rows[0][0] != ParseJobState.RUNNING.value or rows[0][1] != me.supervisor_id:
+    job = rows[0] if rows else None
+    if (
+        job is None
+        or job["state"] != ParseJobState.RUNNING
+        or job["supervisor_id"] != me.supervisor_id
+    ):
         raise await run_in_threadpool(_parse_revoked, state, request, me.job_id)
     return me
 
@@ -419,7 +431,7 @@ def _parse_principal_slow(request: Request, claims: Claims, sup: str) -> ParsePr
 
 def trigger_principal(request: Request) -> TriggerPrincipal:
     state = get_state(request)
-    claims = verified_claims(request, frozenset({"trigger"}))
+    claims = verified_claims(request, TRIGGER_SCOPES)
     sup = _claim_str(claims, "sup")
     ids = claims.extra.get("triggers")
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):

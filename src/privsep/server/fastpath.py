@@ -3,7 +3,10 @@
 A running task reads variables and XComs and sends heartbeats; with small JSON bodies, the
 routing, dependency solving, validation and serialisation of FastAPI cost several times the
 token check and the database work together. :class:`TaskFastPath` is an ASGI middleware that
-answers these requests itself when they have the ordinary shape:
+answers these requests itself when they have the ordinary shape. What it may answer is the
+``FAST`` rows of the sandbox surface (:mod:`privsep.client._surface`), plus the supervisor's
+claim; :data:`HANDLERS` maps each to its handler, and the middleware dispatches by looking the
+request up there:
 
 * ``GET /v1/task/context`` (every task's first request)
 * ``GET /v1/task/variables/{key}``
@@ -12,10 +15,10 @@ answers these requests itself when they have the ordinary shape:
 * ``POST /v1/task/succeed`` with a small JSON body (every successful task's last request)
 * ``POST /v1/supervisor/claim`` with a small JSON body (a supervisor's request for work,
   about one per task), checked by :func:`~privsep.server.auth.active_supervisor` and done by
-  :func:`~privsep.server.routes.supervisor.claim_work`, whose answer is made before its
+  :func:`~privsep.server.services.claims.claim_work`, whose answer is made before its
   transaction commits
 * ``POST /v1/parse/result`` with a small JSON body (every parsed definition file's last
-  request), done by :func:`~privsep.server.routes.parse_trigger.submit_result`, whose first
+  request), done by :func:`~privsep.server.services.parse_results.store_result`, whose first
   statement is the conditional write that checks what the route's dependency checks first:
   the job is running under the supervisor the token names
 
@@ -29,10 +32,9 @@ same checks as the routes, done by the same functions:
   header, then :func:`~privsep.server.auth.verify_silently`: the verified-token cache, or a
   full signature and claims check against the keys already loaded (a token that fails it is
   passed on, and the route reloads the keys if need be, refuses and audits);
-* the attempt, the grant and the value: :func:`~privsep.server.routes.task.read_context`,
-  :func:`~privsep.server.routes.task.read_variable`,
-  :func:`~privsep.server.routes.task.read_xcom`, :func:`~privsep.server.routes.task.beat` and
-  :func:`~privsep.server.routes.task.finish_success`, exactly as the routes run them. The
+* the attempt, the grant and the value: the functions of
+  :mod:`privsep.server.services.attempts` (``read_context``, ``read_variable``,
+  ``read_xcom``, ``beat`` and ``finish_success``), exactly as the routes run them. The
   success is one write transaction that either commits whole or not at all, so when it fails
   (a refusal, a busy database) the route can do it again from the start. So is a parse
   result; its body is decoded and validated as FastAPI does it (``json.loads``, then the
@@ -56,50 +58,135 @@ heartbeat writes, so it always runs in a worker thread.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
 
 from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from privsep.client._surface import BY_NAME as ROUTES_BY_NAME
+from privsep.client._surface import FAST, ROUTES, Route
 from privsep.secrets.tokens import Claims
 from privsep.server.auth import (
-    PARSE_SCOPES,
-    SUPERVISOR_SCOPES,
-    TASK_SCOPES,
-    TaskToken,
     active_supervisor,
     parse_token_of,
     task_token_of,
     token_in_header,
     verify_silently,
 )
-from privsep.server.routes.parse_trigger import submit_result
-from privsep.server.routes.supervisor import claim_work
-from privsep.server.routes.task import (
-    beat,
-    finish_success,
-    read_context,
-    read_variable,
-    read_xcom,
-)
+from privsep.server.readpool import ReadPool
 from privsep.server.schemas import ClaimRequest, ParseResultRequest, SucceedRequest
+from privsep.server.services import attempts, claims, parse_results
 from privsep.server.state import ServerState
 
-_CONTEXT = "/v1/task/context"
-_VARIABLES = "/v1/task/variables/"
-_XCOMS = "/v1/task/xcoms/"
-_HEARTBEAT = "/v1/task/heartbeat"
-_SUCCEED = "/v1/task/succeed"
-_CLAIM = "/v1/supervisor/claim"
-_PARSE_RESULT = "/v1/parse/result"
+T = TypeVar("T")
+
 _OK = b'{"ok":true}'
 _SUCCESS = b'{"state":"success"}'
-# A success body the fast path reads itself; anything larger goes to the route, unread, and
-# meets the application's own body cap there.
+# A body the fast path reads itself; anything larger goes to the route, unread, and meets the
+# application's own body cap there.
 MAX_FAST_BODY = 64 * 1024
 
-_GET_CONTEXT, _GET_VARIABLE, _GET_XCOM, _HEARTBEAT_ROUTE, _SUCCEED_ROUTE, _CLAIM_ROUTE = range(6)
+CLAIM: Final = Route("supervisor.claim", "POST", "/v1/supervisor/claim", "supervisor", FAST)
+"""The one fast route that is not a sandbox's: the supervisor's request for work (about one
+per task). Not a row of the sandbox surface: no sandbox token is ever of its scope."""
+
+# What a handler gets: the fast path, the verified claims, the body (``b""`` for none) and
+# the path's parameters; it answers the 200 body, or ``None`` (or raises) to pass it on.
+Handler = Callable[["TaskFastPath", Claims, bytes, dict[str, str]], Awaitable[bytes | None]]
+
+
+@dataclass(frozen=True)
+class Fast:
+    """One row's handler, and whether the row takes a small JSON body (else none at all)."""
+
+    handler: Handler
+    body: bool = False
+
+
+async def _context(fast: TaskFastPath, claims: Claims, _: bytes, __: dict[str, str]) -> bytes:
+    context = await fast.read(attempts.read_context, task_token_of(claims))
+    return to_json(context.model_dump())
+
+
+async def _variable(fast: TaskFastPath, claims: Claims, _: bytes, params: dict[str, str]) -> bytes:
+    key = params["key"]
+    value = await fast.read(attempts.read_variable, task_token_of(claims), key)
+    return to_json({"key": key, "value": value})
+
+
+async def _xcom(fast: TaskFastPath, claims: Claims, _: bytes, params: dict[str, str]) -> bytes:
+    task_id, key = params["task_id"], params["key"]
+    value = await fast.read(attempts.read_xcom, task_token_of(claims), task_id, key)
+    return to_json({"task_id": task_id, "key": key, "value": value})
+
+
+async def _heartbeat(fast: TaskFastPath, claims: Claims, _: bytes, __: dict[str, str]) -> bytes:
+    await run_in_threadpool(attempts.beat, fast.state, task_token_of(claims))
+    return _OK
+
+
+async def _succeed(fast: TaskFastPath, claims: Claims, raw: bytes, _: dict[str, str]) -> bytes:
+    token = task_token_of(claims)
+    success = SucceedRequest.model_validate_json(raw)
+    await run_in_threadpool(attempts.finish_success, fast.state, token, success.return_value)
+    return _SUCCESS
+
+
+async def _parse_result(fast: TaskFastPath, claims: Claims, raw: bytes, _: dict[str, str]) -> bytes:
+    """Decoded as FastAPI decodes it (``json.loads``, then the model), so the fast path takes
+    no body the route would refuse. The result ends the job only if it is running under the
+    token's supervisor, and otherwise rolls back and raises: the route then refuses the
+    token, with its audit record."""
+    result = ParseResultRequest.model_validate(json.loads(raw))
+    await run_in_threadpool(parse_results.store_result, fast.state, parse_token_of(claims), result)
+    return _OK
+
+
+async def _claim(
+    fast: TaskFastPath, claims_: Claims, raw: bytes, _: dict[str, str]
+) -> bytes | None:
+    """A supervisor's claim, if it is active: the answer was made before the claim committed."""
+    me = await active_supervisor(fast.state, claims_.sub)
+    if me is None:
+        return None
+    request = ClaimRequest.model_validate_json(raw)
+    return await run_in_threadpool(claims.claim_work, fast.state, me, request)
+
+
+HANDLERS: Final[dict[Route, Fast]] = {
+    ROUTES_BY_NAME["task.context"]: Fast(_context),
+    ROUTES_BY_NAME["task.variable"]: Fast(_variable),
+    ROUTES_BY_NAME["task.pull_xcom"]: Fast(_xcom),
+    ROUTES_BY_NAME["task.heartbeat"]: Fast(_heartbeat),
+    ROUTES_BY_NAME["task.succeed"]: Fast(_succeed, body=True),
+    ROUTES_BY_NAME["parse.result"]: Fast(_parse_result, body=True),
+    CLAIM: Fast(_claim, body=True),
+}
+"""Each ``FAST`` row's handler (and the claim's). Every ``FAST`` row must have one, and
+nothing else may: checked here, at import, so a row cannot be marked fast without a handler
+nor a handler added without a row."""
+
+if {route for route in HANDLERS if route is not CLAIM} != {r for r in ROUTES if FAST in r.flags}:
+    raise RuntimeError("the fast path's handlers and the FAST rows of the sandbox surface differ")
+
+# Literal paths are found with one dictionary look-up; templated ones by their pattern.
+_EXACT = {(route.method, route.path): route for route in HANDLERS if "{" not in route.path}
+_TEMPLATED = [route for route in HANDLERS if "{" in route.path]
+_SCOPES = {route: frozenset({route.scope}) for route in HANDLERS}
+
+
+def _route_of(method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+    route = _EXACT.get((method, path))
+    if route is not None:
+        return route, {}
+    for route in _TEMPLATED:
+        params = route.match(method, path)
+        if params is not None:
+            return route, params
+    return None
 
 
 class TaskFastPath:
@@ -133,128 +220,42 @@ class TaskFastPath:
             self.passed_on += 1
         await self.app(scope, receive, send)
 
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(reads, *args)`` on the read pool: on the event loop against SQLite, in a worker
+        thread against PostgreSQL (see the module docstring)."""
+        state = self.state
+        if state.inline_reads is not None:
+            return fn(state.inline_reads, *args)
+        reads: ReadPool = state.reads
+        return await run_in_threadpool(fn, reads, *args)
+
     async def _answer(self, scope: Scope, receive: Receive) -> tuple[bytes | None, Receive]:
         """The 200 body, or ``None`` to pass the request on; and the ``receive`` to pass it on
         with (one that replays the body, if this read it)."""
-        method = scope["method"]
-        path: str = scope["path"]
-        if method == "GET":
-            if path == _CONTEXT:
-                route = _GET_CONTEXT
-            elif path.startswith(_VARIABLES):
-                key = path[len(_VARIABLES) :]
-                if not key or "/" in key:
-                    return None, receive
-                route = _GET_VARIABLE
-            elif path.startswith(_XCOMS):
-                task_id, _, key = path[len(_XCOMS) :].partition("/")
-                if not task_id or not key or "/" in key:
-                    return None, receive
-                route = _GET_XCOM
-            else:
-                return None, receive
-        elif method == "POST" and path == _HEARTBEAT:
-            route = _HEARTBEAT_ROUTE
-        elif method == "POST" and path == _SUCCEED:
-            route = _SUCCEED_ROUTE
-        elif method == "POST" and path == _CLAIM:
-            return await self._claim(scope, receive)
-        elif method == "POST" and path == _PARSE_RESULT:
-            return await self._parse_result(scope, receive)
-        else:
+        found = _route_of(scope["method"], scope["path"])
+        if found is None or scope.get("query_string") or scope.get("root_path"):
             return None, receive
-        if scope.get("query_string") or scope.get("root_path"):
+        route, params = found
+        fast = HANDLERS[route]
+        raw_token, length = self._headers(scope)
+        if raw_token is None:
             return None, receive
-        token, length = self._token(scope)
-        if token is None:
-            return None, receive
-        if route == _SUCCEED_ROUTE:
+        raw = b""
+        if fast.body:
             if length is None or not 0 < length <= MAX_FAST_BODY:
                 return None, receive
-            raw, taken = await _read_body(receive, length)
+            body, taken = await _read_body(receive, length)
             receive = _replaying(taken, receive)
-            if raw is None:
+            if body is None:
                 return None, receive
-        elif length:
+            raw = body
+        elif length != 0:
             return None, receive  # a body where the route takes none: the route says so
-        state = self.state
         try:
-            if route == _GET_CONTEXT:
-                if state.inline_reads is not None:
-                    context = read_context(state.inline_reads, token)
-                else:
-                    context = await run_in_threadpool(read_context, state.reads, token)
-                return to_json(context.model_dump()), receive
-            if route == _GET_VARIABLE:
-                if state.inline_reads is not None:
-                    value: Any = read_variable(state.inline_reads, token, key)
-                else:
-                    value = await run_in_threadpool(read_variable, state.reads, token, key)
-                return to_json({"key": key, "value": value}), receive
-            if route == _GET_XCOM:
-                if state.inline_reads is not None:
-                    value = read_xcom(state.inline_reads, token, task_id, key)
-                else:
-                    value = await run_in_threadpool(read_xcom, state.reads, token, task_id, key)
-                return to_json({"task_id": task_id, "key": key, "value": value}), receive
-            if route == _HEARTBEAT_ROUTE:
-                await run_in_threadpool(beat, state, token)
-                return _OK, receive
-            assert raw is not None  # noqa: S101 - read above
-            success = SucceedRequest.model_validate_json(raw)
-            await run_in_threadpool(finish_success, state, token, success.return_value)
-            return _SUCCESS, receive
-        except Exception:  # a refusal, a bad body, a busy database: the route answers
-            return None, receive
-
-    async def _small_json(
-        self, scope: Scope, receive: Receive, scopes: frozenset[str]
-    ) -> tuple[Claims | None, bytes, Receive]:
-        """The verified claims (of one of ``scopes``) and the whole body of a small JSON
-        request without a query string, else ``None`` claims; and the ``receive`` to pass the
-        request on with (replaying whatever body was read)."""
-        if scope.get("query_string") or scope.get("root_path"):
-            return None, b"", receive
-        raw_token, length = self._headers(scope)
-        if raw_token is None or length is None or not 0 < length <= MAX_FAST_BODY:
-            return None, b"", receive
-        raw, taken = await _read_body(receive, length)
-        receive = _replaying(taken, receive)
-        if raw is None:
-            return None, b"", receive
-        try:
-            claims = verify_silently(self.state, raw_token, scopes)
-        except Exception:  # anything doubtful: the route answers
-            return None, b"", receive
-        return claims, raw, receive
-
-    async def _claim(self, scope: Scope, receive: Receive) -> tuple[bytes | None, Receive]:
-        """A supervisor's claim: its token, that it is active, a valid small body; then the
-        claim, whose answer was made before it committed."""
-        claims, raw, receive = await self._small_json(scope, receive, SUPERVISOR_SCOPES)
-        if claims is None:
-            return None, receive
-        state = self.state
-        try:
-            me = await active_supervisor(state, claims.sub)
-            if me is None:
+            verified = verify_silently(self.state, raw_token, _SCOPES[route])
+            if verified is None:
                 return None, receive
-            request = ClaimRequest.model_validate_json(raw)
-            return await run_in_threadpool(claim_work, state, me, request), receive
-        except Exception:  # a refusal, a bad body, a busy database: the route answers
-            return None, receive
-
-    async def _parse_result(self, scope: Scope, receive: Receive) -> tuple[bytes | None, Receive]:
-        """A parse sandbox's result: its token, a valid small body; then the result, which
-        ends the job only if it is running under the token's supervisor and otherwise rolls
-        back and raises (the route then refuses the token, with its audit record)."""
-        claims, raw, receive = await self._small_json(scope, receive, PARSE_SCOPES)
-        if claims is None:
-            return None, receive
-        try:
-            result = ParseResultRequest.model_validate(json.loads(raw))
-            await run_in_threadpool(submit_result, result, parse_token_of(claims), self.state)
-            return _OK, receive
+            return await fast.handler(self, verified, raw, params), receive
         except Exception:  # a refusal, a bad body, a busy database: the route answers
             return None, receive
 
@@ -281,18 +282,6 @@ class TaskFastPath:
             return None, length
         try:
             return token_in_header(authorization.decode("latin-1")), length
-        except Exception:
-            return None, length
-
-    def _token(self, scope: Scope) -> tuple[TaskToken | None, int | None]:
-        """The task token, if it verifies, and the body's declared length (0 for none,
-        ``None`` when unknown: chunked); ``(None, ...)`` to pass the request on."""
-        raw_token, length = self._headers(scope)
-        if raw_token is None:
-            return None, length
-        try:
-            claims = verify_silently(self.state, raw_token, TASK_SCOPES)
-            return (task_token_of(claims) if claims is not None else None), length
         except Exception:
             return None, length
 

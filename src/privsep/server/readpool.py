@@ -77,16 +77,20 @@ class ReadPool:
             return sqlite
         return _to_pyformat(postgresql if postgresql is not None else sqlite)
 
-    def fetch(self, statement: str, params: Mapping[str, Any]) -> Sequence[tuple[Any, ...]]:
-        """Run one read statement (from :meth:`sql`) and return all its rows."""
+    def fetch(self, statement: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Run one read statement (from :meth:`sql`) and return all its rows, each keyed by
+        its columns' names as the statement gives them (an ``AS`` alias, or the column's own
+        name): rows are read by name, so a column added or moved breaks nothing silently."""
         conn, generation = self._acquire()
         try:
-            rows: Sequence[tuple[Any, ...]] = conn.execute(statement, params).fetchall()
+            cursor = conn.execute(statement, params)
+            rows: Sequence[tuple[Any, ...]] = cursor.fetchall()
+            names = [column[0] for column in cursor.description or ()]
         except BaseException:
             _close_quietly(conn)  # whatever went wrong, do not hand this connection out again
             raise
         self._release(conn, generation)
-        return rows
+        return [dict(zip(names, row, strict=True)) for row in rows]
 
     # --- connections --------------------------------------------------------------------------
 

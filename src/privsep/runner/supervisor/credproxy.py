@@ -46,7 +46,7 @@ def check_proxy_request(request: ProxyRequest) -> None:
     ``parse_request`` has checked both; checked again here because this is where it counts."""
     if request.method not in METHODS:
         raise ProtocolError(f"proxy method {request.method[:20]!r} is not allowed")
-    check_proxy_path(request.path)
+    check_proxy_path(request.method, request.path)
 
 
 def call_proxy(

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from privsep.client import _surface
 from privsep.runner.api.session import ApiRefused, ServerUnavailable, SupervisorApi
 
 if TYPE_CHECKING:
@@ -22,18 +23,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("privsep.supervisor")
 
-# A sandbox's own report of its work item's end. Once the server has answered one of these
-# with a 2xx, it has ended the item (the attempt or parse job is no longer running), so a clean
-# exit needs no outcome from us. Trigger sandboxes have no such call: they always get one.
-REPORT_CALLS = frozenset(
-    {
-        ("POST", "/v1/task/succeed"),
-        ("POST", "/v1/task/fail"),
-        ("POST", "/v1/task/retry"),
-        ("POST", "/v1/task/defer"),
-        ("POST", "/v1/parse/result"),
-    }
-)
+# A sandbox's own report of its work item's end (the REPORT rows of the sandbox surface). Once
+# the server has answered one of these with a 2xx, it has ended the item (the attempt or parse
+# job is no longer running), so a clean exit needs no outcome from us. Trigger sandboxes have
+# no such call: they always get one.
+REPORT_CALLS = _surface.REPORT_CALLS
 # Outcomes the server could not take: first retry after this, doubling up to the cap.
 OUTCOME_RETRY_MIN = 0.5
 OUTCOME_RETRY_MAX = 5.0

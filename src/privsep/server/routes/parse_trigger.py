@@ -1,13 +1,15 @@
-"""Parse and trigger endpoints: each token touches only its own job or its own triggers."""
+"""Parse and trigger endpoints: each token touches only its own job or its own triggers.
+
+Each route is declared from its row of the sandbox surface (:func:`sandbox_route`); a parse
+result is stored by :mod:`privsep.server.services.parse_results`, which the fast path calls
+too."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request
-from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from privsep.server.auth import (
@@ -18,21 +20,9 @@ from privsep.server.auth import (
     TriggerPrincipal,
     require_trigger,
 )
-from privsep.server.db.models import (
-    AttemptState,
-    ParseError,
-    ParseJob,
-    ParseJobState,
-    TaskAttempt,
-    Trigger,
-    TriggerState,
-    Workflow,
-    WorkflowVersion,
-    utcnow,
-    version_digest,
-)
-from privsep.server.errors import ERROR_RESPONSES, bad_request, conflict
-from privsep.server.routes._sql import for_dialect, table_of
+from privsep.server.db.models import AttemptState, TaskAttempt, Trigger, TriggerState, utcnow
+from privsep.server.errors import ERROR_RESPONSES, conflict
+from privsep.server.routes._surface import sandbox_route
 from privsep.server.runs import fail_or_retry
 from privsep.server.schemas import (
     AssignedTrigger,
@@ -41,162 +31,24 @@ from privsep.server.schemas import (
     ParseResultRequest,
     TriggerEventRequest,
     TriggerFailureRequest,
-    WorkflowDefinition,
 )
+from privsep.server.services import parse_results
 from privsep.server.state import ServerState
 
 parse_router = APIRouter(prefix="/v1/parse", tags=["parse"], responses=ERROR_RESPONSES)
 trigger_router = APIRouter(prefix="/v1/trigger", tags=["trigger"], responses=ERROR_RESPONSES)
 
 
-def _plain(uri: str) -> str:
-    """A definition file's URI without the ``#sha256=...`` pin that discovery adds."""
-    return uri.split("#", 1)[0]
-
-
-def _check_graph(wf: WorkflowDefinition) -> None:
-    ids = [t.task_id for t in wf.tasks]
-    if len(ids) != len(set(ids)):
-        raise bad_request("invalid_definition", f"workflow {wf.workflow_id!r} repeats a task id")
-    known = set(ids)
-    for task in wf.tasks:
-        missing = [u for u in task.upstream if u not in known]
-        if missing:
-            raise bad_request(
-                "invalid_definition", f"task {task.task_id!r} names unknown upstream {missing}"
-            )
-    # Kahn's algorithm: every task must be reachable in a topological order, or there is a cycle.
-    pending = {t.task_id: set(t.upstream) for t in wf.tasks}
-    while pending:
-        ready = [t for t, ups in pending.items() if not ups]
-        if not ready:
-            raise bad_request(
-                "invalid_definition", f"workflow {wf.workflow_id!r} has a dependency cycle"
-            )
-        for t in ready:
-            del pending[t]
-        for ups in pending.values():
-            ups.difference_update(ready)
-
-
-def _unassigned(workflows: list[WorkflowDefinition], allowed: list[str]) -> str | None:
-    """Why a result is refused when its file declares a workflow id that the folder's
-    manifest does not assign to it (one file must not take over another's workflow), or
-    None. The whole result is refused, so a file is never half stored."""
-    others = sorted({wf.workflow_id for wf in workflows} - set(allowed))
-    if not others:
-        return None
-    return (
-        f"declares workflow {others[0]!r}"
-        + (f" (and {len(others) - 1} more)" if len(others) > 1 else "")
-        + ", which manifest.json does not assign to this file; nothing from it was stored. "
-        "Map the workflow to this file in manifest.json (runner manifest check lists the gaps)."
-    )
-
-
-@parse_router.post("/result", response_model=Ok)
+@sandbox_route(parse_router, "parse.result")
 def submit_result(
     body: ParseResultRequest, me: ParsePrincipal = Parse_, state: ServerState = State_
 ) -> Ok:
     """Store what the parse sandbox found in its one file: definitions, or an import error."""
-    for wf in body.workflows:
-        _check_graph(wf)
-    with state.db.write_session() as session:
-        # Checks the job (still running, under this supervisor) and ends it in one statement.
-        ended = session.execute(
-            _END_PARSE_JOB,
-            {
-                "b_job_id": me.job_id,
-                "b_supervisor_id": me.supervisor_id,
-                "b_state": ParseJobState.SUCCESS if body.error is None else ParseJobState.FAILED,
-                "b_now": utcnow(),
-            },
-        ).first()
-        if ended is None:
-            raise conflict("this parse job is no longer running", "not_running")
-        uri, bundle_version, allowed = ended
-        error = body.error
-        if error is None and allowed is not None:
-            error = _unassigned(body.workflows, allowed)
-            if error is not None:  # rare: a second statement rather than a costlier first
-                session.execute(_FAIL_PARSE_JOB, {"b_job_id": me.job_id})
-        if error is not None:
-            session.execute(
-                _NEW_PARSE_ERROR,
-                {"file_path": _plain(uri), "message": error, "bundle_version": bundle_version},
-            )
-            return Ok()
-        for wf in body.workflows:
-            _store_definition(session, wf, uri, bundle_version)
+    parse_results.store_result(state, me, body)
     return Ok()
 
 
-# Built once, as Core statements on the tables (see privsep.server.routes._sql).
-_JOBS = table_of(ParseJob)
-_WORKFLOWS = table_of(Workflow)
-_VERSIONS = table_of(WorkflowVersion)
-_END_PARSE_JOB = (
-    update(_JOBS)
-    .where(
-        _JOBS.c.id == bindparam("b_job_id"),
-        _JOBS.c.state == ParseJobState.RUNNING,
-        _JOBS.c.supervisor_id == bindparam("b_supervisor_id"),
-    )
-    .values(state=bindparam("b_state"), finished_at=bindparam("b_now"))
-    .returning(_JOBS.c.uri, _JOBS.c.bundle_version, _JOBS.c.workflow_ids)
-)
-_FAIL_PARSE_JOB = (
-    update(_JOBS).where(_JOBS.c.id == bindparam("b_job_id")).values(state=ParseJobState.FAILED)
-)
-_NEW_PARSE_ERROR = insert(table_of(ParseError))
-# The workflow row is made by the first definition of it and kept after: an upsert that does
-# nothing when it exists, so two first parses of one workflow cannot both try to make it.
-_NEW_WORKFLOW = {
-    "sqlite": sqlite_insert(_WORKFLOWS).on_conflict_do_nothing(index_elements=[_WORKFLOWS.c.id]),
-    "postgresql": pg_insert(_WORKFLOWS).on_conflict_do_nothing(index_elements=[_WORKFLOWS.c.id]),
-}
-_VERSION_KEY = (_VERSIONS.c.workflow_id, _VERSIONS.c.bundle_version, _VERSIONS.c.content_hash)
-# A new version's id; no row when this exact version is stored already (then _VERSION_ID).
-_NEW_VERSION = {
-    "sqlite": sqlite_insert(_VERSIONS)
-    .on_conflict_do_nothing(index_elements=_VERSION_KEY)
-    .returning(_VERSIONS.c.id),
-    "postgresql": pg_insert(_VERSIONS)
-    .on_conflict_do_nothing(index_elements=_VERSION_KEY)
-    .returning(_VERSIONS.c.id),
-}
-_VERSION_ID = select(_VERSIONS.c.id).where(
-    *(column == bindparam(column.key) for column in _VERSION_KEY)
-)
-_MAKE_CURRENT = (
-    update(_WORKFLOWS)
-    .where(_WORKFLOWS.c.id == bindparam("b_workflow_id"))
-    .values(
-        current_version_id=bindparam("b_version_id"), source_uri=bindparam("b_uri"), active=True
-    )
-)
-
-
-def _store_definition(session: Session, wf: WorkflowDefinition, uri: str, bundle: str) -> None:
-    """Make ``wf`` its workflow's current version (a new version only if this exact
-    definition from this exact file is not stored yet). Three statements when the version is
-    new (the usual case: discovery parses a file when it changed), four when it is not."""
-    text = json.dumps(wf.model_dump(), sort_keys=True, separators=(",", ":"))
-    digest = version_digest(text, uri)
-    session.execute(for_dialect(session, _NEW_WORKFLOW), {"id": wf.workflow_id})
-    key = {"workflow_id": wf.workflow_id, "bundle_version": bundle, "content_hash": digest}
-    version_id = session.scalar(
-        for_dialect(session, _NEW_VERSION), {**key, "definition": text, "source_uri": uri}
-    )
-    if version_id is None:
-        version_id = session.scalar(_VERSION_ID, key)
-    session.execute(
-        _MAKE_CURRENT,
-        {"b_workflow_id": wf.workflow_id, "b_version_id": version_id, "b_uri": _plain(uri)},
-    )
-
-
-@trigger_router.get("/assigned", response_model=AssignedTriggers)
+@sandbox_route(trigger_router, "trigger.assigned")
 def assigned(me: TriggerPrincipal = Trigger_, state: ServerState = State_) -> AssignedTriggers:
     with state.db.read_session() as session:
         rows = session.scalars(select(Trigger).where(Trigger.id.in_(me.trigger_ids)))
@@ -213,17 +65,36 @@ def assigned(me: TriggerPrincipal = Trigger_, state: ServerState = State_) -> As
         )
 
 
-def _live_trigger(session_trigger: Trigger | None, me: TriggerPrincipal) -> Trigger:
-    if (
-        session_trigger is None
-        or session_trigger.state != TriggerState.RUNNING
-        or session_trigger.supervisor_id != me.supervisor_id
-    ):
-        raise conflict("this trigger is no longer running", "not_running")
-    return session_trigger
+def _end_trigger(
+    state: ServerState,
+    request: Request,
+    me: TriggerPrincipal,
+    trigger_id: str,
+    end: Callable[[Session, Trigger, TaskAttempt | None], None],
+) -> Ok:
+    """``end(session, trigger, its deferred attempt)`` in one transaction that holds the
+    trigger locked, once the token is known to name it and it is still running under the
+    token's supervisor; the attempt is ``None`` unless it is still deferred."""
+    require_trigger(me, trigger_id, request)
+    with state.db.write_session() as session:
+        trigger = session.get(Trigger, trigger_id, with_for_update=True)
+        if (
+            trigger is None
+            or trigger.state != TriggerState.RUNNING
+            or trigger.supervisor_id != me.supervisor_id
+        ):
+            raise conflict("this trigger is no longer running", "not_running")
+        trigger.finished_at = utcnow()
+        attempt = session.get(TaskAttempt, trigger.attempt_id)
+        end(
+            session,
+            trigger,
+            attempt if attempt and attempt.state == AttemptState.DEFERRED else None,
+        )
+    return Ok()
 
 
-@trigger_router.post("/{trigger_id}/event", response_model=Ok)
+@sandbox_route(trigger_router, "trigger.event")
 def fire(
     trigger_id: str,
     body: TriggerEventRequest,
@@ -232,21 +103,19 @@ def fire(
     state: ServerState = State_,
 ) -> Ok:
     """The trigger fired: resume its deferred attempt (same try, queued again)."""
-    require_trigger(me, trigger_id, request)
-    with state.db.write_session() as session:
-        trigger = _live_trigger(session.get(Trigger, trigger_id, with_for_update=True), me)
+
+    def resume(session: Session, trigger: Trigger, attempt: TaskAttempt | None) -> None:
         trigger.state = TriggerState.FIRED
         trigger.event = {"payload": body.payload}
-        trigger.finished_at = utcnow()
-        attempt = session.get(TaskAttempt, trigger.attempt_id)
-        if attempt is not None and attempt.state == AttemptState.DEFERRED:
+        if attempt is not None:
             attempt.state = AttemptState.QUEUED
             attempt.trigger_event = {"payload": body.payload}
             attempt.next_try_at = None
-    return Ok()
+
+    return _end_trigger(state, request, me, trigger_id, resume)
 
 
-@trigger_router.post("/{trigger_id}/failure", response_model=Ok)
+@sandbox_route(trigger_router, "trigger.failure")
 def trigger_failed(
     trigger_id: str,
     body: TriggerFailureRequest,
@@ -255,12 +124,10 @@ def trigger_failed(
     state: ServerState = State_,
 ) -> Ok:
     """The trigger raised: its deferred attempt fails (or retries, per the task)."""
-    require_trigger(me, trigger_id, request)
-    with state.db.write_session() as session:
-        trigger = _live_trigger(session.get(Trigger, trigger_id, with_for_update=True), me)
+
+    def fail(session: Session, trigger: Trigger, attempt: TaskAttempt | None) -> None:
         trigger.state = TriggerState.FAILED
-        trigger.finished_at = utcnow()
-        attempt = session.get(TaskAttempt, trigger.attempt_id)
-        if attempt is not None and attempt.state == AttemptState.DEFERRED:
+        if attempt is not None:
             fail_or_retry(session, attempt, f"trigger failed: {body.error}")
-    return Ok()
+
+    return _end_trigger(state, request, me, trigger_id, fail)

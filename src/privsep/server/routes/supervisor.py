@@ -4,17 +4,14 @@ claim and refresh is checked against the rows it owns."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Request, Response
-from pydantic_core import to_json
-from sqlalchemy import Integer, bindparam, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import insert, select, update
 
-from privsep.secrets.tokens import Token, TokenRejected, issue_token, unverified_issuer
+from privsep.secrets.tokens import TokenRejected, unverified_issuer
 from privsep.secrets.tokens import verify_assertion as check_assertion
 from privsep.server.auth import (
     DatabaseReplayGuard,
@@ -25,24 +22,20 @@ from privsep.server.auth import (
 )
 from privsep.server.db.models import (
     AttemptState,
-    AuditLog,
     ParseError,
     ParseJob,
     ParseJobState,
-    Run,
     Supervisor,
     TaskAttempt,
     Trigger,
     TriggerState,
     Workflow,
-    WorkflowVersion,
     new_id,
     utcnow,
 )
 from privsep.server.errors import ERROR_RESPONSES, conflict, not_found, unauthorized
-from privsep.server.routes._sql import affected, table_of
-from privsep.server.runs import fail_or_retry, version_graph
-from privsep.server.scheduler import claim_candidates
+from privsep.server.routes._sql import table_of
+from privsep.server.runs import fail_or_retry
 from privsep.server.schemas import (
     ClaimRequest,
     ClaimResponse,
@@ -53,14 +46,12 @@ from privsep.server.schemas import (
     ParseJobBatchResponse,
     ParseJobRequest,
     ParseJobResponse,
-    ParseWork,
     RefreshRequest,
     SessionRequest,
     SessionResponse,
-    TaskWork,
     TokenResponse,
-    TriggerWork,
 )
+from privsep.server.services import claims
 from privsep.server.state import ServerState
 
 router = APIRouter(prefix="/v1/supervisor", tags=["supervisor"], responses=ERROR_RESPONSES)
@@ -109,28 +100,13 @@ def open_session(
             state, "request_denied", actor=name, detail={"path": request.url.path, "code": exc.code}
         )
         raise unauthorized(exc.code, exc.message) from None
-    token = _issue(state, "supervisor", sup_id, state.settings.session_token_ttl)
+    token = claims.issue_work_token(state, "supervisor", sup_id, state.settings.session_token_ttl)
     with state.db.write_session() as session:
         session.execute(
             update(Supervisor).where(Supervisor.id == sup_id).values(last_heartbeat_at=utcnow())
         )
     audit(state, "session_opened", actor=name, subject=sup_id, detail={"jti": token.jti})
     return SessionResponse(token=token.reveal(), expires_at=token.exp, subject=sup_id)
-
-
-def _issue(
-    state: ServerState, scope: str, subject: str, ttl: int, extra: dict[str, object] | None = None
-) -> Token:
-    settings = state.settings
-    return issue_token(
-        state.signer,
-        issuer=settings.issuer,
-        audience=settings.audience,
-        subject=subject,
-        scope=scope,  # type: ignore[arg-type]
-        ttl_seconds=ttl,
-        extra=extra,
-    )
 
 
 @router.post("/heartbeat", response_model=Ok)
@@ -197,226 +173,12 @@ def claim(
 ) -> Response:
     """Take up to ``max_items`` queued items. Each row moves queued → running in one
     conditional UPDATE, so two supervisors racing for it cannot both win."""
-    return Response(claim_work(state, me, body), media_type="application/json")
+    return Response(claims.claim_work(state, me, body), media_type="application/json")
 
 
-def claim_work(state: ServerState, me: SupervisorPrincipal, body: ClaimRequest) -> bytes:
-    """The claim itself (see :func:`claim`): its :class:`ClaimResponse` as JSON bytes, made
-    before the transaction commits, so that if making them failed nothing was claimed. The
-    route and the fast path send these very bytes."""
-    items: list[TaskWork | ParseWork | TriggerWork] = []
-    with state.db.write_session() as session:
-        if "task" in body.kinds:
-            items += _claim_tasks(session, state, me, body.max_items)
-        if "parse" in body.kinds and len(items) < body.max_items:
-            items += _claim_parse(session, state, me, body.max_items - len(items))
-        if "trigger" in body.kinds and len(items) < body.max_items:
-            items += _claim_triggers(session, state, me)
-        # Recorded in the claim's own transaction: a token is issued exactly when the claim
-        # commits (it is only revealed in the answer, after the commit).
-        if items:  # one Core INSERT: ORM objects cost more to flush than the rows to write
-            now = utcnow()
-            session.execute(
-                insert(AuditLog),
-                [
-                    {
-                        "event": "token_issued",
-                        "actor": me.name,
-                        "subject": item.id,
-                        "detail": {"scope": item.kind},
-                        "at": now,
-                    }
-                    for item in items
-                ],
-            )
-        answer = to_json(ClaimResponse(items=items).model_dump(mode="json"))
-    return answer
-
-
-def _claim_tasks(
-    session: Session, state: ServerState, me: SupervisorPrincipal, limit: int
-) -> list[TaskWork | ParseWork | TriggerWork]:
-    now = utcnow()
-    candidates = claim_candidates(
-        session,
-        now,
-        limit,
-        per_workflow=state.settings.max_running_per_workflow or None,
-        global_limit=state.settings.max_running_total or None,
-    )
-    if not candidates:
-        return []
-    # One conditional UPDATE for the lot: a row another claimer took since the candidate query
-    # is no longer queued, so it is simply not updated (and not returned).
-    won = set(
-        session.scalars(
-            update(TaskAttempt)
-            .where(TaskAttempt.id.in_(candidates[:limit]), TaskAttempt.state == AttemptState.QUEUED)
-            .values(
-                state=AttemptState.RUNNING,
-                supervisor_id=me.supervisor_id,
-                started_at=now,
-                heartbeat_at=now,
-            )
-            .returning(TaskAttempt.id)
-            .execution_options(synchronize_session=False)
-        )
-    )
-    if not won:
-        return []
-    rows = session.execute(
-        select(
-            TaskAttempt.id,
-            TaskAttempt.task_id,
-            TaskAttempt.try_number,
-            Run.id,
-            Run.workflow_id,
-            Run.workflow_version_id,
-        )
-        .join(Run, Run.id == TaskAttempt.run_id)
-        .where(TaskAttempt.id.in_(sorted(won)))
-    ).all()
-    order = {attempt_id: index for index, attempt_id in enumerate(candidates)}
-    out: list[TaskWork | ParseWork | TriggerWork] = []
-    for attempt_id, task_id, try_number, run_id, workflow_id, version_id in sorted(
-        rows, key=lambda row: order[row[0]]
-    ):
-        graph = version_graph(session, version_id)
-        task = graph.tasks.get(task_id)
-        if task is None:
-            raise LookupError(f"task {task_id!r} is not in workflow version {version_id}")
-        token = _issue(
-            state,
-            "task",
-            attempt_id,
-            state.settings.work_token_ttl,
-            {"try": try_number, "sup": me.supervisor_id},
-        )
-        out.append(
-            TaskWork(
-                id=attempt_id,
-                token=token.reveal(),
-                expires_at=token.exp,
-                run_id=run_id,
-                workflow_id=workflow_id,
-                task_id=task_id,
-                try_number=try_number,
-                callable={"module": task.module, "qualname": task.qualname},
-                timeout=task.timeout,
-                bundle_version=graph.bundle_version,
-                source_uri=graph.source_uri,
-            )
-        )
-    return out
-
-
-# Built once, as Core statements on the table (see privsep.server.routes._sql).
+# Built once, as a Core statement on the table (see privsep.server.routes._sql).
 _JOBS = table_of(ParseJob)
-_QUEUED_PARSE_JOBS = (
-    select(_JOBS.c.id)
-    .where(_JOBS.c.state == ParseJobState.QUEUED)
-    .order_by(_JOBS.c.created_at)
-    .limit(bindparam("b_limit", type_=Integer))
-)
-_TAKE_PARSE_JOBS = (
-    update(_JOBS)
-    .where(
-        _JOBS.c.id.in_(bindparam("b_ids", expanding=True)),
-        _JOBS.c.state == ParseJobState.QUEUED,
-    )
-    .values(
-        state=ParseJobState.RUNNING,
-        supervisor_id=bindparam("b_supervisor_id"),
-        claimed_at=bindparam("b_now"),
-    )
-    .returning(_JOBS.c.id, _JOBS.c.uri, _JOBS.c.bundle_version)
-)
 _NEW_PARSE_JOB = insert(_JOBS)
-
-
-def _claim_parse(
-    session: Session, state: ServerState, me: SupervisorPrincipal, limit: int
-) -> list[TaskWork | ParseWork | TriggerWork]:
-    candidates = session.scalars(_QUEUED_PARSE_JOBS, {"b_limit": limit * 4}).all()
-    if not candidates:
-        return []
-    won = session.execute(
-        _TAKE_PARSE_JOBS,
-        {"b_ids": candidates[:limit], "b_supervisor_id": me.supervisor_id, "b_now": utcnow()},
-    ).all()
-    order = {job_id: index for index, job_id in enumerate(candidates)}
-    out: list[TaskWork | ParseWork | TriggerWork] = []
-    for job_id, uri, bundle_version in sorted(won, key=lambda row: order[row[0]]):
-        token = _issue(
-            state, "parse", job_id, state.settings.work_token_ttl, {"sup": me.supervisor_id}
-        )
-        out.append(
-            ParseWork(
-                id=job_id,
-                token=token.reveal(),
-                expires_at=token.exp,
-                uri=uri,
-                bundle_version=bundle_version,
-            )
-        )
-    return out
-
-
-def _claim_triggers(
-    session: Session, state: ServerState, me: SupervisorPrincipal
-) -> list[TaskWork | ParseWork | TriggerWork]:
-    """The queued triggers of ONE workflow go to one batch: one sandbox, one event loop, one
-    token. Two workflows never share a trigger sandbox, so one workflow's trigger code cannot
-    see or disturb another's."""
-    now = utcnow()
-    rows = session.execute(
-        select(Trigger.id, Run.workflow_id)
-        .join(TaskAttempt, TaskAttempt.id == Trigger.attempt_id)
-        .join(Run, Run.id == TaskAttempt.run_id)
-        .where(Trigger.state == TriggerState.QUEUED)
-        .order_by(Trigger.created_at)
-        .limit(500)
-    ).all()
-    if not rows:
-        return []
-    workflow = rows[0][1]
-    ids = [trigger_id for trigger_id, wf in rows if wf == workflow][:100]
-    won: list[str] = []
-    for trigger_id in ids:
-        if affected(
-            session,
-            update(Trigger)
-            .where(Trigger.id == trigger_id, Trigger.state == TriggerState.QUEUED)
-            .values(state=TriggerState.RUNNING, supervisor_id=me.supervisor_id, claimed_at=now),
-        ):
-            won.append(trigger_id)
-    if not won:
-        return []
-    batch = f"batch-{uuid.uuid4()}"
-    token = _issue(
-        state,
-        "trigger",
-        batch,
-        state.settings.work_token_ttl,
-        {"sup": me.supervisor_id, "triggers": won},
-    )
-    uris = session.scalars(
-        select(WorkflowVersion.source_uri)
-        .distinct()
-        .join(Run, Run.workflow_version_id == WorkflowVersion.id)
-        .join(TaskAttempt, TaskAttempt.run_id == Run.id)
-        .join(Trigger, Trigger.attempt_id == TaskAttempt.id)
-        .where(Trigger.id.in_(won))
-    ).all()
-    return [
-        TriggerWork(
-            id=batch,
-            token=token.reveal(),
-            expires_at=token.exp,
-            trigger_ids=won,
-            source_uris=sorted(u for u in uris if u),
-        )
-    ]
 
 
 @router.post("/refresh", response_model=TokenResponse)
@@ -436,7 +198,7 @@ def refresh(
                 raise conflict("the attempt is not running under this supervisor", "not_running")
             if attempt.started_at and now - attempt.started_at > cap:
                 raise conflict("the attempt's token lifetime cap is reached", "lifetime_exceeded")
-            token = _issue(
+            token = claims.issue_work_token(
                 state,
                 "task",
                 attempt.id,
@@ -451,7 +213,7 @@ def refresh(
                 raise conflict("the parse job is not running under this supervisor", "not_running")
             if job.claimed_at and now - job.claimed_at > cap:
                 raise conflict("the parse job's token lifetime cap is reached", "lifetime_exceeded")
-            token = _issue(
+            token = claims.issue_work_token(
                 state, "parse", job.id, state.settings.work_token_ttl, {"sup": me.supervisor_id}
             )
         else:
