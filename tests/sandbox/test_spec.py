@@ -57,3 +57,37 @@ def test_limits_are_checked() -> None:
         Limits(pids=0)
     assert Limits(cpu_seconds=3).to_wire()["cpu_seconds"] == 3
     assert "cpu_seconds" not in Limits().to_wire()
+
+
+def test_the_image_carries_every_privsep_module_its_files_import() -> None:
+    """A module the client or the entry code imports but the image lacks fails only inside a
+    container, at the first parse: catch it here, from the files' own import statements."""
+    import ast
+
+    from privsep.sandbox.image import package_parent, source_files
+
+    listed = set(source_files())
+    missing = set()
+    for name in listed:
+        tree = ast.parse((package_parent() / name).read_text())
+        typing_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+            for inner in ast.walk(node)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            modules = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            for module in modules:
+                if module == "privsep" or not module.startswith("privsep."):
+                    continue
+                path = module.replace(".", "/")
+                if f"{path}.py" not in listed and f"{path}/__init__.py" not in listed:
+                    missing.add(f"{name} imports {module}")
+    assert not missing, sorted(missing)

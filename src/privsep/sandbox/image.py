@@ -56,7 +56,8 @@ def source_files() -> list[str]:
     """The image's privsep files, relative to :func:`package_parent`, sorted."""
     parent = package_parent()
     pkg = parent / "privsep"
-    files = [pkg / "__init__.py"]
+    # The client imports the token wrapper, which lives above every subpackage.
+    files = [pkg / "__init__.py", pkg / "_token.py"]
     files += sorted((pkg / "client").glob("*.py"))
     files += [pkg / "sandbox" / name for name in _SANDBOX_FILES]
     return sorted(str(f.relative_to(parent)) for f in files)
