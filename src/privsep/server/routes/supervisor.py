@@ -28,15 +28,13 @@ from privsep.server.db.models import (
     ParseJobState,
     Supervisor,
     TaskAttempt,
-    Trigger,
-    TriggerState,
     Workflow,
     new_id,
     utcnow,
 )
 from privsep.server.errors import ERROR_RESPONSES, conflict, not_found, unauthorized
 from privsep.server.routes._sql import table_of
-from privsep.server.runs import fail_or_retry
+from privsep.server.runs import fail_or_retry, requeue_parse_jobs, requeue_triggers
 from privsep.server.schemas import (
     ClaimRequest,
     ClaimResponse,
@@ -149,18 +147,8 @@ def restarted(me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
             fail_or_retry(
                 session, attempt, f"supervisor {me.name} restarted while this attempt was running"
             )
-        session.execute(
-            update(ParseJob)
-            .where(
-                ParseJob.supervisor_id == me.supervisor_id, ParseJob.state == ParseJobState.RUNNING
-            )
-            .values(state=ParseJobState.QUEUED, supervisor_id=None)
-        )
-        session.execute(
-            update(Trigger)
-            .where(Trigger.supervisor_id == me.supervisor_id, Trigger.state == TriggerState.RUNNING)
-            .values(state=TriggerState.QUEUED, supervisor_id=None)
-        )
+        requeue_parse_jobs(session, [me.supervisor_id])
+        requeue_triggers(session, [me.supervisor_id])
     if orphaned:
         audit(
             state, "attempts_orphaned", actor=me.name, detail={"attempts": [a.id for a in orphaned]}
@@ -232,18 +220,6 @@ def refresh(
     return TokenResponse(token=token.reveal(), expires_at=token.exp)
 
 
-def _requeue_triggers(session: Session, me: SupervisorPrincipal) -> None:
-    """Queue again every trigger running under ``me``: its trigger sandbox ended without
-    reporting, and the next one runs them."""
-    for trigger in session.scalars(
-        select(Trigger).where(
-            Trigger.supervisor_id == me.supervisor_id, Trigger.state == TriggerState.RUNNING
-        )
-    ):
-        trigger.state = TriggerState.QUEUED
-        trigger.supervisor_id = None
-
-
 @router.post("/outcome", response_model=Ok)
 def outcome(
     body: OutcomeRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
@@ -252,7 +228,7 @@ def outcome(
     reason = body.reason or f"sandbox exited with status {body.exit_code}"
     with state.db.write_session() as session:
         if body.kind not in _WHAT:
-            _requeue_triggers(session, me)
+            requeue_triggers(session, [me.supervisor_id])
             return Ok()
         item = _work_item(session, body.kind, body.id)
         if item.supervisor_id != me.supervisor_id:
