@@ -14,22 +14,17 @@ import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select
 
 from privsep.server.db.engine import Database
 from privsep.server.db.models import (
     AttemptState,
     AuditLog,
-    ParseJob,
-    ParseJobState,
     Supervisor,
     TaskAttempt,
-    Trigger,
-    TriggerState,
     utcnow,
 )
-from privsep.server.routes._sql import affected
-from privsep.server.runs import fail_or_retry
+from privsep.server.runs import fail_or_retry, requeue_parse_jobs, requeue_triggers
 
 log = logging.getLogger("privsep.server.reaper")
 
@@ -73,18 +68,8 @@ def reap_lost_work(db: Database, timeout_seconds: float) -> Reaped:
             )
             attempts += 1
         if lost:
-            parse_jobs = affected(
-                session,
-                update(ParseJob)
-                .where(ParseJob.state == ParseJobState.RUNNING, ParseJob.supervisor_id.in_(lost))
-                .values(state=ParseJobState.QUEUED, supervisor_id=None),
-            )
-            triggers = affected(
-                session,
-                update(Trigger)
-                .where(Trigger.state == TriggerState.RUNNING, Trigger.supervisor_id.in_(lost))
-                .values(state=TriggerState.QUEUED, supervisor_id=None),
-            )
+            parse_jobs = requeue_parse_jobs(session, lost)
+            triggers = requeue_triggers(session, lost)
     if attempts or parse_jobs or triggers:
         log.warning(
             "took back %d attempts, %d parse jobs, %d triggers from lost supervisors",

@@ -18,7 +18,7 @@ import json
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,12 +27,17 @@ from sqlalchemy.orm import Session
 
 from privsep.server.db.models import (
     AttemptState,
+    ParseJob,
+    ParseJobState,
     Run,
     RunState,
     TaskAttempt,
+    Trigger,
+    TriggerState,
     WorkflowVersion,
     utcnow,
 )
+from privsep.server.routes._sql import affected
 from privsep.server.schemas import TaskDefinition, WorkflowDefinition
 
 FINAL_OK = frozenset({AttemptState.SUCCESS, AttemptState.SKIPPED})
@@ -297,3 +302,26 @@ def _settle_whole_run(session: Session, run_id: str, graph: Graph) -> None:
             .where(Run.id == run_id)
             .values(state=RunState.SUCCESS if ok else RunState.FAILED, ended_at=utcnow())
         )
+
+
+def requeue_parse_jobs(session: Session, supervisor_ids: Collection[str]) -> int:
+    """Queue again the parse jobs running under these supervisors, which will never report
+    them (restarted or lost). Returns how many."""
+    return affected(
+        session,
+        update(ParseJob)
+        .where(ParseJob.state == ParseJobState.RUNNING, ParseJob.supervisor_id.in_(supervisor_ids))
+        .values(state=ParseJobState.QUEUED, supervisor_id=None),
+    )
+
+
+def requeue_triggers(session: Session, supervisor_ids: Collection[str]) -> int:
+    """Queue again the triggers running under these supervisors, which will never report
+    them (restarted, lost, or their trigger sandbox died): the next trigger sandbox runs them.
+    Returns how many."""
+    return affected(
+        session,
+        update(Trigger)
+        .where(Trigger.state == TriggerState.RUNNING, Trigger.supervisor_id.in_(supervisor_ids))
+        .values(state=TriggerState.QUEUED, supervisor_id=None),
+    )

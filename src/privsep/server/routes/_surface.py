@@ -28,15 +28,22 @@ ENDPOINTS: dict[Route, Callable[..., Any]] = {}
 """Each row's FastAPI endpoint, filled as the route modules are imported."""
 
 
+def _principals_in(endpoint: Callable[..., Any]) -> list[Callable[..., Any]]:
+    """The sandbox principal dependencies among ``endpoint``'s parameters, and among those of
+    the dependencies it takes (a route may take the principal inside a bundle)."""
+    found: list[Callable[..., Any]] = []
+    for parameter in inspect.signature(endpoint).parameters.values():
+        if not isinstance(parameter.default, Depends) or parameter.default.dependency is None:
+            continue
+        dependency = parameter.default.dependency
+        found += [dependency] if dependency in PRINCIPALS.values() else _principals_in(dependency)
+    return found
+
+
 def _principal_of(endpoint: Callable[..., Any]) -> Callable[..., Any]:
-    """The one sandbox principal dependency among ``endpoint``'s parameters."""
-    found = [
-        parameter.default.dependency
-        for parameter in inspect.signature(endpoint).parameters.values()
-        if isinstance(parameter.default, Depends)
-        and parameter.default.dependency in PRINCIPALS.values()
-    ]
-    if len(found) != 1 or found[0] is None:
+    """The one sandbox principal dependency that ``endpoint`` takes."""
+    found = _principals_in(endpoint)
+    if len(found) != 1:
         raise TypeError(f"{endpoint.__qualname__} must take exactly one sandbox principal")
     return found[0]
 

@@ -7,8 +7,10 @@ too."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -65,69 +67,74 @@ def assigned(me: TriggerPrincipal = Trigger_, state: ServerState = State_) -> As
         )
 
 
-def _end_trigger(
-    state: ServerState,
-    request: Request,
-    me: TriggerPrincipal,
-    trigger_id: str,
-    end: Callable[[Session, Trigger, TaskAttempt | None], None],
-) -> Ok:
-    """``end(session, trigger, its deferred attempt)`` in one transaction that holds the
-    trigger locked, once the token is known to name it and it is still running under the
-    token's supervisor; the attempt is ``None`` unless it is still deferred."""
-    require_trigger(me, trigger_id, request)
-    with state.db.write_session() as session:
-        trigger = session.get(Trigger, trigger_id, with_for_update=True)
-        if (
-            trigger is None
-            or trigger.state != TriggerState.RUNNING
-            or trigger.supervisor_id != me.supervisor_id
-        ):
-            raise conflict("this trigger is no longer running", "not_running")
-        trigger.finished_at = utcnow()
-        attempt = session.get(TaskAttempt, trigger.attempt_id)
-        end(
-            session,
-            trigger,
-            attempt if attempt and attempt.state == AttemptState.DEFERRED else None,
-        )
-    return Ok()
+@dataclass(frozen=True)
+class TriggerCall:
+    """What a route that ends a trigger takes: the request, the caller's trigger token and
+    the server state, all three needed by :meth:`end`."""
+
+    request: Request
+    me: TriggerPrincipal
+    state: ServerState
+
+    def end(
+        self,
+        trigger_id: str,
+        to: TriggerState,
+        then: Callable[[Session, TaskAttempt], None],
+        event: dict[str, Any] | None = None,
+    ) -> Ok:
+        """Move the trigger to ``to`` (with its ``event``, if any) and call ``then(session,
+        its attempt)`` if that attempt is still deferred, in one transaction that holds the
+        trigger locked, once the token is known to name it and it is still running under the
+        token's supervisor."""
+        require_trigger(self.me, trigger_id, self.request)
+        with self.state.db.write_session() as session:
+            trigger = session.get(Trigger, trigger_id, with_for_update=True)
+            if (
+                trigger is None
+                or trigger.state != TriggerState.RUNNING
+                or trigger.supervisor_id != self.me.supervisor_id
+            ):
+                raise conflict("this trigger is no longer running", "not_running")
+            trigger.finished_at = utcnow()
+            attempt = session.get(TaskAttempt, trigger.attempt_id)
+            trigger.state = to
+            if event is not None:
+                trigger.event = event
+            if attempt and attempt.state == AttemptState.DEFERRED:
+                then(session, attempt)
+        return Ok()
+
+
+async def trigger_call(
+    request: Request, me: TriggerPrincipal = Trigger_, state: ServerState = State_
+) -> TriggerCall:
+    # async, so FastAPI resolves it on the event loop rather than in a worker thread
+    return TriggerCall(request, me, state)
+
+
+TriggerCall_ = Depends(trigger_call)
 
 
 @sandbox_route(trigger_router, "trigger.event")
-def fire(
-    trigger_id: str,
-    body: TriggerEventRequest,
-    request: Request,
-    me: TriggerPrincipal = Trigger_,
-    state: ServerState = State_,
-) -> Ok:
+def fire(trigger_id: str, body: TriggerEventRequest, call: TriggerCall = TriggerCall_) -> Ok:
     """The trigger fired: resume its deferred attempt (same try, queued again)."""
 
-    def resume(session: Session, trigger: Trigger, attempt: TaskAttempt | None) -> None:
-        trigger.state = TriggerState.FIRED
-        trigger.event = {"payload": body.payload}
-        if attempt is not None:
-            attempt.state = AttemptState.QUEUED
-            attempt.trigger_event = {"payload": body.payload}
-            attempt.next_try_at = None
+    def resume(session: Session, attempt: TaskAttempt) -> None:
+        attempt.state = AttemptState.QUEUED
+        attempt.trigger_event = {"payload": body.payload}
+        attempt.next_try_at = None
 
-    return _end_trigger(state, request, me, trigger_id, resume)
+    return call.end(trigger_id, TriggerState.FIRED, resume, event={"payload": body.payload})
 
 
 @sandbox_route(trigger_router, "trigger.failure")
 def trigger_failed(
-    trigger_id: str,
-    body: TriggerFailureRequest,
-    request: Request,
-    me: TriggerPrincipal = Trigger_,
-    state: ServerState = State_,
+    trigger_id: str, body: TriggerFailureRequest, call: TriggerCall = TriggerCall_
 ) -> Ok:
     """The trigger raised: its deferred attempt fails (or retries, per the task)."""
 
-    def fail(session: Session, trigger: Trigger, attempt: TaskAttempt | None) -> None:
-        trigger.state = TriggerState.FAILED
-        if attempt is not None:
-            fail_or_retry(session, attempt, f"trigger failed: {body.error}")
+    def fail(session: Session, attempt: TaskAttempt) -> None:
+        fail_or_retry(session, attempt, f"trigger failed: {body.error}")
 
-    return _end_trigger(state, request, me, trigger_id, fail)
+    return call.end(trigger_id, TriggerState.FAILED, fail)

@@ -4,12 +4,13 @@ claim and refresh is checked against the rows it owns."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
 
 from privsep.secrets.tokens import TokenRejected, unverified_issuer
 from privsep.secrets.tokens import verify_assertion as check_assertion
@@ -27,15 +28,13 @@ from privsep.server.db.models import (
     ParseJobState,
     Supervisor,
     TaskAttempt,
-    Trigger,
-    TriggerState,
     Workflow,
     new_id,
     utcnow,
 )
 from privsep.server.errors import ERROR_RESPONSES, conflict, not_found, unauthorized
 from privsep.server.routes._sql import table_of
-from privsep.server.runs import fail_or_retry
+from privsep.server.runs import fail_or_retry, requeue_parse_jobs, requeue_triggers
 from privsep.server.schemas import (
     ClaimRequest,
     ClaimResponse,
@@ -148,18 +147,8 @@ def restarted(me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
             fail_or_retry(
                 session, attempt, f"supervisor {me.name} restarted while this attempt was running"
             )
-        session.execute(
-            update(ParseJob)
-            .where(
-                ParseJob.supervisor_id == me.supervisor_id, ParseJob.state == ParseJobState.RUNNING
-            )
-            .values(state=ParseJobState.QUEUED, supervisor_id=None)
-        )
-        session.execute(
-            update(Trigger)
-            .where(Trigger.supervisor_id == me.supervisor_id, Trigger.state == TriggerState.RUNNING)
-            .values(state=TriggerState.QUEUED, supervisor_id=None)
-        )
+        requeue_parse_jobs(session, [me.supervisor_id])
+        requeue_triggers(session, [me.supervisor_id])
     if orphaned:
         audit(
             state, "attempts_orphaned", actor=me.name, detail={"attempts": [a.id for a in orphaned]}
@@ -181,43 +170,52 @@ _JOBS = table_of(ParseJob)
 _NEW_PARSE_JOB = insert(_JOBS)
 
 
+_WHAT = {"task": "attempt", "parse": "parse job"}
+"""The item each kind of work token names (a trigger token names a batch), as errors call it."""
+
+
+def _work_item(session: Session, kind: str, item_id: str) -> TaskAttempt | ParseJob:
+    """The attempt or parse job ``item_id`` that a ``kind`` token is for (404 if none)."""
+    item = session.get(TaskAttempt, item_id) if kind == "task" else session.get(ParseJob, item_id)
+    if item is None:
+        raise not_found(f"no such {_WHAT[kind]}")
+    return item
+
+
+def _refreshable(
+    session: Session, kind: str, item_id: str, me: SupervisorPrincipal, oldest: datetime
+) -> TaskAttempt | ParseJob:
+    """The item a ``kind`` token is refreshed for, if it runs under ``me`` and started after
+    ``oldest`` (when its token lifetime cap began)."""
+    if kind not in _WHAT:
+        raise conflict("trigger batches are re-claimed, not refreshed", "not_refreshable")
+    item = _work_item(session, kind, item_id)
+    if isinstance(item, TaskAttempt):
+        running, started = item.state == AttemptState.RUNNING, item.started_at
+    else:
+        running, started = item.state == ParseJobState.RUNNING, item.claimed_at
+    if item.supervisor_id != me.supervisor_id or not running:
+        raise conflict(f"the {_WHAT[kind]} is not running under this supervisor", "not_running")
+    if started and started < oldest:
+        raise conflict(f"the {_WHAT[kind]}'s token lifetime cap is reached", "lifetime_exceeded")
+    return item
+
+
 @router.post("/refresh", response_model=TokenResponse)
 def refresh(
     body: RefreshRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
 ) -> TokenResponse:
     """A fresh work token, only for the claiming supervisor, only while the item runs, and
     never past ``work_token_max_lifetime`` from the claim."""
-    cap = timedelta(seconds=state.settings.work_token_max_lifetime)
-    now = utcnow()
+    oldest = utcnow() - timedelta(seconds=state.settings.work_token_max_lifetime)
     with state.db.read_session() as session:
-        if body.kind == "task":
-            attempt = session.get(TaskAttempt, body.id)
-            if attempt is None:
-                raise not_found("no such attempt")
-            if attempt.supervisor_id != me.supervisor_id or attempt.state != AttemptState.RUNNING:
-                raise conflict("the attempt is not running under this supervisor", "not_running")
-            if attempt.started_at and now - attempt.started_at > cap:
-                raise conflict("the attempt's token lifetime cap is reached", "lifetime_exceeded")
-            token = claims.issue_work_token(
-                state,
-                "task",
-                attempt.id,
-                state.settings.work_token_ttl,
-                {"try": attempt.try_number, "sup": me.supervisor_id},
-            )
-        elif body.kind == "parse":
-            job = session.get(ParseJob, body.id)
-            if job is None:
-                raise not_found("no such parse job")
-            if job.supervisor_id != me.supervisor_id or job.state != ParseJobState.RUNNING:
-                raise conflict("the parse job is not running under this supervisor", "not_running")
-            if job.claimed_at and now - job.claimed_at > cap:
-                raise conflict("the parse job's token lifetime cap is reached", "lifetime_exceeded")
-            token = claims.issue_work_token(
-                state, "parse", job.id, state.settings.work_token_ttl, {"sup": me.supervisor_id}
-            )
-        else:
-            raise conflict("trigger batches are re-claimed, not refreshed", "not_refreshable")
+        item = _refreshable(session, body.kind, body.id, me, oldest)
+        extra: dict[str, object] = {"sup": me.supervisor_id}
+        if isinstance(item, TaskAttempt):
+            extra = {"try": item.try_number, **extra}
+        token = claims.issue_work_token(
+            state, body.kind, item.id, state.settings.work_token_ttl, extra
+        )
     audit(state, "token_refreshed", actor=me.name, subject=body.id)
     return TokenResponse(token=token.reveal(), expires_at=token.exp)
 
@@ -229,41 +227,28 @@ def outcome(
     """The sandbox ended without reporting (crash, kill, timeout): end the item for it."""
     reason = body.reason or f"sandbox exited with status {body.exit_code}"
     with state.db.write_session() as session:
-        if body.kind == "task":
-            attempt = session.get(TaskAttempt, body.id)
-            if attempt is None:
-                raise not_found("no such attempt")
-            if attempt.supervisor_id != me.supervisor_id:
-                raise conflict("the attempt is not owned by this supervisor", "not_owner")
-            attempt.exit_code = body.exit_code
-            if attempt.state == AttemptState.RUNNING:
-                fail_or_retry(session, attempt, reason)
-        elif body.kind == "parse":
-            job = session.get(ParseJob, body.id)
-            if job is None:
-                raise not_found("no such parse job")
-            if job.supervisor_id != me.supervisor_id:
-                raise conflict("the parse job is not owned by this supervisor", "not_owner")
-            if job.state == ParseJobState.RUNNING:
-                job.state = ParseJobState.FAILED
-                job.finished_at = utcnow()
-                # The sandbox died before it could report (killed at the parse timeout, say):
-                # the file still gets a parse error, or it would fail with nothing to show.
-                session.add(
-                    ParseError(
-                        file_path=job.uri.split("#", 1)[0],
-                        message=f"the parse sandbox ended without a result: {reason}",
-                        bundle_version=job.bundle_version,
-                    )
+        if body.kind not in _WHAT:
+            requeue_triggers(session, [me.supervisor_id])
+            return Ok()
+        item = _work_item(session, body.kind, body.id)
+        if item.supervisor_id != me.supervisor_id:
+            raise conflict(f"the {_WHAT[body.kind]} is not owned by this supervisor", "not_owner")
+        if isinstance(item, TaskAttempt):
+            item.exit_code = body.exit_code
+            if item.state == AttemptState.RUNNING:
+                fail_or_retry(session, item, reason)
+        elif item.state == ParseJobState.RUNNING:
+            item.state = ParseJobState.FAILED
+            item.finished_at = utcnow()
+            # The sandbox died before it could report (killed at the parse timeout, say):
+            # the file still gets a parse error, or it would fail with nothing to show.
+            session.add(
+                ParseError(
+                    file_path=item.uri.split("#", 1)[0],
+                    message=f"the parse sandbox ended without a result: {reason}",
+                    bundle_version=item.bundle_version,
                 )
-        else:
-            for trigger in session.scalars(
-                select(Trigger).where(
-                    Trigger.supervisor_id == me.supervisor_id, Trigger.state == TriggerState.RUNNING
-                )
-            ):
-                trigger.state = TriggerState.QUEUED  # re-run by the next trigger sandbox
-                trigger.supervisor_id = None
+            )
     return Ok()
 
 

@@ -11,9 +11,10 @@ rows without FastAPI, through the very same service functions.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from privsep.server.auth import Denied, State_, TaskToken, TaskToken_
 from privsep.server.db.models import AttemptState
@@ -41,105 +42,100 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def answering(
-    request: Request, state: ServerState, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
-) -> T:
-    """``fn(...)``, with a :class:`Denied` refusal audited and raised as its API error."""
-    try:
-        return fn(*args, **kwargs)
-    except Denied as denied:
-        raise denied.answer(state, request.url.path) from None
+@dataclass(frozen=True)
+class TaskCall:
+    """What every task route takes: the request, the caller's task token and the server
+    state, bundled because each route hands all three to :meth:`answer`."""
+
+    request: Request
+    token: TaskToken
+    state: ServerState
+
+    def answer(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(...)``, with a :class:`Denied` refusal audited and raised as its API error."""
+        try:
+            return fn(*args, **kwargs)
+        except Denied as denied:
+            raise denied.answer(self.state, self.request.url.path) from None
+
+
+async def task_call(
+    request: Request, token: TaskToken = TaskToken_, state: ServerState = State_
+) -> TaskCall:
+    # async, so FastAPI resolves it on the event loop rather than in a worker thread
+    return TaskCall(request, token, state)
+
+
+Call_ = Depends(task_call)
+
+
+def _failed(call: TaskCall, body: FailRequest, *, allow_retry: bool) -> AttemptStateResponse:
+    """End the attempt as failed: ``fail`` and ``retry`` are one service call that differ
+    only in whether the task's retries may queue a new try."""
+    ended = call.answer(
+        attempts.finish_failure, call.state, call.token, body.error, allow_retry=allow_retry
+    )
+    return AttemptStateResponse(state=ended.value)
 
 
 @sandbox_route(router, "task.context")
-def context(
-    request: Request, token: TaskToken = TaskToken_, state: ServerState = State_
-) -> TaskContext:
-    return answering(request, state, attempts.read_context, state.reads, token)
+def context(call: TaskCall = Call_) -> TaskContext:
+    return call.answer(attempts.read_context, call.state.reads, call.token)
 
 
 @sandbox_route(router, "task.heartbeat")
-def heartbeat(request: Request, token: TaskToken = TaskToken_, state: ServerState = State_) -> Ok:
-    answering(request, state, attempts.beat, state, token)
+def heartbeat(call: TaskCall = Call_) -> Ok:
+    call.answer(attempts.beat, call.state, call.token)
     return Ok()
 
 
 @sandbox_route(router, "task.succeed")
-def succeed(
-    body: SucceedRequest,
-    request: Request,
-    token: TaskToken = TaskToken_,
-    state: ServerState = State_,
-) -> AttemptStateResponse:
-    answering(request, state, attempts.finish_success, state, token, body.return_value)
+def succeed(body: SucceedRequest, call: TaskCall = Call_) -> AttemptStateResponse:
+    call.answer(attempts.finish_success, call.state, call.token, body.return_value)
     return AttemptStateResponse(state=AttemptState.SUCCESS.value)
 
 
 @sandbox_route(router, "task.fail")
-def fail(
-    body: FailRequest, request: Request, token: TaskToken = TaskToken_, state: ServerState = State_
-) -> AttemptStateResponse:
+def fail(body: FailRequest, call: TaskCall = Call_) -> AttemptStateResponse:
     """Fail for good: no retry, whatever the task's retries say."""
-    ended = answering(
-        request, state, attempts.finish_failure, state, token, body.error, allow_retry=False
-    )
-    return AttemptStateResponse(state=ended.value)
+    return _failed(call, body, allow_retry=False)
 
 
 @sandbox_route(router, "task.retry")
-def retry(
-    body: FailRequest, request: Request, token: TaskToken = TaskToken_, state: ServerState = State_
-) -> AttemptStateResponse:
+def retry(body: FailRequest, call: TaskCall = Call_) -> AttemptStateResponse:
     """Fail this try; a new try is queued if the task has retries left."""
-    ended = answering(
-        request, state, attempts.finish_failure, state, token, body.error, allow_retry=True
-    )
-    return AttemptStateResponse(state=ended.value)
+    return _failed(call, body, allow_retry=True)
 
 
 @sandbox_route(router, "task.defer")
-def defer(
-    body: DeferRequest, request: Request, token: TaskToken = TaskToken_, state: ServerState = State_
-) -> AttemptStateResponse:
+def defer(body: DeferRequest, call: TaskCall = Call_) -> AttemptStateResponse:
     """Park the attempt on a trigger; it is queued again (same try) when the trigger fires."""
-    parked = answering(request, state, attempts.defer, state, token, body.trigger, body.timeout)
+    parked = call.answer(attempts.defer, call.state, call.token, body.trigger, body.timeout)
     return AttemptStateResponse(state=parked.value)
 
 
 @sandbox_route(router, "task.variable")
-def get_variable(
-    key: str, request: Request, token: TaskToken = TaskToken_, state: ServerState = State_
-) -> VariableResponse:
-    value = answering(request, state, attempts.read_variable, state.reads, token, key)
+def get_variable(key: str, call: TaskCall = Call_) -> VariableResponse:
+    value = call.answer(attempts.read_variable, call.state.reads, call.token, key)
     return VariableResponse(key=key, value=value)
 
 
 @sandbox_route(router, "task.set_variable")
-def set_variable(
-    key: str,
-    body: VariableBody,
-    request: Request,
-    token: TaskToken = TaskToken_,
-    state: ServerState = State_,
-) -> Ok:
-    answering(request, state, attempts.set_variable, state, token, key, body.value)
+def set_variable(key: str, body: VariableBody, call: TaskCall = Call_) -> Ok:
+    call.answer(attempts.set_variable, call.state, call.token, key, body.value)
     return Ok()
 
 
 @sandbox_route(router, "task.delete_variable")
-def delete_variable(
-    key: str, request: Request, token: TaskToken = TaskToken_, state: ServerState = State_
-) -> Ok:
-    answering(request, state, attempts.delete_variable, state, token, key)
+def delete_variable(key: str, call: TaskCall = Call_) -> Ok:
+    call.answer(attempts.delete_variable, call.state, call.token, key)
     return Ok()
 
 
 @sandbox_route(router, "task.connection")
-def get_connection(
-    conn_id: str, request: Request, token: TaskToken = TaskToken_, state: ServerState = State_
-) -> ConnectionResponse:
-    found = answering(request, state, attempts.read_connection, state.reads, token, conn_id)
-    cipher = state.cipher
+def get_connection(conn_id: str, call: TaskCall = Call_) -> ConnectionResponse:
+    found = call.answer(attempts.read_connection, call.state.reads, call.token, conn_id)
+    cipher = call.state.cipher
     secrets = ("password_encrypted", "extra_encrypted")
     if cipher is None and any(found[name] for name in secrets):
         raise conflict("the server has no Fernet key configured", "no_fernet_key")
@@ -153,26 +149,14 @@ def get_connection(
 
 
 @sandbox_route(router, "task.push_xcom")
-def push_xcom(
-    key: str,
-    body: XComBody,
-    request: Request,
-    token: TaskToken = TaskToken_,
-    state: ServerState = State_,
-) -> Ok:
+def push_xcom(key: str, body: XComBody, call: TaskCall = Call_) -> Ok:
     """Write an XCom of this task in this run; there is no way to name another task."""
-    answering(request, state, attempts.push_xcom, state, token, key, body.value)
+    call.answer(attempts.push_xcom, call.state, call.token, key, body.value)
     return Ok()
 
 
 @sandbox_route(router, "task.pull_xcom")
-def pull_xcom(
-    task_id: str,
-    key: str,
-    request: Request,
-    token: TaskToken = TaskToken_,
-    state: ServerState = State_,
-) -> XComResponse:
+def pull_xcom(task_id: str, key: str, call: TaskCall = Call_) -> XComResponse:
     """Read an XCom of any task, but only within the caller's own run."""
-    value = answering(request, state, attempts.read_xcom, state.reads, token, task_id, key)
+    value = call.answer(attempts.read_xcom, call.state.reads, call.token, task_id, key)
     return XComResponse(task_id=task_id, key=key, value=value)
