@@ -120,29 +120,33 @@ def bytes_entry(
     return main
 
 
-def run_entry(
+def entry(
     component: str,
-    payload: Mapping[str, Any],
     parse: Callable[[Mapping[str, Any]], _Parsed | None],
     needs: str,
     body: Callable[[Client, _Parsed], int],
-) -> int:
-    """The start every entry point shares, so each one fails the same way before its own work:
+) -> Callable[[Mapping[str, Any]], int]:
+    """An entry point's ``run(payload)``, so every one fails the same way before its own work:
     logging to stderr, the payload checked by ``parse`` (``None`` is refused, with ``needs`` as
     the reason), a :class:`Client` on the credential socket; then ``body`` with both, while the
-    client is open."""
-    configure_logging()
-    parsed = parse(payload)
-    if parsed is None:
-        fatal(component, needs)
-        return ExitCode.BAD_PAYLOAD
-    try:
-        client = Client()
-    except NotInSandbox as exc:
-        fatal(component, str(exc))
-        return ExitCode.NOT_IN_SANDBOX
-    with client:
-        return body(client, parsed)
+    client is open. ``run`` takes ``body``'s docstring."""
+
+    def run(payload: Mapping[str, Any]) -> int:
+        configure_logging()
+        parsed = parse(payload)
+        if parsed is None:
+            fatal(component, needs)
+            return ExitCode.BAD_PAYLOAD
+        try:
+            client = Client()
+        except NotInSandbox as exc:
+            fatal(component, str(exc))
+            return ExitCode.NOT_IN_SANDBOX
+        with client:
+            return body(client, parsed)
+
+    run.__doc__ = body.__doc__
+    return run
 
 
 def configure_logging() -> None:

@@ -22,9 +22,9 @@ from privsep.client._components import (
     ExitCode,
     Terminated,
     bytes_entry,
+    entry,
     fatal,
     format_user_error,
-    run_entry,
     stopped_by_sigterm,
 )
 from privsep.client._exceptions import BadRequest, PrivsepError
@@ -42,14 +42,8 @@ def _path_of(payload: Mapping[str, Any]) -> str | None:
     return path
 
 
-def run(payload: Mapping[str, Any]) -> int:
-    """Parse ``payload["path"]`` and submit the result; see the module docstring."""
-    return run_entry(
-        "parse", payload, _path_of, 'the payload needs "path": the definition file to parse', _parse
-    )
-
-
 def _parse(client: Client, path: str) -> int:
+    """Parse ``payload["path"]`` and submit the result; see the module docstring."""
     workflows: list[dict[str, Any]] = []
     error: str | None = None
     try:
@@ -78,4 +72,5 @@ def _parse(client: Client, path: str) -> int:
     return ExitCode.OK
 
 
+run = entry("parse", _path_of, 'the payload needs "path": the definition file to parse', _parse)
 main = bytes_entry(run, "parse")

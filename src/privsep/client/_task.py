@@ -29,9 +29,9 @@ from privsep.client._components import (
     ExitCode,
     Terminated,
     bytes_entry,
+    entry,
     fatal,
     format_user_error,
-    run_entry,
     stopped_by_sigterm,
 )
 from privsep.client._exceptions import PrivsepError
@@ -81,18 +81,8 @@ def _call_task(ctx: Context, where: Mapping[str, str]) -> Any:
     return result
 
 
-def run(payload: Mapping[str, Any]) -> int:
-    """Run the task the payload names for the attempt this sandbox's token belongs to."""
-    return run_entry(
-        "task",
-        payload,
-        _payload_strings,
-        'the payload needs "path" (or an importable "module") and "qualname"',
-        _run_task,
-    )
-
-
 def _run_task(client: Client, where: Mapping[str, str]) -> int:
+    """Run the task the payload names for the attempt this sandbox's token belongs to."""
     try:
         ctx = Context(client=client, info=client.task_context())
     except PrivsepError as exc:
@@ -123,4 +113,10 @@ def _run_task(client: Client, where: Mapping[str, str]) -> int:
     return ExitCode.OK
 
 
+run = entry(
+    "task",
+    _payload_strings,
+    'the payload needs "path" (or an importable "module") and "qualname"',
+    _run_task,
+)
 main = bytes_entry(run, "task")

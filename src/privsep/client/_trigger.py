@@ -28,9 +28,9 @@ from privsep.client._client import Client
 from privsep.client._components import (
     ExitCode,
     bytes_entry,
+    entry,
     fatal,
     format_user_error,
-    run_entry,
 )
 from privsep.client._exceptions import (
     Conflict,
@@ -120,18 +120,8 @@ async def _drive_all(client: Client, items: list[dict[str, Any]], errors: list[s
     return all(results)
 
 
-def run(payload: Mapping[str, Any]) -> int:
-    """Run this batch's triggers; see the module docstring."""
-    return run_entry(
-        "trigger",
-        payload,
-        _paths,
-        'the payload\'s "paths" must be a list of definition files',
-        _run_batch,
-    )
-
-
 def _run_batch(client: Client, paths: list[str]) -> int:
+    """Run this batch's triggers; see the module docstring."""
     try:
         items = client.assigned_triggers()
     except PrivsepError as exc:
@@ -147,4 +137,10 @@ def _run_batch(client: Client, paths: list[str]) -> int:
     return ExitCode.OK if ok else ExitCode.API_FAILED
 
 
+run = entry(
+    "trigger",
+    _paths,
+    'the payload\'s "paths" must be a list of definition files',
+    _run_batch,
+)
 main = bytes_entry(run, "trigger")
