@@ -26,6 +26,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from privsep.runner.cli.operator_client import OperatorClient, seg
@@ -76,23 +77,39 @@ def _done(args: argparse.Namespace, record: Any, text: str) -> int:
     return EXIT_OK
 
 
-def _listing(
-    args: argparse.Namespace,
-    data: Any,
-    items: Sequence[Any],
-    none: str,
-    headers: Sequence[str],
-    row: Callable[[Any], Sequence[Any]],
-) -> int:
-    """A list command's output: ``data`` with ``--json``, ``none`` when ``items`` is empty,
-    else a table with one ``row(item)`` per item."""
-    if args.json:
-        emit_json(data)
-    elif not items:
-        print(none)
-    else:
-        print_table(headers, [row(item) for item in items])
-    return EXIT_OK
+@dataclass(frozen=True)
+class _Listing:
+    """A list command as data: what it fetches, and the table it prints. Every list command
+    behaves the same (``--json`` prints what the API sent, an empty list prints ``none``), so
+    they differ only here."""
+
+    path: str
+    what: str
+    key: str  # the list in the API's answer
+    none: str
+    headers: tuple[str, ...]
+    row: Callable[[Any], Sequence[Any]]
+    params: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}
+    # Applied to each item before anything is shown, ``--json`` included (masking secrets).
+    item: Callable[[Any], Any] | None = None
+
+
+def _list_command(listing: _Listing) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        data = _get(args, listing.path, listing.what, **listing.params(args))
+        items = data[listing.key]
+        if listing.item is not None:
+            items = [listing.item(i) for i in items]
+            data = {listing.key: items}
+        if args.json:
+            emit_json(data)
+        elif not items:
+            print(listing.none)
+        else:
+            print_table(listing.headers, [listing.row(i) for i in items])
+        return EXIT_OK
+
+    return handler
 
 
 def _loads_object(text: str, what: str) -> dict[str, Any]:
@@ -132,12 +149,11 @@ def _strip_newline(text: str) -> str:
 # --- workflows -------------------------------------------------------------------------------
 
 
-def cmd_workflows_list(args: argparse.Namespace) -> int:
-    data = _get(args, "/v1/operator/workflows", "list workflows")
-    return _listing(
-        args,
-        data,
-        data["workflows"],
+cmd_workflows_list = _list_command(
+    _Listing(
+        "/v1/operator/workflows",
+        "list workflows",
+        "workflows",
         "no workflows (none parsed yet? see `runner workflows errors`)",
         ("workflow", "active", "version", "bundle", "schedule", "tasks"),
         lambda w: (
@@ -149,6 +165,7 @@ def cmd_workflows_list(args: argparse.Namespace) -> int:
             w["task_count"],
         ),
     )
+)
 
 
 def cmd_workflows_show(args: argparse.Namespace) -> int:
@@ -330,14 +347,11 @@ def _wait_for(client: OperatorClient, run_id: str, timeout: float) -> dict[str, 
         time.sleep(WAIT_POLL_SECONDS)
 
 
-def cmd_runs_list(args: argparse.Namespace) -> int:
-    data = _get(
-        args, "/v1/operator/runs", "list runs", limit=args.limit, workflow_id=args.workflow or None
-    )
-    return _listing(
-        args,
-        data,
-        data["runs"],
+cmd_runs_list = _list_command(
+    _Listing(
+        "/v1/operator/runs",
+        "list runs",
+        "runs",
         "no runs",
         ("run", "workflow", "state", "created", "ended"),
         lambda r: (
@@ -347,7 +361,9 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
             when(r["created_at"]),
             when(r["ended_at"]),
         ),
+        params=lambda args: {"limit": args.limit, "workflow_id": args.workflow or None},
     )
+)
 
 
 def cmd_runs_show(args: argparse.Namespace) -> int:
@@ -408,16 +424,16 @@ def cmd_variables_delete(args: argparse.Namespace) -> int:
     return _done(args, {"key": args.key, "deleted": True}, f"deleted variable {args.key}")
 
 
-def cmd_variables_list(args: argparse.Namespace) -> int:
-    data = _get(args, "/v1/operator/variables", "list variables")
-    return _listing(
-        args,
-        data,
-        data["variables"],
+cmd_variables_list = _list_command(
+    _Listing(
+        "/v1/operator/variables",
+        "list variables",
+        "variables",
         "no variables",
         ("key", "description"),
         lambda v: (v["key"], v["description"]),
     )
+)
 
 
 # --- connections -----------------------------------------------------------------------------
@@ -513,18 +529,18 @@ def cmd_connections_delete(args: argparse.Namespace) -> int:
     return _done(args, record, f"deleted connection {args.conn_id}")
 
 
-def cmd_connections_list(args: argparse.Namespace) -> int:
-    data = _get(args, "/v1/operator/connections", "list connections")
-    connections = [mask_secrets(c) for c in data["connections"]]
-    columns = ("conn_id", "conn_type", "host", "port", "login", "password", "extra")
-    return _listing(
-        args,
-        {"connections": connections},
-        connections,
+_CONNECTION_COLUMNS = ("conn_id", "conn_type", "host", "port", "login", "password", "extra")
+cmd_connections_list = _list_command(
+    _Listing(
+        "/v1/operator/connections",
+        "list connections",
+        "connections",
         "no connections",
         ("connection", "type", "host", "port", "login", "password", "extra"),
-        lambda c: [c[k] for k in columns],
+        lambda c: [c[k] for k in _CONNECTION_COLUMNS],
+        item=mask_secrets,
     )
+)
 
 
 # --- policy ----------------------------------------------------------------------------------
@@ -537,16 +553,16 @@ def _grant_text(grant: dict[str, Any]) -> str:
     )
 
 
-def cmd_policy_show(args: argparse.Namespace) -> int:
-    data = _get(args, "/v1/operator/policy", "show the policy")
-    return _listing(
-        args,
-        data,
-        data["grants"],
+cmd_policy_show = _list_command(
+    _Listing(
+        "/v1/operator/policy",
+        "show the policy",
+        "grants",
         "no grants: no workflow may read any variable or connection",
         ("id", "workflows", "kind", "names"),
         lambda g: (g["id"], g["workflow_pattern"], g["kind"], g["name_pattern"]),
     )
+)
 
 
 def cmd_policy_grant(args: argparse.Namespace) -> int:
