@@ -41,9 +41,8 @@ from privsep.runner.cli.output import (
     print_table,
     when,
 )
+from privsep.runner.cli.parsers import Handler, action, group
 from privsep.runner.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError
-
-Handler = Callable[[argparse.Namespace], int]
 
 # How often `runs trigger --wait` asks for the run's state.
 WAIT_POLL_SECONDS = 1.0
@@ -586,44 +585,34 @@ def cmd_policy_revoke(args: argparse.Namespace) -> int:
 # --- the parser ------------------------------------------------------------------------------
 
 
-def _limit(value: str) -> int:
+def _number(value: str, low: int, high: int, noun: str, out_of_range: str) -> int:
+    """``value`` as a whole number from ``low`` to ``high``; argparse shows a refusal as a
+    usage error. ``out_of_range`` may name the ``{number}``."""
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if not 1 <= number <= 1000:
-        raise argparse.ArgumentTypeError("must be between 1 and 1000")
+        raise argparse.ArgumentTypeError(f"{value!r} is not {noun}") from None
+    if not low <= number <= high:
+        raise argparse.ArgumentTypeError(out_of_range.format(number=number))
     return number
+
+
+def _limit(value: str) -> int:
+    return _number(value, 1, 1000, "a whole number", "must be between 1 and 1000")
 
 
 def _port(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{number} is not a port number (0-65535)")
-    return number
+    return _number(value, 0, 65535, "a port number", "{number} is not a port number (0-65535)")
 
 
-def _group(sub: Any, name: str, help_text: str) -> Any:
-    parser = sub.add_parser(name, help=help_text)
-    actions = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION")
-    actions.required = True
-    return actions
-
-
-def _action(group: Any, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = group.add_parser(name, help=help_text)
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.set_defaults(handler=handler)
-    return parser
+def _action(sub: Any, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
+    return action(sub, name, help_text, handler, json=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``workflows``, ``runs``, ``tasks``, ``variables``, ``connections`` and ``policy``
     to the ``runner`` parser (``runner logs`` lives in cli.py: it reads local files)."""
-    g = _group(sub, "workflows", "parsed workflows and definition-file errors")
+    g = group(sub, "workflows", "parsed workflows and definition-file errors")
     _action(g, "list", "every workflow: active, version, schedule, tasks", cmd_workflows_list)
     p = _action(g, "show", "one workflow's current definition", cmd_workflows_show)
     p.add_argument("workflow", metavar="WORKFLOW")
@@ -632,7 +621,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--limit", type=_limit, default=50, metavar="N", help="at most N (default 50)")
 
-    g = _group(sub, "runs", "trigger and inspect runs")
+    g = group(sub, "runs", "trigger and inspect runs")
     p = _action(g, "trigger", "start a run of a workflow now", cmd_runs_trigger)
     p.add_argument("workflow", metavar="WORKFLOW")
     p.add_argument("--conf", metavar="JSON", help="run configuration, a JSON object")
@@ -654,11 +643,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = _action(g, "show", "one run and its task attempts", cmd_runs_show)
     p.add_argument("run", metavar="RUN")
 
-    g = _group(sub, "tasks", "task attempts")
+    g = group(sub, "tasks", "task attempts")
     p = _action(g, "list", "the attempts of a run: task, try, state, duration", cmd_tasks_list)
     p.add_argument("run", metavar="RUN")
 
-    g = _group(sub, "variables", "operator-managed variables")
+    g = group(sub, "variables", "operator-managed variables")
     p = _action(g, "get", "print a variable's value", cmd_variables_get)
     p.add_argument("key", metavar="KEY")
     p = _action(g, "set", "create or overwrite a variable", cmd_variables_set)
@@ -670,7 +659,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("key", metavar="KEY")
     _action(g, "list", "variable names and descriptions (not values)", cmd_variables_list)
 
-    g = _group(sub, "connections", "connections (passwords and extras are never shown)")
+    g = group(sub, "connections", "connections (passwords and extras are never shown)")
     p = _action(
         g, "add", "store a connection; its secrets are encrypted at rest", cmd_connections_add
     )
@@ -696,7 +685,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("conn_id", metavar="CONN_ID")
     _action(g, "list", "every connection, secrets masked", cmd_connections_list)
 
-    g = _group(sub, "policy", "which workflows may read which variables and connections")
+    g = group(sub, "policy", "which workflows may read which variables and connections")
     _action(g, "show", "every grant", cmd_policy_show)
     p = _action(g, "grant", "let matching workflows read matching names", cmd_policy_grant)
     p.add_argument("workflow_pattern", metavar="WORKFLOW_PATTERN", help="glob, e.g. 'etl_*'")
