@@ -19,11 +19,15 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeVar
+
+from privsep.client._client import Client
+from privsep.client._exceptions import NotInSandbox
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 MAX_TRACEBACK_LINES = 20
 MAX_ERROR_CHARS = 65536
+_Parsed = TypeVar("_Parsed")
 
 
 class ExitCode(IntEnum):
@@ -114,6 +118,35 @@ def bytes_entry(
 
     main.__doc__ = f"Sandbox entry point: ``{component}`` with a JSON payload."
     return main
+
+
+def entry(
+    component: str,
+    parse: Callable[[Mapping[str, Any]], _Parsed | None],
+    needs: str,
+    body: Callable[[Client, _Parsed], int],
+) -> Callable[[Mapping[str, Any]], int]:
+    """An entry point's ``run(payload)``, so every one fails the same way before its own work:
+    logging to stderr, the payload checked by ``parse`` (``None`` is refused, with ``needs`` as
+    the reason), a :class:`Client` on the credential socket; then ``body`` with both, while the
+    client is open. ``run`` takes ``body``'s docstring."""
+
+    def run(payload: Mapping[str, Any]) -> int:
+        configure_logging()
+        parsed = parse(payload)
+        if parsed is None:
+            fatal(component, needs)
+            return ExitCode.BAD_PAYLOAD
+        try:
+            client = Client()
+        except NotInSandbox as exc:
+            fatal(component, str(exc))
+            return ExitCode.NOT_IN_SANDBOX
+        with client:
+            return body(client, parsed)
+
+    run.__doc__ = body.__doc__
+    return run
 
 
 def configure_logging() -> None:

@@ -22,12 +22,12 @@ from privsep.client._components import (
     ExitCode,
     Terminated,
     bytes_entry,
-    configure_logging,
+    entry,
     fatal,
     format_user_error,
     stopped_by_sigterm,
 )
-from privsep.client._exceptions import BadRequest, NotInSandbox, PrivsepError
+from privsep.client._exceptions import BadRequest, PrivsepError
 from privsep.client._loader import serialize_module
 
 __all__ = ["main", "run", "serialize_module"]
@@ -42,45 +42,35 @@ def _path_of(payload: Mapping[str, Any]) -> str | None:
     return path
 
 
-def run(payload: Mapping[str, Any]) -> int:
+def _parse(client: Client, path: str) -> int:
     """Parse ``payload["path"]`` and submit the result; see the module docstring."""
-    configure_logging()
-    path = _path_of(payload)
-    if path is None:
-        fatal("parse", 'the payload needs "path": the definition file to parse')
-        return ExitCode.BAD_PAYLOAD
+    workflows: list[dict[str, Any]] = []
+    error: str | None = None
     try:
-        client = Client()
-    except NotInSandbox as exc:
-        fatal("parse", str(exc))
-        return ExitCode.NOT_IN_SANDBOX
-    with client:
-        workflows: list[dict[str, Any]] = []
-        error: str | None = None
+        with stopped_by_sigterm():
+            workflows = serialize_module(path)
+    except Terminated as exc:
+        # Stopped from outside, in the kill grace period: say so, and where it was.
+        error = (
+            f"importing {path} was stopped by the sandbox (SIGTERM), most likely at the "
+            f"parse timeout (supervisor.parse_timeout); it was still running here:\n"
+            f"{format_user_error(exc)}"
+        )
+    except (Exception, SystemExit) as exc:  # user code: its failure is the parse result
+        error = format_user_error(exc)
+    try:
         try:
-            with stopped_by_sigterm():
-                workflows = serialize_module(path)
-        except Terminated as exc:
-            # Stopped from outside, in the kill grace period: say so, and where it was.
-            error = (
-                f"importing {path} was stopped by the sandbox (SIGTERM), most likely at the "
-                f"parse timeout (supervisor.parse_timeout); it was still running here:\n"
-                f"{format_user_error(exc)}"
+            client.submit_parse_result(workflows, error=error)
+        except BadRequest as exc:
+            # Definitions the server refuses are this file's error, not a crash.
+            client.submit_parse_result(
+                [], error=f"the server refused the definitions in {path}: {exc.message}"
             )
-        except (Exception, SystemExit) as exc:  # user code: its failure is the parse result
-            error = format_user_error(exc)
-        try:
-            try:
-                client.submit_parse_result(workflows, error=error)
-            except BadRequest as exc:
-                # Definitions the server refuses are this file's error, not a crash.
-                client.submit_parse_result(
-                    [], error=f"the server refused the definitions in {path}: {exc.message}"
-                )
-        except PrivsepError as exc:
-            fatal("parse", f"cannot submit the parse result of {path}: {exc}")
-            return ExitCode.API_FAILED
+    except PrivsepError as exc:
+        fatal("parse", f"cannot submit the parse result of {path}: {exc}")
+        return ExitCode.API_FAILED
     return ExitCode.OK
 
 
+run = entry("parse", _path_of, 'the payload needs "path": the definition file to parse', _parse)
 main = bytes_entry(run, "parse")

@@ -29,12 +29,12 @@ from privsep.client._components import (
     ExitCode,
     Terminated,
     bytes_entry,
-    configure_logging,
+    entry,
     fatal,
     format_user_error,
     stopped_by_sigterm,
 )
-from privsep.client._exceptions import NotInSandbox, PrivsepError
+from privsep.client._exceptions import PrivsepError
 from privsep.client._loader import find_task, load_definitions
 
 __all__ = ["main", "run"]
@@ -81,47 +81,42 @@ def _call_task(ctx: Context, where: Mapping[str, str]) -> Any:
     return result
 
 
-def run(payload: Mapping[str, Any]) -> int:
+def _run_task(client: Client, where: Mapping[str, str]) -> int:
     """Run the task the payload names for the attempt this sandbox's token belongs to."""
-    configure_logging()
-    where = _payload_strings(payload)
-    if where is None:
-        fatal("task", 'the payload needs "path" (or an importable "module") and "qualname"')
-        return ExitCode.BAD_PAYLOAD
     try:
-        client = Client()
-    except NotInSandbox as exc:
-        fatal("task", str(exc))
-        return ExitCode.NOT_IN_SANDBOX
-    with client:
+        ctx = Context(client=client, info=client.task_context())
+    except PrivsepError as exc:
+        fatal("task", f"cannot fetch the attempt's context: {exc}")
+        return ExitCode.API_FAILED
+    name = f"{ctx.workflow_id}.{ctx.task_id} (try {ctx.try_number})"
+    try:
         try:
-            ctx = Context(client=client, info=client.task_context())
-        except PrivsepError as exc:
-            fatal("task", f"cannot fetch the attempt's context: {exc}")
-            return ExitCode.API_FAILED
-        name = f"{ctx.workflow_id}.{ctx.task_id} (try {ctx.try_number})"
-        try:
-            try:
-                with stopped_by_sigterm():
-                    result = _call_task(ctx, where)
-            except Terminated:
-                # Not the task's failure: the sandbox stopped it (its time limit, usually).
-                # The supervisor reports the attempt's end with the sandbox's reason.
-                fatal("task", f"{name} was stopped by the sandbox (SIGTERM) before it ended")
-                return ExitCode.TERMINATED
-            except TaskDeferred as deferred:
-                ctx.log.info("%s deferred: %s", name, deferred)
-                client.defer(deferred.trigger, timeout=deferred.timeout)
-            except (Exception, SystemExit) as exc:  # user code failed: report it, exit 0
-                error = format_user_error(exc)
-                ctx.log.error("%s failed:\n%s", name, error)
-                client.retry(error)
-            else:
-                client.succeed(result)
-        except PrivsepError as exc:
-            fatal("task", f"cannot report the outcome of {name}: {exc}")
-            return ExitCode.API_FAILED
+            with stopped_by_sigterm():
+                result = _call_task(ctx, where)
+        except Terminated:
+            # Not the task's failure: the sandbox stopped it (its time limit, usually).
+            # The supervisor reports the attempt's end with the sandbox's reason.
+            fatal("task", f"{name} was stopped by the sandbox (SIGTERM) before it ended")
+            return ExitCode.TERMINATED
+        except TaskDeferred as deferred:
+            ctx.log.info("%s deferred: %s", name, deferred)
+            client.defer(deferred.trigger, timeout=deferred.timeout)
+        except (Exception, SystemExit) as exc:  # user code failed: report it, exit 0
+            error = format_user_error(exc)
+            ctx.log.error("%s failed:\n%s", name, error)
+            client.retry(error)
+        else:
+            client.succeed(result)
+    except PrivsepError as exc:
+        fatal("task", f"cannot report the outcome of {name}: {exc}")
+        return ExitCode.API_FAILED
     return ExitCode.OK
 
 
+run = entry(
+    "task",
+    _payload_strings,
+    'the payload needs "path" (or an importable "module") and "qualname"',
+    _run_task,
+)
 main = bytes_entry(run, "task")

@@ -28,13 +28,12 @@ from privsep.client._client import Client
 from privsep.client._components import (
     ExitCode,
     bytes_entry,
-    configure_logging,
+    entry,
     fatal,
     format_user_error,
 )
 from privsep.client._exceptions import (
     Conflict,
-    NotInSandbox,
     PrivsepError,
     Unauthorized,
 )
@@ -121,32 +120,27 @@ async def _drive_all(client: Client, items: list[dict[str, Any]], errors: list[s
     return all(results)
 
 
-def run(payload: Mapping[str, Any]) -> int:
+def _run_batch(client: Client, paths: list[str]) -> int:
     """Run this batch's triggers; see the module docstring."""
-    configure_logging()
-    paths = _paths(payload)
-    if paths is None:
-        fatal("trigger", 'the payload\'s "paths" must be a list of definition files')
-        return ExitCode.BAD_PAYLOAD
     try:
-        client = Client()
-    except NotInSandbox as exc:
-        fatal("trigger", str(exc))
-        return ExitCode.NOT_IN_SANDBOX
-    with client:
+        items = client.assigned_triggers()
+    except PrivsepError as exc:
+        fatal("trigger", f"cannot fetch this batch's triggers: {exc}")
+        return ExitCode.API_FAILED
+    import_errors: list[str] = []
+    for path in paths:
         try:
-            items = client.assigned_triggers()
-        except PrivsepError as exc:
-            fatal("trigger", f"cannot fetch this batch's triggers: {exc}")
-            return ExitCode.API_FAILED
-        import_errors: list[str] = []
-        for path in paths:
-            try:
-                load_definitions(path)
-            except (Exception, SystemExit) as exc:
-                import_errors.append(f"{path}: {type(exc).__name__}: {exc}")
-        ok = asyncio.run(_drive_all(client, items, import_errors))
+            load_definitions(path)
+        except (Exception, SystemExit) as exc:
+            import_errors.append(f"{path}: {type(exc).__name__}: {exc}")
+    ok = asyncio.run(_drive_all(client, items, import_errors))
     return ExitCode.OK if ok else ExitCode.API_FAILED
 
 
+run = entry(
+    "trigger",
+    _paths,
+    'the payload\'s "paths" must be a list of definition files',
+    _run_batch,
+)
 main = bytes_entry(run, "trigger")

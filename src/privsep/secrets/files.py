@@ -159,6 +159,20 @@ def check_not_replaceable(path: str, what: str) -> list[Finding]:
     return findings
 
 
+def _owner_findings(path: str, st: os.stat_result) -> list[Finding]:
+    """A secret (file or directory) owned by anyone but us or root: that user could read or
+    swap it."""
+    if st.st_uid in _allowed_owners():
+        return []
+    return [
+        Finding(
+            path,
+            f"is owned by {_user_name(st.st_uid)}, not by {_expected_owner()}",
+            f"chown {_user_name(os.geteuid())} {_q(path)}",
+        )
+    ]
+
+
 def _check_fstat(path: str, st: os.stat_result) -> list[Finding]:
     findings: list[Finding] = []
     if not stat.S_ISREG(st.st_mode):
@@ -182,14 +196,7 @@ def _check_fstat(path: str, st: os.stat_result) -> list[Finding]:
                 f"cp -p {_q(path)} {_q(path + '.new')} && mv -f {_q(path + '.new')} {_q(path)}",
             )
         )
-    if st.st_uid not in _allowed_owners():
-        findings.append(
-            Finding(
-                path,
-                f"is owned by {_user_name(st.st_uid)}, not by {_expected_owner()}",
-                f"chown {_user_name(os.geteuid())} {_q(path)}",
-            )
-        )
+    findings += _owner_findings(path, st)
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
         findings.append(
@@ -288,14 +295,7 @@ def check_secret_dir(path: str, *, forbidden: int = 0o077) -> list[Finding]:
     finally:
         os.close(fd)
     findings: list[Finding] = []
-    if st.st_uid not in _allowed_owners():
-        findings.append(
-            Finding(
-                path,
-                f"is owned by {_user_name(st.st_uid)}, not by {_expected_owner()}",
-                f"chown {_user_name(os.geteuid())} {_q(path)}",
-            )
-        )
+    findings += _owner_findings(path, st)
     mode = stat.S_IMODE(st.st_mode)
     if mode & forbidden:
         want = mode & ~forbidden & 0o777

@@ -11,19 +11,18 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from privsep import __version__
 from privsep.runner.cli import manifest as manifest_cmd
 from privsep.runner.cli import operator as operator_cmd
+from privsep.runner.cli.parsers import Handler, action, group
 from privsep.runner.errors import EXIT_OK, EXIT_USAGE, CommandError
 from privsep.runner.selftest import command as selftest_cmd
 
 if TYPE_CHECKING:
     from privsep.runner.config.loader import Config
-
-Handler = Callable[[argparse.Namespace], int]
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -180,12 +179,6 @@ def cmd_standalone(args: argparse.Namespace) -> int:
     )
 
 
-def _subcommands(parent: argparse.ArgumentParser, dest: str) -> argparse._SubParsersAction:  # type: ignore[type-arg]
-    sub = parent.add_subparsers(dest=dest, metavar="ACTION")
-    sub.required = True
-    return sub
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runner",
@@ -200,57 +193,50 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    config = sub.add_parser("config", help="show the effective configuration")
-    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")
-    config_sub.required = True
-    p = config_sub.add_parser("list", help="every key, its effective value and its source")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler=cmd_config_list)
-    p = config_sub.add_parser("get", help="one key's effective value and source")
+    g = group(sub, "config", "show the effective configuration")
+    action(g, "list", "every key, its effective value and its source", cmd_config_list, json=True)
+    p = action(g, "get", "one key's effective value and source", cmd_config_get, json=True)
     p.add_argument("key", metavar="SECTION.KEY")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler=cmd_config_get)
-    p = config_sub.add_parser("default", help="print the documented default privsep.toml")
-    p.set_defaults(handler=cmd_config_default)
-    p = config_sub.add_parser(
-        "reference", help="print the configuration reference (docs/configuration.md)"
+    action(g, "default", "print the documented default privsep.toml", cmd_config_default)
+    action(
+        g,
+        "reference",
+        "print the configuration reference (docs/configuration.md)",
+        cmd_config_reference,
     )
-    p.set_defaults(handler=cmd_config_reference)
 
-    p = sub.add_parser("check-perms", help="check every file that holds a secret")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler=cmd_check_perms)
+    action(sub, "check-perms", "check every file that holds a secret", cmd_check_perms, json=True)
 
-    creds = sub.add_parser("credentials", help="create the supervisor's long-lived credential")
-    creds_sub = creds.add_subparsers(dest="credentials_command", metavar="ACTION")
-    creds_sub.required = True
-    p = creds_sub.add_parser("create", help="write a new Ed25519 key pair; print the public key")
+    g = group(sub, "credentials", "create the supervisor's long-lived credential")
+    p = action(
+        g,
+        "create",
+        "write a new Ed25519 key pair; print the public key",
+        cmd_credentials_create,
+    )
     p.add_argument(
         "--out",
         required=True,
         metavar="PATH",
         help="where to write the private key (PATH.pub gets the public key)",
     )
-    p.set_defaults(handler=cmd_credentials_create)
 
-    p = sub.add_parser("server", help="serve the internal API (TCP and unix socket)")
-    p.set_defaults(handler=cmd_server)
-
-    p = sub.add_parser(
-        "scheduler", help="run the scheduler on its own (it also runs in every runner server)"
+    action(sub, "server", "serve the internal API (TCP and unix socket)", cmd_server)
+    action(
+        sub,
+        "scheduler",
+        "run the scheduler on its own (it also runs in every runner server)",
+        cmd_scheduler,
     )
-    p.set_defaults(handler=cmd_scheduler)
 
-    db_sub = _subcommands(sub.add_parser("db", help="the metadata database"), "db_command")
-    p = db_sub.add_parser("upgrade", help="apply migrations (idempotent)")
-    p.set_defaults(handler=cmd_db_upgrade)
-    p = db_sub.add_parser("check", help="current vs head revision; exit 1 if they differ")
-    p.set_defaults(handler=cmd_db_check)
+    g = group(sub, "db", "the metadata database")
+    action(g, "upgrade", "apply migrations (idempotent)", cmd_db_upgrade)
+    action(g, "check", "current vs head revision; exit 1 if they differ", cmd_db_check)
 
-    sup_sub = _subcommands(
-        sub.add_parser("supervisors", help="registered supervisors"), "supervisors_command"
+    g = group(sub, "supervisors", "registered supervisors")
+    p = action(
+        g, "register", "register a supervisor's Ed25519 public key", cmd_supervisors_register
     )
-    p = sup_sub.add_parser("register", help="register a supervisor's Ed25519 public key")
     p.add_argument("name")
     p.add_argument(
         "--public-key",
@@ -259,17 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the PATH.pub that `runner credentials create` wrote",
     )
     p.add_argument("--replace", action="store_true", help="re-key an existing supervisor")
-    p.set_defaults(handler=cmd_supervisors_register)
 
-    p = sub.add_parser("supervisor", help="run the supervisor (claims and sandboxes work)")
+    p = action(sub, "supervisor", "run the supervisor (claims and sandboxes work)", cmd_supervisor)
     p.add_argument(
         "--daemon",
         action="store_true",
         help="detach (pid file and log in the state directory); without systemd",
     )
-    p.set_defaults(handler=cmd_supervisor)
 
-    p = sub.add_parser("standalone", help="server + supervisor on this host, in one command")
+    p = action(
+        sub, "standalone", "server + supervisor on this host, in one command", cmd_standalone
+    )
     p.add_argument("--home", metavar="DIR", help="PRIVSEP_HOME to use (created on first run)")
     p.add_argument(
         "--workflows",
@@ -283,9 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--parallelism", type=int, metavar="N", help="tasks run at once")
     p.add_argument("--json", action="store_true", help="with --once: the summary as JSON")
-    p.set_defaults(handler=cmd_standalone)
 
-    p = sub.add_parser("health", help="is the supervisor's loop turning? exit 0 or 1")
+    p = action(sub, "health", "is the supervisor's loop turning? exit 0 or 1", cmd_health)
     p.add_argument(
         "--max-age",
         type=float,
@@ -293,18 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="oldest acceptable heartbeat (default: 3 heartbeat intervals + 10 s)",
     )
-    p.set_defaults(handler=cmd_health)
 
-    p = sub.add_parser("logs", help="show an attempt's log")
+    p = action(sub, "logs", "show an attempt's log", cmd_logs)
     p.add_argument("attempt", metavar="ATTEMPT")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing while it runs")
-    p.set_defaults(handler=cmd_logs)
 
-    keys_sub = _subcommands(
-        sub.add_parser("keys", help="the token-signing key ring"), "keys_command"
-    )
-    p = keys_sub.add_parser("rotate", help="add a signing key (creates the ring if absent)")
-    p.set_defaults(handler=cmd_keys_rotate)
+    g = group(sub, "keys", "the token-signing key ring")
+    action(g, "rotate", "add a signing key (creates the ring if absent)", cmd_keys_rotate)
     manifest_cmd.register(sub)
     selftest_cmd.register(sub)
     operator_cmd.register(sub)

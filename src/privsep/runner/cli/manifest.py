@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from privsep.runner.cli.parsers import group
 from privsep.runner.errors import EXIT_FAILURE, EXIT_OK, CommandError
 from privsep.runner.sources.discovery import MAX_FILE_BYTES, crawl, open_inside
 from privsep.runner.sources.manifest import (
@@ -169,9 +170,7 @@ def cmd_manifest_generate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``runner manifest check|generate``."""
-    group = sub.add_parser("manifest", help="the workflows folder's manifest.json")
-    actions = group.add_subparsers(dest="manifest_command", metavar="ACTION")
-    actions.required = True
+    actions = group(sub, "manifest", "the workflows folder's manifest.json")
     p = actions.add_parser(
         "check", help="files the manifest misses or misnames; exit 1 if there are any"
     )

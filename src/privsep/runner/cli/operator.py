@@ -26,6 +26,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from privsep.runner.cli.operator_client import OperatorClient, seg
@@ -40,9 +41,8 @@ from privsep.runner.cli.output import (
     print_table,
     when,
 )
+from privsep.runner.cli.parsers import Handler, action, group
 from privsep.runner.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError
-
-Handler = Callable[[argparse.Namespace], int]
 
 # How often `runs trigger --wait` asks for the run's state.
 WAIT_POLL_SECONDS = 1.0
@@ -76,23 +76,39 @@ def _done(args: argparse.Namespace, record: Any, text: str) -> int:
     return EXIT_OK
 
 
-def _listing(
-    args: argparse.Namespace,
-    data: Any,
-    items: Sequence[Any],
-    none: str,
-    headers: Sequence[str],
-    row: Callable[[Any], Sequence[Any]],
-) -> int:
-    """A list command's output: ``data`` with ``--json``, ``none`` when ``items`` is empty,
-    else a table with one ``row(item)`` per item."""
-    if args.json:
-        emit_json(data)
-    elif not items:
-        print(none)
-    else:
-        print_table(headers, [row(item) for item in items])
-    return EXIT_OK
+@dataclass(frozen=True)
+class _Listing:
+    """A list command as data: what it fetches, and the table it prints. Every list command
+    behaves the same (``--json`` prints what the API sent, an empty list prints ``none``), so
+    they differ only here."""
+
+    path: str
+    what: str
+    key: str  # the list in the API's answer
+    none: str
+    headers: tuple[str, ...]
+    row: Callable[[Any], Sequence[Any]]
+    params: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}
+    # Applied to each item before anything is shown, ``--json`` included (masking secrets).
+    item: Callable[[Any], Any] | None = None
+
+
+def _list_command(listing: _Listing) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        data = _get(args, listing.path, listing.what, **listing.params(args))
+        items = data[listing.key]
+        if listing.item is not None:
+            items = [listing.item(i) for i in items]
+            data = {listing.key: items}
+        if args.json:
+            emit_json(data)
+        elif not items:
+            print(listing.none)
+        else:
+            print_table(listing.headers, [listing.row(i) for i in items])
+        return EXIT_OK
+
+    return handler
 
 
 def _loads_object(text: str, what: str) -> dict[str, Any]:
@@ -132,12 +148,11 @@ def _strip_newline(text: str) -> str:
 # --- workflows -------------------------------------------------------------------------------
 
 
-def cmd_workflows_list(args: argparse.Namespace) -> int:
-    data = _get(args, "/v1/operator/workflows", "list workflows")
-    return _listing(
-        args,
-        data,
-        data["workflows"],
+cmd_workflows_list = _list_command(
+    _Listing(
+        "/v1/operator/workflows",
+        "list workflows",
+        "workflows",
         "no workflows (none parsed yet? see `runner workflows errors`)",
         ("workflow", "active", "version", "bundle", "schedule", "tasks"),
         lambda w: (
@@ -149,6 +164,7 @@ def cmd_workflows_list(args: argparse.Namespace) -> int:
             w["task_count"],
         ),
     )
+)
 
 
 def cmd_workflows_show(args: argparse.Namespace) -> int:
@@ -330,14 +346,11 @@ def _wait_for(client: OperatorClient, run_id: str, timeout: float) -> dict[str, 
         time.sleep(WAIT_POLL_SECONDS)
 
 
-def cmd_runs_list(args: argparse.Namespace) -> int:
-    data = _get(
-        args, "/v1/operator/runs", "list runs", limit=args.limit, workflow_id=args.workflow or None
-    )
-    return _listing(
-        args,
-        data,
-        data["runs"],
+cmd_runs_list = _list_command(
+    _Listing(
+        "/v1/operator/runs",
+        "list runs",
+        "runs",
         "no runs",
         ("run", "workflow", "state", "created", "ended"),
         lambda r: (
@@ -347,7 +360,9 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
             when(r["created_at"]),
             when(r["ended_at"]),
         ),
+        params=lambda args: {"limit": args.limit, "workflow_id": args.workflow or None},
     )
+)
 
 
 def cmd_runs_show(args: argparse.Namespace) -> int:
@@ -408,16 +423,16 @@ def cmd_variables_delete(args: argparse.Namespace) -> int:
     return _done(args, {"key": args.key, "deleted": True}, f"deleted variable {args.key}")
 
 
-def cmd_variables_list(args: argparse.Namespace) -> int:
-    data = _get(args, "/v1/operator/variables", "list variables")
-    return _listing(
-        args,
-        data,
-        data["variables"],
+cmd_variables_list = _list_command(
+    _Listing(
+        "/v1/operator/variables",
+        "list variables",
+        "variables",
         "no variables",
         ("key", "description"),
         lambda v: (v["key"], v["description"]),
     )
+)
 
 
 # --- connections -----------------------------------------------------------------------------
@@ -513,18 +528,18 @@ def cmd_connections_delete(args: argparse.Namespace) -> int:
     return _done(args, record, f"deleted connection {args.conn_id}")
 
 
-def cmd_connections_list(args: argparse.Namespace) -> int:
-    data = _get(args, "/v1/operator/connections", "list connections")
-    connections = [mask_secrets(c) for c in data["connections"]]
-    columns = ("conn_id", "conn_type", "host", "port", "login", "password", "extra")
-    return _listing(
-        args,
-        {"connections": connections},
-        connections,
+_CONNECTION_COLUMNS = ("conn_id", "conn_type", "host", "port", "login", "password", "extra")
+cmd_connections_list = _list_command(
+    _Listing(
+        "/v1/operator/connections",
+        "list connections",
+        "connections",
         "no connections",
         ("connection", "type", "host", "port", "login", "password", "extra"),
-        lambda c: [c[k] for k in columns],
+        lambda c: [c[k] for k in _CONNECTION_COLUMNS],
+        item=mask_secrets,
     )
+)
 
 
 # --- policy ----------------------------------------------------------------------------------
@@ -537,16 +552,16 @@ def _grant_text(grant: dict[str, Any]) -> str:
     )
 
 
-def cmd_policy_show(args: argparse.Namespace) -> int:
-    data = _get(args, "/v1/operator/policy", "show the policy")
-    return _listing(
-        args,
-        data,
-        data["grants"],
+cmd_policy_show = _list_command(
+    _Listing(
+        "/v1/operator/policy",
+        "show the policy",
+        "grants",
         "no grants: no workflow may read any variable or connection",
         ("id", "workflows", "kind", "names"),
         lambda g: (g["id"], g["workflow_pattern"], g["kind"], g["name_pattern"]),
     )
+)
 
 
 def cmd_policy_grant(args: argparse.Namespace) -> int:
@@ -570,44 +585,34 @@ def cmd_policy_revoke(args: argparse.Namespace) -> int:
 # --- the parser ------------------------------------------------------------------------------
 
 
-def _limit(value: str) -> int:
+def _number(value: str, low: int, high: int, noun: str, out_of_range: str) -> int:
+    """``value`` as a whole number from ``low`` to ``high``; argparse shows a refusal as a
+    usage error. ``out_of_range`` may name the ``{number}``."""
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if not 1 <= number <= 1000:
-        raise argparse.ArgumentTypeError("must be between 1 and 1000")
+        raise argparse.ArgumentTypeError(f"{value!r} is not {noun}") from None
+    if not low <= number <= high:
+        raise argparse.ArgumentTypeError(out_of_range.format(number=number))
     return number
+
+
+def _limit(value: str) -> int:
+    return _number(value, 1, 1000, "a whole number", "must be between 1 and 1000")
 
 
 def _port(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{number} is not a port number (0-65535)")
-    return number
+    return _number(value, 0, 65535, "a port number", "{number} is not a port number (0-65535)")
 
 
-def _group(sub: Any, name: str, help_text: str) -> Any:
-    parser = sub.add_parser(name, help=help_text)
-    actions = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION")
-    actions.required = True
-    return actions
-
-
-def _action(group: Any, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = group.add_parser(name, help=help_text)
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.set_defaults(handler=handler)
-    return parser
+def _action(sub: Any, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
+    return action(sub, name, help_text, handler, json=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``workflows``, ``runs``, ``tasks``, ``variables``, ``connections`` and ``policy``
     to the ``runner`` parser (``runner logs`` lives in cli.py: it reads local files)."""
-    g = _group(sub, "workflows", "parsed workflows and definition-file errors")
+    g = group(sub, "workflows", "parsed workflows and definition-file errors")
     _action(g, "list", "every workflow: active, version, schedule, tasks", cmd_workflows_list)
     p = _action(g, "show", "one workflow's current definition", cmd_workflows_show)
     p.add_argument("workflow", metavar="WORKFLOW")
@@ -616,7 +621,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--limit", type=_limit, default=50, metavar="N", help="at most N (default 50)")
 
-    g = _group(sub, "runs", "trigger and inspect runs")
+    g = group(sub, "runs", "trigger and inspect runs")
     p = _action(g, "trigger", "start a run of a workflow now", cmd_runs_trigger)
     p.add_argument("workflow", metavar="WORKFLOW")
     p.add_argument("--conf", metavar="JSON", help="run configuration, a JSON object")
@@ -638,11 +643,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = _action(g, "show", "one run and its task attempts", cmd_runs_show)
     p.add_argument("run", metavar="RUN")
 
-    g = _group(sub, "tasks", "task attempts")
+    g = group(sub, "tasks", "task attempts")
     p = _action(g, "list", "the attempts of a run: task, try, state, duration", cmd_tasks_list)
     p.add_argument("run", metavar="RUN")
 
-    g = _group(sub, "variables", "operator-managed variables")
+    g = group(sub, "variables", "operator-managed variables")
     p = _action(g, "get", "print a variable's value", cmd_variables_get)
     p.add_argument("key", metavar="KEY")
     p = _action(g, "set", "create or overwrite a variable", cmd_variables_set)
@@ -654,7 +659,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("key", metavar="KEY")
     _action(g, "list", "variable names and descriptions (not values)", cmd_variables_list)
 
-    g = _group(sub, "connections", "connections (passwords and extras are never shown)")
+    g = group(sub, "connections", "connections (passwords and extras are never shown)")
     p = _action(
         g, "add", "store a connection; its secrets are encrypted at rest", cmd_connections_add
     )
@@ -680,7 +685,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("conn_id", metavar="CONN_ID")
     _action(g, "list", "every connection, secrets masked", cmd_connections_list)
 
-    g = _group(sub, "policy", "which workflows may read which variables and connections")
+    g = group(sub, "policy", "which workflows may read which variables and connections")
     _action(g, "show", "every grant", cmd_policy_show)
     p = _action(g, "grant", "let matching workflows read matching names", cmd_policy_grant)
     p.add_argument("workflow_pattern", metavar="WORKFLOW_PATTERN", help="glob, e.g. 'etl_*'")

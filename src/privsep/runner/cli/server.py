@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from privsep.runner.config.check_perms import PermissionViolation, enforce_at_start
 from privsep.runner.config.loader import Config
@@ -27,29 +28,42 @@ def database_url(cfg: Config) -> str:
     return sqlite_url_for(state_dir / "privsep.db")
 
 
+# ServerSettings fields read straight from one key each: (field, key, type). A path is read
+# with ``path_of`` (relative to PRIVSEP_HOME), anything else with ``get``.
+_SETTINGS: tuple[tuple[str, str, type], ...] = (
+    ("signing_keyring", "server.signing_keyring", Path),
+    ("bind", "server.bind", str),
+    ("socket_path", "server.socket", Path),
+    ("issuer", "server.issuer", str),
+    ("audience", "server.url", str),
+    ("max_request_bytes", "server.max_request_bytes", int),
+    ("work_token_ttl", "server.work_token_ttl", int),
+    ("work_token_max_lifetime", "server.work_token_max_lifetime", int),
+    ("session_token_ttl", "server.session_token_ttl", int),
+    ("supervisor_heartbeat_timeout", "server.supervisor_heartbeat_timeout", int),
+    ("operator_public_key", "server.operator_public_key", Path),
+    ("workers", "server.workers", int),
+    ("scheduler_interval", "server.scheduler_interval", float),
+    ("running_timeout_grace", "server.running_timeout_grace", float),
+    ("max_running_per_workflow", "server.max_running_per_workflow", int),
+    ("max_running_total", "server.max_running_total", int),
+)
+
+
+def _setting(cfg: Config, key: str, kind: type) -> Any:
+    if kind is Path:
+        return str(cfg.path_of(key))
+    return kind(cfg.get(key))
+
+
 def server_settings(cfg: Config) -> ServerSettings:
     from privsep.server.public import ServerSettings
 
     fernet = str(cfg.get("server.fernet_key"))
     return ServerSettings(
         database_url=database_url(cfg),
-        signing_keyring=str(cfg.path_of("server.signing_keyring")),
-        bind=str(cfg.get("server.bind")),
-        socket_path=str(cfg.path_of("server.socket")),
-        issuer=str(cfg.get("server.issuer")),
-        audience=str(cfg.get("server.url")),
-        max_request_bytes=int(cfg.get("server.max_request_bytes")),
         fernet_keys=(fernet,) if fernet else (),
-        work_token_ttl=int(cfg.get("server.work_token_ttl")),
-        work_token_max_lifetime=int(cfg.get("server.work_token_max_lifetime")),
-        session_token_ttl=int(cfg.get("server.session_token_ttl")),
-        supervisor_heartbeat_timeout=int(cfg.get("server.supervisor_heartbeat_timeout")),
-        operator_public_key=str(cfg.path_of("server.operator_public_key")),
-        workers=int(cfg.get("server.workers")),
-        scheduler_interval=float(cfg.get("server.scheduler_interval")),
-        running_timeout_grace=float(cfg.get("server.running_timeout_grace")),
-        max_running_per_workflow=int(cfg.get("server.max_running_per_workflow")),
-        max_running_total=int(cfg.get("server.max_running_total")),
+        **{field: _setting(cfg, key, kind) for field, key, kind in _SETTINGS},
     )
 
 

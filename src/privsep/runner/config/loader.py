@@ -309,12 +309,8 @@ def _read_file(path: Path) -> dict[str, tuple[Value, int]]:
         for key, value in table.items():
             line = where.get((section, key), sec_line)
             name, form = _split_form(section, key)
-            opt = BY_NAME.get(name)
-            if (
-                opt is None
-                or (form == "_cmd" and not opt.accepts_cmd)
-                or (form == "_file" and not opt.accepts_file)
-            ):
+            opt = _accepting(name, form)
+            if opt is None:
                 known = [o.key for o in OPTIONS if o.section == section]
                 raise ConfigError(
                     f"{path}:{line}: unknown key {key!r} in [{section}]{_suggest(key, known)}"
@@ -334,6 +330,19 @@ def _split_form(section: str, key: str) -> tuple[str, str]:
         if key.endswith(form) and f"{section}.{key[: -len(form)]}" in BY_NAME:
             return f"{section}.{key[: -len(form)]}", form
     return f"{section}.{key}", ""
+
+
+def _accepting(name: str, form: str) -> Option | None:
+    """The option ``name``, if it takes values in ``form`` (``""``, ``"_cmd"``, ``"_file"``);
+    the file and the environment refuse the same keys."""
+    opt = BY_NAME.get(name)
+    if (
+        opt is None
+        or (form == "_cmd" and not opt.accepts_cmd)
+        or (form == "_file" and not opt.accepts_file)
+    ):
+        return None
+    return opt
 
 
 def _suggest(word: str, candidates: list[str] | tuple[str, ...]) -> str:
@@ -382,12 +391,8 @@ def _read_env(env: Mapping[str, str]) -> dict[str, str]:
             raise ConfigError(f"environment variable {var}: expected PRIVSEP__SECTION__KEY")
         section, key = parts
         name, form = _split_form(section, key)
-        opt = BY_NAME.get(name)
-        if (
-            opt is None
-            or (form == "_cmd" and not opt.accepts_cmd)
-            or (form == "_file" and not opt.accepts_file)
-        ):
+        opt = _accepting(name, form)
+        if opt is None:
             candidates = [f"PRIVSEP__{o.section.upper()}__{o.key.upper()}" for o in OPTIONS]
             raise ConfigError(
                 f"environment variable {var}: names no known option"

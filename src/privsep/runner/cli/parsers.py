@@ -1,0 +1,30 @@
+"""Building the ``runner`` command line: every command group and action is added the same way,
+so ``runner GROUP`` without an ACTION is a usage error everywhere and ``--json`` reads alike."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def group(sub: Any, name: str, help_text: str) -> Any:
+    """Add ``runner NAME ACTION`` (ACTION required, parsed into ``NAME_command``); return the
+    subparsers to add its actions to."""
+    parser = sub.add_parser(name, help=help_text)
+    actions = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION")
+    actions.required = True
+    return actions
+
+
+def action(
+    sub: Any, name: str, help_text: str, handler: Handler, *, json: bool = False
+) -> argparse.ArgumentParser:
+    """Add one command that runs ``handler``; with ``json``, it takes ``--json``."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+    if json:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(handler=handler)
+    return parser
