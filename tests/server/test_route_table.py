@@ -68,7 +68,7 @@ def test_the_derived_lists_follow_the_table() -> None:
         ("POST", "/v1/task/defer"),
         ("POST", "/v1/parse/result"),
     }
-    from privsep.runner.supervisor.daemon import REPORT_CALLS
+    from privsep.runner.supervisor.outcomes import REPORT_CALLS
 
     assert reports == REPORT_CALLS
     for route in ROUTES:
