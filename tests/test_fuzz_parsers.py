@@ -75,13 +75,14 @@ def test_any_request_or_reply_object_parses_or_is_a_protocol_error(obj: dict[str
 
 @FUZZ
 @given(
-    path=st.text(max_size=80) | st.from_regex(r"/v1/(task|parse|trigger)/[A-Za-z0-9%./_-]{0,30}")
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "get", ""]),
+    path=st.text(max_size=80) | st.from_regex(r"/v1/(task|parse|trigger)/[A-Za-z0-9%./_-]{0,30}"),
 )
-def test_a_proxy_path_that_passes_never_climbs_out(path: str) -> None:
+def test_a_proxy_path_that_passes_never_climbs_out(method: str, path: str) -> None:
     from urllib.parse import unquote
 
     try:
-        checked = check_proxy_path(path)
+        checked = check_proxy_path(method, path)
     except ProtocolError:
         return
     segments = unquote(checked).split("/")[1:]

@@ -94,9 +94,10 @@ def _backend(settings: SupervisorSettings, scratch: Path) -> Backend:
     state directory of its own: a container backend removes leftovers labelled with its
     supervisor's name when it starts, and must not take a running supervisor's for them."""
     from privsep.runner.supervisor.launch import make_backend
+    from privsep.secrets.files import make_private_dir
 
-    return make_backend(
-        dataclasses.replace(
-            settings, name=f"selftest-{os.getpid()}", state_dir=scratch / "state", prewarm=1
-        )
+    own = dataclasses.replace(
+        settings, name=f"selftest-{os.getpid()}", state_dir=scratch / "state", prewarm=1
     )
+    make_private_dir(str(own.logs_dir))
+    return make_backend(own)
