@@ -285,3 +285,62 @@ def _wait_for_running_attempt(op: dict[str, str], url: str, run_id: str, parent:
                     return int(child.pid)
         time.sleep(0.3)
     raise AssertionError("the task never started")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_everything_standalone_started(
+    place: tuple[Path, Path, dict[str, str]], sig: signal.Signals
+) -> None:
+    """Like Ctrl-C: the server, the supervisor and the zygotes end with standalone."""
+    import psutil
+
+    home, workflows, env = place
+    (workflows / "diamond.py").write_text(DIAMOND)
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "privsep", "standalone"),
+            *("--home", str(home), "--workflows", str(workflows)),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _operator_when_ready(home, env["PRIVSEP__SERVER__URL"], proc)
+        deadline = time.monotonic() + 60
+        started: list[psutil.Process] = []
+        while time.monotonic() < deadline:  # the server and the supervisor, with its zygote
+            started = psutil.Process(proc.pid).children(recursive=True)
+            if len(started) >= 3:
+                break
+            time.sleep(0.2)
+        assert len(started) >= 3, started
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=30)
+    assert rc == 0, err
+    assert "Traceback" not in err
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert alive == [], f"left running after {sig.name}: {[p.pid for p in alive]}"
+
+
+@pytest.mark.parametrize("kind", ["a file", "under /proc"])
+def test_an_unusable_home_is_one_line_and_exit_2(
+    place: tuple[Path, Path, dict[str, str]], kind: str
+) -> None:
+    home, workflows, env = place
+    (workflows / "diamond.py").write_text(DIAMOND)
+    if kind == "a file":
+        home.write_text("not a directory\n")
+    else:
+        home = Path("/proc/privsep-home")
+    done = standalone(home, "--workflows", str(workflows), "--once", env=env, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"runner: cannot use {home} as the privsep home:"), lines
+    assert "--home" in lines[-1]

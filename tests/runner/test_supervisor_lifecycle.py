@@ -462,3 +462,25 @@ def test_log_retention_deletes_old_logs(make_stack: Callable[..., Stack]) -> Non
     _forget(stack, "supervisor")
     stack.start("supervisor", "supervisor")
     stack.wait_for(lambda: not fresh.exists(), 30, "the restarted supervisor to apply retention")
+
+
+def test_sigterm_stops_a_supervisor_still_waiting_for_its_server(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """Start-up retries the server with backoff; SIGTERM must end that wait at once, or
+    ``systemctl stop`` waits out TimeoutStopSec and SIGKILLs it."""
+    stack = make_stack({"nap": NAP})
+    stack.stop("server")
+    del stack.procs["server"]  # gone on purpose: its exit is no failure here
+    sup = stack.start("supervisor", "supervisor")
+    stack.wait_for(
+        lambda: "cannot open a session" in stack.output("supervisor"), 30, "a failed session"
+    )
+    started = time.monotonic()
+    sup.send_signal(signal.SIGTERM)
+    rc = sup.wait(timeout=30)
+    took = time.monotonic() - started
+    out = stack.output("supervisor")
+    assert rc != 0 and took < 10, (rc, took, out)
+    assert "stopped before a session with the server could be opened" in out
+    assert "Traceback" not in out

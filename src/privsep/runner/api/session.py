@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -25,6 +24,14 @@ log = logging.getLogger("privsep.supervisor.api")
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 300.0
+
+
+class StopRequest(Protocol):
+    """Whether to give up waiting: a ``threading.Event``, or the supervisor's signal queue."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float) -> bool: ...
 
 
 class ServerUnavailable(Exception):
@@ -94,7 +101,7 @@ class SupervisorApi(SessionClient):
         self.supervisor_id = str(body["subject"])
 
     def open_session_with_backoff(
-        self, stop: threading.Event, on_wait: Callable[[float, str], None] | None = None
+        self, stop: StopRequest, on_wait: Callable[[float, str], None] | None = None
     ) -> bool:
         """Retry :meth:`open_session` with jittered exponential backoff (1 s up to 5 min)
         until it works or ``stop`` is set. A refusal (unknown supervisor, bad key) is final."""

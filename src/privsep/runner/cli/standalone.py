@@ -27,7 +27,7 @@ import requests
 
 from privsep.runner.cli.operator_client import OperatorClient
 from privsep.runner.errors import EXIT_USAGE, CommandError
-from privsep.secrets.files import make_private_dir, write_private_file
+from privsep.secrets.files import InsecureFileError, make_private_dir, write_private_file
 
 SUPERVISOR_NAME = "standalone"
 PARSE_WAIT = 120.0
@@ -401,7 +401,25 @@ def run_standalone(opts: Options, base_env: dict[str, str] | None = None) -> int
         env["PRIVSEP__SUPERVISOR__API_SOCKET"] = str(cfg.path_of("server.socket"))
     app = Standalone(opts, env, url)
     op = OperatorClient(url, str(opts.home / "credentials" / "operator.key"))
-    if first_run(opts.home, env, app.progress):
+    # SIGTERM (kill, systemd, a container runtime) and SIGHUP (a closed terminal) mean what
+    # Ctrl-C means: stop what we started. Left at their defaults they would end this process
+    # alone and leave the server, the supervisor and its sandboxes running under PID 1.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
+    try:
+        created = first_run(opts.home, env, app.progress)
+    except (OSError, InsecureFileError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CommandError(
+            f"cannot use {opts.home} as the privsep home: {reason} "
+            "(choose another with --home or PRIVSEP_HOME)",
+            EXIT_USAGE,
+        ) from None
+    except KeyboardInterrupt:
+        app.progress("stopping")
+        app.stop()
+        return 0
+    if created:
         app.progress(f"created {opts.home}")
     app.progress(f"home {opts.home}, workflows {opts.workflows}")
     try:

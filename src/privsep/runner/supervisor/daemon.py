@@ -21,7 +21,6 @@ import queue
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +79,42 @@ class Chore:
     run: Callable[[], None]
 
 
+class _StopOnTerm:
+    """Start-up's wait for the server, ended by SIGTERM or SIGINT.
+
+    The signal handler only enqueues (and wakes the waker's pipe), so start-up reads the same
+    queue the loop will: a stop ends the wait at once, and any other signal is left queued for
+    the loop. Without this a supervisor that cannot reach its server would wait out
+    ``TimeoutStopSec`` and be killed.
+    """
+
+    def __init__(self, waker: LoopWaker, signals: queue.SimpleQueue[int]) -> None:
+        self._waker = waker
+        self._signals = signals
+        self._stopped = False
+
+    def is_set(self) -> bool:
+        later = []
+        while True:
+            try:
+                sig = self._signals.get_nowait()
+            except queue.Empty:
+                break
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self._stopped = True
+            else:
+                later.append(sig)
+        for sig in later:
+            self._signals.put_nowait(sig)
+        return self._stopped
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.is_set() and (left := deadline - time.monotonic()) > 0:
+            self._waker.wait(left)
+        return self._stopped
+
+
 class Supervisor:
     """One supervisor process. Build it, then :meth:`run` until a signal stops it."""
 
@@ -111,7 +146,6 @@ class Supervisor:
         self._next_health = 0.0
         self._next_watchdog = 0.0
         self._drain_deadline = 0.0
-        self._stop_event = threading.Event()
         self.api: SupervisorApi | None = None
         self.outcomes: Outcomes | None = None
         self.backend: Backend | None = None
@@ -182,7 +216,7 @@ class Supervisor:
         self.outcomes = Outcomes(self.api)
         if self.notifier:
             self.notifier.status("opening a session with the server")
-        if not self.api.open_session_with_backoff(self._stop_event):
+        if not self.api.open_session_with_backoff(_StopOnTerm(self._waker, self._signals)):
             raise CommandError("stopped before a session with the server could be opened")
         # Anything the server still thinks we run died with our previous process.
         self.api.call("POST", "/v1/supervisor/restarted", None)
