@@ -62,26 +62,15 @@ class OperatorClient(SessionClient):
 
     def _load_key(self) -> Ed25519PrivateKey:
         """The operator key, or a one-line error that says how to get a usable one."""
-        from privsep.secrets.files import InsecureFileError
-        from privsep.secrets.keys import KeyFormatError, load_private_key
+        from privsep.runner.api.credential import load_credential
 
         path = self.credential
-        try:
-            return load_private_key(path)
-        except FileNotFoundError:
-            raise CommandError(
-                f"no operator credential at {path}: create one with "
-                f"`runner credentials create --out {path}` and point "
-                "server.operator_public_key at its .pub (or set operator.credential)"
-            ) from None
-        except InsecureFileError as exc:
-            raise CommandError(f"refusing to use the operator credential: {exc}") from None
-        except KeyFormatError as exc:
-            raise CommandError(f"unusable operator credential {exc}") from None
-        except OSError as exc:
-            raise CommandError(
-                f"cannot read the operator credential {path}: {exc.strerror or exc}"
-            ) from None
+        return load_credential(
+            path,
+            role="operator",
+            missing_hint=f"create one with `runner credentials create --out {path}` and point "
+            "server.operator_public_key at its .pub (or set operator.credential)",
+        )
 
     def call(
         self,

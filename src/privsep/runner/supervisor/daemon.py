@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from privsep.runner.api.credential import load_credential
 from privsep.runner.api.keepalive import KeepAliveClient
 from privsep.runner.api.session import ApiRefused, ServerUnavailable, SupervisorApi
 from privsep.runner.config.check_perms import PermissionViolation, enforce_at_start
@@ -49,7 +50,6 @@ from privsep.runner.supervisor.orphans import OrphanRecords
 from privsep.runner.supervisor.outcomes import Outcomes
 from privsep.runner.supervisor.settings import SupervisorSettings
 from privsep.secrets.files import InsecureFileError, make_private_dir
-from privsep.secrets.keys import KeyFormatError, load_private_key
 
 if TYPE_CHECKING:
     from privsep.runner.supervisor.systemd import LoopWatchdog, Notifier
@@ -183,7 +183,12 @@ class Supervisor:
         from privsep.sandbox import set_non_dumpable
 
         enforce_at_start(self.cfg, "supervisor")
-        key = load_private_key(self.settings.credential)
+        path = self.settings.credential
+        key = load_credential(
+            path,
+            role="supervisor",
+            missing_hint=f"create it with `runner credentials create --out {path}`",
+        )
         set_non_dumpable()
         self.notifier = systemd.Notifier.from_environ()
         interval = systemd.watchdog_interval(os.environ)
@@ -651,12 +656,5 @@ def _run(cfg: Config, settings: SupervisorSettings, config_path: str | None) -> 
             file=sys.stderr,
         )
         return 1
-    except FileNotFoundError as exc:
-        raise CommandError(
-            f"supervisor credential {exc.filename} does not exist; create it "
-            "with `runner credentials create --out PATH`"
-        ) from None
     except InsecureFileError as exc:
-        raise CommandError(f"refusing the supervisor credential: {exc}") from None
-    except KeyFormatError as exc:
         raise CommandError(str(exc)) from None
