@@ -16,6 +16,7 @@ the selftest as a leak does.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -238,7 +239,7 @@ def planted(cfg: Config, settings: SupervisorSettings) -> Iterator[Planted]:
         url = urlsplit(settings.server_url)
         yield Planted(
             marker=marker,
-            digest=_sha256(marker),
+            digest=hashlib.sha256(marker.encode()).hexdigest(),
             area=area,
             secret_file=secret_file,
             fd=fd,
@@ -261,12 +262,6 @@ def planted(cfg: Config, settings: SupervisorSettings) -> Iterator[Planted]:
                 os.environ[name] = value
 
 
-def _sha256(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def report_of(output: str) -> dict[str, Any] | None:
     """The probe's ``SELFTEST {...}`` line, or None when it printed none."""
     for line in reversed(output.splitlines()):
@@ -285,8 +280,8 @@ def run_battery(
 ) -> list[Verdict]:
     """Each attack in its own fresh sandbox, as the supervisor would launch a task."""
     verdicts = []
+    probe = plant.area / "bundle" / "probe.py"
     for n, attack in enumerate(ATTACKS):
-        probe = plant.area / "bundle" / "probe.py"
         verdict = _run_one(backend, settings, plant, attack, probe, plant.area / f"work-{n}")
         progress(verdict)
         verdicts.append(verdict)
