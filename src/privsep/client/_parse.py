@@ -17,16 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from privsep.client import _components as kit
 from privsep.client._client import Client
-from privsep.client._components import (
-    ExitCode,
-    Terminated,
-    bytes_entry,
-    entry,
-    fatal,
-    format_user_error,
-    stopped_by_sigterm,
-)
 from privsep.client._exceptions import BadRequest, PrivsepError
 from privsep.client._loader import serialize_module
 
@@ -47,17 +39,17 @@ def _parse(client: Client, path: str) -> int:
     workflows: list[dict[str, Any]] = []
     error: str | None = None
     try:
-        with stopped_by_sigterm():
+        with kit.stopped_by_sigterm():
             workflows = serialize_module(path)
-    except Terminated as exc:
+    except kit.Terminated as exc:
         # Stopped from outside, in the kill grace period: say so, and where it was.
         error = (
             f"importing {path} was stopped by the sandbox (SIGTERM), most likely at the "
             f"parse timeout (supervisor.parse_timeout); it was still running here:\n"
-            f"{format_user_error(exc)}"
+            f"{kit.format_user_error(exc)}"
         )
     except (Exception, SystemExit) as exc:  # user code: its failure is the parse result
-        error = format_user_error(exc)
+        error = kit.format_user_error(exc)
     try:
         try:
             client.submit_parse_result(workflows, error=error)
@@ -67,10 +59,10 @@ def _parse(client: Client, path: str) -> int:
                 [], error=f"the server refused the definitions in {path}: {exc.message}"
             )
     except PrivsepError as exc:
-        fatal("parse", f"cannot submit the parse result of {path}: {exc}")
-        return ExitCode.API_FAILED
-    return ExitCode.OK
+        kit.fatal("parse", f"cannot submit the parse result of {path}: {exc}")
+        return kit.ExitCode.API_FAILED
+    return kit.ExitCode.OK
 
 
-run = entry("parse", _path_of, 'the payload needs "path": the definition file to parse', _parse)
-main = bytes_entry(run, "parse")
+run = kit.entry("parse", _path_of, 'the payload needs "path": the definition file to parse', _parse)
+main = kit.bytes_entry(run, "parse")

@@ -23,17 +23,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from privsep.client import _components as kit
 from privsep.client._authoring import Context, TaskDeferred, Workflow
 from privsep.client._client import Client
-from privsep.client._components import (
-    ExitCode,
-    Terminated,
-    bytes_entry,
-    entry,
-    fatal,
-    format_user_error,
-    stopped_by_sigterm,
-)
 from privsep.client._exceptions import PrivsepError
 from privsep.client._loader import find_task, load_definitions
 
@@ -86,37 +78,37 @@ def _run_task(client: Client, where: Mapping[str, str]) -> int:
     try:
         ctx = Context(client=client, info=client.task_context())
     except PrivsepError as exc:
-        fatal("task", f"cannot fetch the attempt's context: {exc}")
-        return ExitCode.API_FAILED
+        kit.fatal("task", f"cannot fetch the attempt's context: {exc}")
+        return kit.ExitCode.API_FAILED
     name = f"{ctx.workflow_id}.{ctx.task_id} (try {ctx.try_number})"
     try:
         try:
-            with stopped_by_sigterm():
+            with kit.stopped_by_sigterm():
                 result = _call_task(ctx, where)
-        except Terminated:
+        except kit.Terminated:
             # Not the task's failure: the sandbox stopped it (its time limit, usually).
             # The supervisor reports the attempt's end with the sandbox's reason.
-            fatal("task", f"{name} was stopped by the sandbox (SIGTERM) before it ended")
-            return ExitCode.TERMINATED
+            kit.fatal("task", f"{name} was stopped by the sandbox (SIGTERM) before it ended")
+            return kit.ExitCode.TERMINATED
         except TaskDeferred as deferred:
             ctx.log.info("%s deferred: %s", name, deferred)
             client.defer(deferred.trigger, timeout=deferred.timeout)
         except (Exception, SystemExit) as exc:  # user code failed: report it, exit 0
-            error = format_user_error(exc)
+            error = kit.format_user_error(exc)
             ctx.log.error("%s failed:\n%s", name, error)
             client.retry(error)
         else:
             client.succeed(result)
     except PrivsepError as exc:
-        fatal("task", f"cannot report the outcome of {name}: {exc}")
-        return ExitCode.API_FAILED
-    return ExitCode.OK
+        kit.fatal("task", f"cannot report the outcome of {name}: {exc}")
+        return kit.ExitCode.API_FAILED
+    return kit.ExitCode.OK
 
 
-run = entry(
+run = kit.entry(
     "task",
     _payload_strings,
     'the payload needs "path" (or an importable "module") and "qualname"',
     _run_task,
 )
-main = bytes_entry(run, "task")
+main = kit.bytes_entry(run, "task")

@@ -17,7 +17,8 @@ No error message from this module contains a key or a plaintext.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -34,6 +35,16 @@ __all__ = [
 
 class DecryptionError(Exception):
     """A stored value could not be decrypted: tampered, truncated, or under an unknown key."""
+
+
+@contextmanager
+def _undecryptable(message: str) -> Iterator[None]:
+    """Turn every way a stored value can fail to open (a wrong key, a tampered or non-ASCII
+    value, a non-string) into one :class:`DecryptionError` whose ``message`` names no secret."""
+    try:
+        yield
+    except (InvalidToken, UnicodeError, TypeError, AttributeError):
+        raise DecryptionError(message) from None
 
 
 class FernetKeyError(ValueError):
@@ -72,22 +83,18 @@ class FieldCipher:
 
     def decrypt(self, ciphertext: str) -> str:
         """Decrypt with whichever key fits, or raise :class:`DecryptionError`."""
-        try:
+        with _undecryptable(
+            "stored value cannot be decrypted: it was altered, or encrypted under a key "
+            "that is no longer in the key file"
+        ):
             return self._fernet.decrypt(ciphertext.encode("ascii")).decode("utf-8")
-        except (InvalidToken, UnicodeError, TypeError, AttributeError):
-            raise DecryptionError(
-                "stored value cannot be decrypted: it was altered, or encrypted under a key "
-                "that is no longer in the key file"
-            ) from None
 
     def rotate(self, ciphertext: str) -> str:
         """Re-encrypt a stored value under the first key (after adding a new key)."""
-        try:
+        with _undecryptable(
+            "stored value cannot be re-encrypted: it does not decrypt with any known key"
+        ):
             return self._fernet.rotate(ciphertext.encode("ascii")).decode("ascii")
-        except (InvalidToken, UnicodeError, TypeError, AttributeError):
-            raise DecryptionError(
-                "stored value cannot be re-encrypted: it does not decrypt with any known key"
-            ) from None
 
     def __repr__(self) -> str:
         return f"FieldCipher(keys={self._count}, ***)"

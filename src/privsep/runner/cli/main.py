@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from privsep import __version__
 from privsep.runner.cli import manifest as manifest_cmd
 from privsep.runner.cli import operator as operator_cmd
-from privsep.runner.cli.parsers import Handler, action, group
+from privsep.runner.cli.parsers import Handler, action, group, seconds_option
 from privsep.runner.errors import EXIT_OK, EXIT_USAGE, CommandError
 from privsep.runner.selftest import command as selftest_cmd
 
@@ -271,12 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --once: the summary as JSON")
 
     p = action(sub, "health", "is the supervisor's loop turning? exit 0 or 1", cmd_health)
-    p.add_argument(
-        "--max-age",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="oldest acceptable heartbeat (default: 3 heartbeat intervals + 10 s)",
+    seconds_option(
+        p, "--max-age", "oldest acceptable heartbeat (default: 3 heartbeat intervals + 10 s)"
     )
 
     p = action(sub, "logs", "show an attempt's log", cmd_logs)

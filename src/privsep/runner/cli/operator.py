@@ -41,7 +41,7 @@ from privsep.runner.cli.output import (
     print_table,
     when,
 )
-from privsep.runner.cli.parsers import Handler, action, group
+from privsep.runner.cli.parsers import Handler, action, group, seconds_option
 from privsep.runner.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CommandError
 
 # How often `runs trigger --wait` asks for the run's state.
@@ -630,12 +630,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="store_true",
         help="wait for the run to end; exit 0 if it succeeded, 1 if it failed",
     )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="with --wait: give up waiting after this long, exit 1 (default: no limit)",
+    seconds_option(
+        p, "--timeout", "with --wait: give up waiting after this long, exit 1 (default: no limit)"
     )
     p = _action(g, "list", "recent runs, newest first", cmd_runs_list)
     p.add_argument("--workflow", metavar="WORKFLOW", help="only this workflow's runs")

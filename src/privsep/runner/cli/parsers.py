@@ -28,3 +28,20 @@ def action(
         parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(handler=handler)
     return parser
+
+
+def _seconds(text: str) -> float:
+    """A duration given on the command line: a finite number of seconds, zero or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be zero or more seconds")
+    return value
+
+
+def seconds_option(parser: argparse.ArgumentParser, flag: str, help_text: str) -> None:
+    """Add ``flag SECONDS`` (default 0, which each command reads as "its own default"), so every
+    duration option rejects a negative or non-numeric value the same way."""
+    parser.add_argument(flag, type=_seconds, default=0.0, metavar="SECONDS", help=help_text)

@@ -9,10 +9,6 @@ accepts forward references; PostgreSQL gets them by ALTER TABLE once both tables
 
 The audit log is made append-only with triggers that raise on UPDATE and DELETE (and TRUNCATE on
 PostgreSQL), with SQLSTATE 23000 on PostgreSQL so both backends raise an integrity error.
-
-Revision ID: 0001
-Revises:
-Create Date: 2025-01-01 00:00:00
 """
 
 from __future__ import annotations
@@ -24,8 +20,6 @@ from alembic import op
 
 revision: str = "0001"
 down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 # Frozen copies of the model constants: a migration must not change when the models do.
 ID = 36
