@@ -66,6 +66,21 @@ def _all_kinds() -> list[WorkKind]:
     return ["task", "parse", "trigger"]
 
 
+# Ids a heartbeat may list: more than any pool runs at once, few enough to bound the request.
+HeldIds = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=250)]], Field(max_length=4096)
+]
+
+
+class HeartbeatRequest(Strict):
+    """The work the supervisor really holds. The server keeps these alive and takes back the
+    rest of what it thinks this supervisor runs (a lost claim answer) after a grace period."""
+
+    tasks: HeldIds = Field(default_factory=list)
+    parse_jobs: HeldIds = Field(default_factory=list)
+    triggers: HeldIds = Field(default_factory=list)
+
+
 class ClaimRequest(Strict):
     kinds: list[WorkKind] = Field(default_factory=_all_kinds, min_length=1, max_length=3)
     max_items: JsonInt = Field(default=1, ge=1, le=100)

@@ -490,9 +490,24 @@ class Supervisor:
         assert self.api is not None  # noqa: S101
         self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
         try:
-            self.api.call("POST", "/v1/supervisor/heartbeat", None)
+            self.api.call("POST", "/v1/supervisor/heartbeat", self._held())
         except (ServerUnavailable, ApiRefused) as exc:
             log.warning("heartbeat failed: %s", exc)
+
+    def _held(self) -> dict[str, list[str]]:
+        """Every item this supervisor holds: running in a sandbox, or ended with an outcome
+        the server has not heard yet. The server takes back whatever else it thinks we run."""
+        held: dict[str, list[str]] = {"tasks": [], "parse_jobs": [], "triggers": []}
+        field = {"task": "tasks", "parse": "parse_jobs", "trigger": "triggers"}
+        for item in self.active.values():
+            if item.kind == "trigger":
+                held["triggers"].extend(item.trigger_ids)
+            else:
+                held[field[item.kind]].append(item.item_id)
+        for pending in self.outcomes.unreported if self.outcomes else ():
+            if pending.body["kind"] in ("task", "parse"):
+                held[field[pending.body["kind"]]].append(pending.body["id"])
+        return held
 
     def _discover(self) -> None:
         assert self.api is not None and self.discovery is not None  # noqa: S101

@@ -57,6 +57,8 @@ class Active:
     token_expires: int
     next_refresh: float
     refreshable: bool = True
+    # A trigger batch's triggers: the heartbeat names them, so the server keeps them ours.
+    trigger_ids: tuple[str, ...] = ()
 
 
 def refresh_time(issued: float, expires: float, rng: random.Random) -> float:
@@ -167,6 +169,7 @@ class Launcher:
             token_expires=expires,
             next_refresh=self.next_refresh(now, expires),
             refreshable=kind != "trigger",
+            trigger_ids=tuple(str(i) for i in item.get("trigger_ids") or ()),
         )
 
     def _payload(self, item: dict[str, Any]) -> tuple[bytes, float, str]:

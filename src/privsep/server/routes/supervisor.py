@@ -4,6 +4,7 @@ claim and refresh is checked against the rows it owns."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives import serialization
@@ -33,12 +34,14 @@ from privsep.server.db.models import (
     utcnow,
 )
 from privsep.server.errors import ERROR_RESPONSES, conflict, not_found, unauthorized
+from privsep.server.reconcile import Held, reconcile
 from privsep.server.routes._sql import table_of
 from privsep.server.runs import fail_or_retry, requeue_parse_jobs, requeue_triggers
 from privsep.server.schemas import (
     ClaimRequest,
     ClaimResponse,
     DeletedFilesRequest,
+    HeartbeatRequest,
     Ok,
     OutcomeRequest,
     ParseJobBatchRequest,
@@ -52,6 +55,8 @@ from privsep.server.schemas import (
 )
 from privsep.server.services import claims
 from privsep.server.state import ServerState
+
+log = logging.getLogger("privsep.server.supervisor")
 
 router = APIRouter(prefix="/v1/supervisor", tags=["supervisor"], responses=ERROR_RESPONSES)
 
@@ -109,23 +114,38 @@ def open_session(
 
 
 @router.post("/heartbeat", response_model=Ok)
-def heartbeat(me: SupervisorPrincipal = Supervisor_, state: ServerState = State_) -> Ok:
-    """Record that this supervisor is alive, and keep its running attempts alive."""
+def heartbeat(
+    body: HeartbeatRequest | None = None,
+    me: SupervisorPrincipal = Supervisor_,
+    state: ServerState = State_,
+) -> Ok:
+    """Record that this supervisor is alive and reconcile what it runs: the work it lists
+    stays alive, the rest of what the server thinks it holds is taken back once older than a
+    quarter of the heartbeat timeout. A heartbeat without a body (a supervisor from before
+    reconciliation) keeps every attempt of this supervisor alive, as it always did."""
     now = utcnow()
+    taken_back = 0
     with state.db.write_session() as session:
         session.execute(
             update(Supervisor)
             .where(Supervisor.id == me.supervisor_id)
             .values(last_heartbeat_at=now)
         )
-        session.execute(
-            update(TaskAttempt)
-            .where(
-                TaskAttempt.supervisor_id == me.supervisor_id,
-                TaskAttempt.state == AttemptState.RUNNING,
+        if body is None:
+            session.execute(
+                update(TaskAttempt)
+                .where(
+                    TaskAttempt.supervisor_id == me.supervisor_id,
+                    TaskAttempt.state == AttemptState.RUNNING,
+                )
+                .values(heartbeat_at=now)
             )
-            .values(heartbeat_at=now)
-        )
+        else:
+            held = Held(body.tasks, body.parse_jobs, body.triggers)
+            grace = state.settings.supervisor_heartbeat_timeout / 4
+            taken_back = reconcile(session, me.supervisor_id, me.name, held, now, grace)
+    if taken_back:
+        log.warning("took back %d items supervisor %s no longer holds", taken_back, me.name)
     return Ok()
 
 
