@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from privsep.runner.api.session import SupervisorApi
-from privsep.runner.supervisor.daemon import PARSE_JOBS_PER_REQUEST, queue_parse_jobs
+from privsep.runner.supervisor.discovery_reports import PARSE_JOBS_PER_REQUEST, queue_parse_jobs
 from privsep.server.db import Database
 from privsep.server.db.models import ParseJob
 
