@@ -1,23 +1,14 @@
 """Owners of discovery's reports: which supervisor reported each definition file first
 (``source_files``), which supervisor's files define each workflow (``workflows.supervisor_id``)
-and which supervisor queued each parse job (``parse_jobs.queued_by``).
-
-Revision ID: 0004_ownership
-Revises: 0003
-Create Date: 2026-11-23 09:00:00
-"""
+and which supervisor queued each parse job (``parse_jobs.queued_by``)."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004_ownership"
 down_revision: str | None = "0003"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 ID = 36
 URI = 1024
