@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Row, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from privsep.server.auth import SupervisorPrincipal, audit
 from privsep.server.db.models import ParseJob, SourceFile, Supervisor, Workflow, new_id
@@ -87,27 +88,40 @@ def _foreign_file(
     return None
 
 
+def _others_workflow(
+    session: Session,
+    me: SupervisorPrincipal,
+    column: InstrumentedAttribute[Any],
+    values: Iterable[str],
+) -> Row[str, str | None, str] | None:
+    """The first workflow (id, source_uri, owner's name) of another supervisor's whose
+    ``column`` is one of ``values``."""
+    for chunk in _chunks(values):
+        row = session.execute(
+            select(Workflow.id, Workflow.source_uri, Supervisor.name)
+            .join(Supervisor, Supervisor.id == Workflow.supervisor_id)
+            .where(column.in_(chunk), Workflow.supervisor_id != me.supervisor_id)
+            .order_by(Workflow.id)
+            .limit(1)
+        ).first()
+        if row is not None:
+            return row
+    return None
+
+
 def _foreign_workflow(
     session: Session, me: SupervisorPrincipal, wanted: dict[str, str]
 ) -> _Refusal | None:
     """The first workflow id of ``wanted`` (id -> the file asking for it) that another
     supervisor's files define, as a refusal."""
-    for chunk in _chunks(wanted):
-        row = session.execute(
-            select(Workflow.id, Workflow.source_uri, Supervisor.name)
-            .join(Supervisor, Supervisor.id == Workflow.supervisor_id)
-            .where(Workflow.id.in_(chunk), Workflow.supervisor_id != me.supervisor_id)
-            .order_by(Workflow.id)
-            .limit(1)
-        ).first()
-        if row is not None:
-            return _Refusal(
-                f"workflow {row.id!r} is defined by {row.source_uri} of supervisor "
-                f"{row.name!r}: this supervisor's manifest cannot assign it to "
-                f"{wanted[row.id]}",
-                {"workflow_id": row.id, "uri": wanted[row.id], "owner": row.name},
-            )
-    return None
+    row = _others_workflow(session, me, Workflow.id, wanted)
+    if row is None:
+        return None
+    return _Refusal(
+        f"workflow {row.id!r} is defined by {row.source_uri} of supervisor {row.name!r}: "
+        f"this supervisor's manifest cannot assign it to {wanted[row.id]}",
+        {"workflow_id": row.id, "uri": wanted[row.id], "owner": row.name},
+    )
 
 
 def _foreign_source(
@@ -115,21 +129,14 @@ def _foreign_source(
 ) -> _Refusal | None:
     """The first workflow that one of ``uris`` defines for another supervisor (a file no
     supervisor has reported since owners were recorded still has its workflows' owner)."""
-    for chunk in _chunks(uris):
-        row = session.execute(
-            select(Workflow.id, Workflow.source_uri, Supervisor.name)
-            .join(Supervisor, Supervisor.id == Workflow.supervisor_id)
-            .where(Workflow.source_uri.in_(chunk), Workflow.supervisor_id != me.supervisor_id)
-            .order_by(Workflow.id)
-            .limit(1)
-        ).first()
-        if row is not None:
-            return _Refusal(
-                f"{row.source_uri} defines workflow {row.id!r} of supervisor {row.name!r}: "
-                "only that supervisor may report it deleted",
-                {"uri": str(row.source_uri), "workflow_id": row.id, "owner": row.name},
-            )
-    return None
+    row = _others_workflow(session, me, Workflow.source_uri, uris)
+    if row is None:
+        return None
+    return _Refusal(
+        f"{row.source_uri} defines workflow {row.id!r} of supervisor {row.name!r}: "
+        "only that supervisor may report it deleted",
+        {"uri": str(row.source_uri), "workflow_id": row.id, "owner": row.name},
+    )
 
 
 def _refuse(state: ServerState, me: SupervisorPrincipal, path: str, refusal: _Refusal) -> None:
