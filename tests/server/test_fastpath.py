@@ -369,7 +369,10 @@ def stored(api: ApiHarness, job_id: str) -> tuple[str, int, int]:
 def test_parse_results_through_the_fast_path_are_the_routes(api: ApiHarness) -> None:
     sess = api.supervisor_session("sup")
     fast = fast_path_of(api)
-    first, second = parse_job(api, sess, "file:///w/p1.py"), parse_job(api, sess, "file:///w/p2.py")
+    # The same file twice, its contents changed in between (another file declaring the same
+    # workflow would be refused: the first file keeps the id).
+    first = parse_job(api, sess, "file:///w/p1.py")
+    second = parse_job(api, sess, "file:///w/p1.py#sha256=" + "1" * 64)
     served = fast.served
     definition = {"workflows": [workflow("wf_p", task("p1"), task("p2", "p1", retries=2))]}
     by_fast = api.client.post("/v1/parse/result", json=definition, headers=bearer(first.token))

@@ -17,11 +17,15 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from privsep.runner.api.session import SupervisorApi
-from privsep.runner.supervisor.daemon import PARSE_JOBS_PER_REQUEST, queue_parse_jobs
+from privsep.runner.supervisor.discovery_reports import (
+    PARSE_JOBS_PER_REQUEST,
+    queue_parse_jobs,
+    report_deleted,
+)
 from privsep.server.db import Database
 from privsep.server.db.models import ParseJob
 
-from .api import AUDIENCE, ApiHarness
+from .api import AUDIENCE, ApiHarness, bearer
 
 BATCH_ROUTE = "/v1/supervisor/parse-jobs/batch"
 
@@ -109,3 +113,23 @@ def test_a_server_without_the_batch_route_gets_the_files_one_by_one(
 def test_one_changed_file_needs_no_batch(api: ApiHarness, older_client: SupervisorApi) -> None:
     assert queue_parse_jobs(older_client, jobs(1), batch=True) is True  # never asked
     assert queued_uris(api) == [jobs(1)[0]["uri"]]
+
+
+def test_another_supervisors_file_is_skipped_and_the_rest_still_queued(
+    api: ApiHarness, client: SupervisorApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refusal for another supervisor's file is final: logged, skipped, and the scan's
+    other files (in the same batch) and deletions still reach the server."""
+    api.register_supervisor("other")
+    theirs = jobs(4)[1]
+    resp = api.client.post(
+        "/v1/supervisor/parse-jobs", json=theirs, headers=bearer(api.supervisor_session("other"))
+    )
+    assert resp.status_code == 200
+    assert queue_parse_jobs(client, jobs(4), batch=True) is True
+    with api.state.db.read_session() as session:
+        mine = sorted(session.scalars(select(ParseJob.uri).where(ParseJob.uri != theirs["uri"])))
+    assert mine == sorted(j["uri"] for j in jobs(4) if j["uri"] != theirs["uri"])
+    assert f"definition file {theirs['uri']} not queued: 403 not_owner" in caplog.text
+    report_deleted(client, [jobs(4)[0]["uri"], theirs["uri"]])  # does not raise
+    assert f"deleted file {theirs['uri']} not reported: 403 not_owner" in caplog.text

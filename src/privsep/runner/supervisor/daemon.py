@@ -38,6 +38,7 @@ from privsep.runner.sources.bundle_version import BundleVersionSource
 from privsep.runner.sources.bundles import BundleStore, pinned_uri
 from privsep.runner.sources.discovery import Discovery, DiscoveryError, load_sources
 from privsep.runner.supervisor.credsock import CredentialServer
+from privsep.runner.supervisor.discovery_reports import queue_parse_jobs, report_deleted
 from privsep.runner.supervisor.launch import (
     Active,
     Backend,
@@ -63,7 +64,6 @@ POLL_MAX = 1.0
 # timer, but never longer than this: a sandbox end the watcher missed is still reaped.
 LOOP_MAX_WAIT = 0.25
 MAX_CLAIM = 100  # the server's ClaimRequest.max_items limit
-PARSE_JOBS_PER_REQUEST = 1000  # the server's ParseJobBatchRequest limit
 HEALTH_INTERVAL = 1.0
 RETENTION_INTERVAL = 3600.0
 NEVER = float("inf")
@@ -525,6 +525,11 @@ class Supervisor:
             log.info("discovery works again")
             self._discovery_failure = ""
         try:
+            # Deletions first: a file renamed within one scan is the old one deleted and a
+            # new one declaring the same workflow, which the server gives the new file only
+            # once the old one is gone.
+            if changes.deleted:
+                report_deleted(self.api, [Path(p).as_uri() for p in changes.deleted])
             jobs = []
             # Once per scan, and only when there is something to stamp with it.
             bundle = (
@@ -542,12 +547,6 @@ class Supervisor:
                     job["workflow_ids"] = list(ids)
                 jobs.append(job)
             self._batch_parse_jobs = queue_parse_jobs(self.api, jobs, batch=self._batch_parse_jobs)
-            if changes.deleted:
-                self.api.call(
-                    "POST",
-                    "/v1/supervisor/deleted-files",
-                    {"uris": [Path(p).as_uri() for p in changes.deleted]},
-                )
             self.discovery.commit(changes)
         except (ServerUnavailable, ApiRefused) as exc:
             log.warning("discovery could not reach the server (%s); will rescan", exc)
@@ -614,29 +613,6 @@ class Supervisor:
         if self._proxy_http is not None:
             self._proxy_http.close()
         self._waker.close()
-
-
-def queue_parse_jobs(api: SupervisorApi, jobs: list[dict[str, str]], *, batch: bool) -> bool:
-    """Queue a parse of each changed file: one request per :data:`PARSE_JOBS_PER_REQUEST`
-    files, not one per file (a checkout or a first scan changes thousands at once).
-
-    ``batch=False``, or a server without the batch route (older than this supervisor), sends
-    them one by one. Returns whether to batch next time.
-    """
-    for start in range(0, len(jobs), PARSE_JOBS_PER_REQUEST):
-        chunk = jobs[start : start + PARSE_JOBS_PER_REQUEST]
-        if len(chunk) > 1 and batch:
-            try:
-                api.call("POST", "/v1/supervisor/parse-jobs/batch", {"jobs": chunk})
-                continue
-            except ApiRefused as exc:
-                if exc.status not in (404, 405):
-                    raise
-                batch = False
-                log.info("the server has no batch parse-job route: queueing files one by one")
-        for job in chunk:
-            api.call("POST", "/v1/supervisor/parse-jobs", job)
-    return batch
 
 
 def run_supervisor(cfg: Config, *, config_path: str | None, daemon: bool = False) -> int:

@@ -209,6 +209,10 @@ class Workflow(Base):
     # that a file disappearing from discovery can deactivate its workflows without a join. Set
     # it together with current_version_id.
     source_uri: Mapped[str | None] = mapped_column(String(URI_LENGTH), index=True)
+    # The supervisor whose discovery first defined the workflow: only files that supervisor
+    # queued may define it again or report it deleted, so a second supervisor cannot take it
+    # over. NULL for a workflow stored before owners were recorded (its next parse sets it).
+    supervisor_id: Mapped[str | None] = mapped_column(ForeignKey("supervisors.id"))
     # A cycle with workflow_versions.workflow_id: created after both tables (use_alter) on
     # PostgreSQL; SQLite accepts the forward reference inline.
     current_version_id: Mapped[int | None] = mapped_column(
@@ -367,6 +371,9 @@ class ParseJob(Base):
     # The workflow ids this file may declare, when the workflows folder has a manifest that
     # assigns ids to files; NULL: any. A result declaring another id is refused whole.
     workflow_ids: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    # The supervisor that queued the job: the owner of its file, and so of the workflows its
+    # result defines (``supervisor_id`` is whoever claimed it, which may be another node).
+    queued_by: Mapped[str | None] = mapped_column(ForeignKey("supervisors.id"))
     state: Mapped[ParseJobState] = mapped_column(
         _state_enum(ParseJobState, "parse_job_state"), default=ParseJobState.QUEUED
     )
@@ -374,6 +381,22 @@ class ParseJob(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     claimed_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class SourceFile(Base):
+    """A definition file and the supervisor whose discovery reported it first, its owner.
+
+    Only the owner may queue a parse of the file or report it deleted: the server cannot see
+    a supervisor's folder, so "what it discovered" is what it reported first. The row
+    outlives the file (a file that comes back belongs to the same supervisor).
+    """
+
+    __tablename__ = "source_files"
+
+    # The file's URI without the ``#sha256=`` pin, as ``Workflow.source_uri`` holds it.
+    uri: Mapped[str] = mapped_column(String(URI_LENGTH), primary_key=True)
+    supervisor_id: Mapped[str] = mapped_column(ForeignKey("supervisors.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ParseError(Base):

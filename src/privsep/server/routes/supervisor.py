@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Request, Response
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from privsep.secrets.tokens import TokenRejected, unverified_issuer
@@ -29,13 +29,10 @@ from privsep.server.db.models import (
     ParseJobState,
     Supervisor,
     TaskAttempt,
-    Workflow,
-    new_id,
     utcnow,
 )
 from privsep.server.errors import ERROR_RESPONSES, conflict, not_found, unauthorized
 from privsep.server.reconcile import Held, reconcile
-from privsep.server.routes._sql import table_of
 from privsep.server.runs import fail_or_retry, requeue_parse_jobs, requeue_triggers
 from privsep.server.schemas import (
     ClaimRequest,
@@ -53,7 +50,7 @@ from privsep.server.schemas import (
     SessionResponse,
     TokenResponse,
 )
-from privsep.server.services import claims
+from privsep.server.services import claims, discovery_reports
 from privsep.server.state import ServerState
 
 log = logging.getLogger("privsep.server.supervisor")
@@ -185,11 +182,6 @@ def claim(
     return Response(claims.claim_work(state, me, body), media_type="application/json")
 
 
-# Built once, as a Core statement on the table (see privsep.server.routes._sql).
-_JOBS = table_of(ParseJob)
-_NEW_PARSE_JOB = insert(_JOBS)
-
-
 _WHAT = {"task": "attempt", "parse": "parse job"}
 """The item each kind of work token names (a trigger token names a batch), as errors call it."""
 
@@ -274,47 +266,41 @@ def outcome(
 
 @router.post("/parse-jobs", response_model=ParseJobResponse)
 def submit_parse_job(
-    body: ParseJobRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
+    body: ParseJobRequest,
+    request: Request,
+    me: SupervisorPrincipal = Supervisor_,
+    state: ServerState = State_,
 ) -> ParseJobResponse:
-    """Discovery found a new or changed definition file: queue a parse of it."""
-    (job_id,) = _queue_parse_jobs(state, [body])
+    """Discovery found a new or changed definition file: queue a parse of it. Refused (403)
+    for a file or a workflow id of another supervisor's (see
+    :mod:`privsep.server.services.discovery_reports`)."""
+    (job_id,) = discovery_reports.queue_parse_jobs(state, me, request.url.path, [body])
     return ParseJobResponse(id=job_id)
 
 
 @router.post("/parse-jobs/batch", response_model=ParseJobBatchResponse)
 def submit_parse_jobs(
-    body: ParseJobBatchRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
+    body: ParseJobBatchRequest,
+    request: Request,
+    me: SupervisorPrincipal = Supervisor_,
+    state: ServerState = State_,
 ) -> ParseJobBatchResponse:
     """Discovery found many new or changed files at once (a checkout, a first scan): queue a
     parse of each in one request and one transaction, all or none. The ids are in the order
     of ``jobs``."""
-    return ParseJobBatchResponse(ids=_queue_parse_jobs(state, body.jobs))
-
-
-def _queue_parse_jobs(state: ServerState, jobs: list[ParseJobRequest]) -> list[str]:
-    ids = [new_id() for _ in jobs]
-    rows = [
-        {
-            "id": job_id,
-            "uri": job.uri,
-            "content_hash": job.content_hash or None,
-            "bundle_version": job.bundle_version,
-            "workflow_ids": job.workflow_ids,
-        }
-        for job_id, job in zip(ids, jobs, strict=True)
-    ]
-    with state.db.write_session() as session:
-        session.execute(_NEW_PARSE_JOB, rows)
-    return ids
+    return ParseJobBatchResponse(
+        ids=discovery_reports.queue_parse_jobs(state, me, request.url.path, body.jobs)
+    )
 
 
 @router.post("/deleted-files", response_model=Ok)
 def deleted_files(
-    body: DeletedFilesRequest, me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
+    body: DeletedFilesRequest,
+    request: Request,
+    me: SupervisorPrincipal = Supervisor_,
+    state: ServerState = State_,
 ) -> Ok:
-    """Discovery saw definition files disappear: deactivate the workflows parsed from them."""
-    with state.db.write_session() as session:
-        session.execute(
-            update(Workflow).where(Workflow.source_uri.in_(body.uris)).values(active=False)
-        )
+    """Discovery saw definition files disappear: deactivate the workflows parsed from them.
+    Refused (403), with nothing changed, if one of them is another supervisor's."""
+    discovery_reports.deactivate_deleted(state, me, request.url.path, body.uris)
     return Ok()
