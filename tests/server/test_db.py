@@ -59,8 +59,8 @@ from privsep.server.db.models import (
 
 from .postgres import PostgresCluster, free_port
 
-HEAD = "0003"
-ALL = ("0001", "0002", "0003")  # every revision, oldest first
+HEAD = "0004_principals"
+ALL = ("0001", "0002", "0003", "0004_principals")  # every revision, oldest first
 THREAD_TIMEOUT_S = 60
 
 
