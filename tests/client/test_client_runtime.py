@@ -224,7 +224,7 @@ def test_an_expired_token_is_replaced_and_the_call_sent_again(
         subject=work.id,
         scope="task",
         ttl_seconds=10,
-        extra={"try": claims["try"], "sup": claims["sup"]},
+        extra={"try": claims["try"], "execution": claims["execution"], "sup": claims["sup"]},
         now=time.time() - 60,  # well past the server's leeway
     )
     stand_in.stale_first.append(_wire.TokenReply(token=expired.reveal(), expires_at=expired.exp))

@@ -426,8 +426,9 @@ def test_no_operator_credential(stack: Stack, tmp_path: Path) -> None:
     line = fails(stack, 1, "workflows", "list", PRIVSEP__OPERATOR__CREDENTIAL=missing)
     assert line == (
         f"runner: no operator credential at {missing}: create one with "
-        f"`runner credentials create --out {missing}` and point server.operator_public_key "
-        "at its .pub (or set operator.credential)"
+        f"`runner credentials create --out {missing}` and register its .pub with "
+        f"`runner operators register NAME --public-key {missing}.pub` on the server host "
+        "(or set operator.credential)"
     )
 
 
@@ -447,9 +448,8 @@ def test_a_credential_the_server_does_not_know(stack: Stack, tmp_path: Path) -> 
     line = fails(stack, 1, "runs", "list", PRIVSEP__OPERATOR__CREDENTIAL=str(other))
     assert line == (
         f"runner: cannot open an operator session with the server at {stack.url}: the server "
-        f"refused the credential {other}: assertion names a key other than the "
-        "registered "
-        "(is server.operator_public_key the .pub of this key?)"
+        f"refused the credential {other}: no active operator is registered with this key "
+        "(`runner operators list` on the server host shows the registered keys)"
     )
 
 
@@ -463,10 +463,9 @@ def test_a_server_without_an_operator_key() -> None:
         line = fails(s, 1, "workflows", "list")
         key = home / "credentials/operator.key"
         assert line == (
-            f"runner: cannot open an operator session with the server at {s.url}: the server "
-            "has no operator public key configured (create a credential with `runner "
-            f"credentials create --out {key}` and point server.operator_public_key at its .pub, "
-            "then restart `runner server`)"
+            f"runner: cannot open an operator session with the server at {s.url}: no "
+            "operator is registered on this server (on the server host: `runner operators "
+            f"register NAME --public-key {key}.pub`)"
         )
     finally:
         s.stop_all()

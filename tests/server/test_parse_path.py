@@ -47,9 +47,11 @@ def api(db: Database, tmp_path: Path) -> Iterator[ApiHarness]:
 
 def principal(api: ApiHarness, name: str) -> SupervisorPrincipal:
     with api.state.db.read_session() as session:
-        sup_id = session.scalar(select(Supervisor.id).where(Supervisor.name == name))
-    assert sup_id is not None
-    return SupervisorPrincipal(sup_id, name)
+        row = session.execute(
+            select(Supervisor.id, Supervisor.key_generation).where(Supervisor.name == name)
+        ).first()
+    assert row is not None
+    return SupervisorPrincipal(row.id, name, row.key_generation)
 
 
 def queue(api: ApiHarness, sess: str, uri: str, **fields: Any) -> str:

@@ -64,6 +64,7 @@ __all__ = [
     "create_assertion",
     "issue_token",
     "unverified_issuer",
+    "unverified_key_id",
     "verify_assertion",
     "verify_token",
 ]
@@ -467,6 +468,16 @@ def unverified_issuer(token: str) -> str:
     if not isinstance(iss, str) or not iss:
         raise TokenRejected("missing_claim", "assertion names no issuer")
     return iss
+
+
+def unverified_key_id(token: str) -> str:
+    """The ``kid`` header of an assertion *before* verification: the fingerprint of the key
+    that says it signed it, to look up whose key that is. Nothing is trusted until
+    :func:`verify_assertion` has checked the signature with that registered key."""
+    kid = _unverified_header(token).get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise TokenRejected("unknown_key", "assertion names no key (kid)")
+    return kid
 
 
 def verify_assertion(

@@ -19,7 +19,7 @@ from privsep.server.body_limit import BodyLimitMiddleware
 from privsep.server.db.models import Supervisor, utcnow
 from privsep.server.errors import install_error_handlers
 from privsep.server.fastpath import TaskFastPath
-from privsep.server.routes import operator, parse_trigger, supervisor, task
+from privsep.server.routes import operator, operator_session, parse_trigger, supervisor, task
 from privsep.server.schemas import HealthResponse, SupervisorHealth
 from privsep.server.state import ServerState
 
@@ -84,6 +84,7 @@ def create_app(state: ServerState, *, fast_path: bool = True) -> FastAPI:
         task.router,
         parse_trigger.parse_router,
         parse_trigger.trigger_router,
+        operator_session.router,
         operator.router,
     ):
         app.include_router(router)

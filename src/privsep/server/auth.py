@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -50,6 +52,15 @@ TASK_SCOPES = frozenset({surface.TASK})
 PARSE_SCOPES = frozenset({surface.PARSE})
 TRIGGER_SCOPES = frozenset({surface.TRIGGER})
 SUPERVISOR_SCOPES = frozenset({"supervisor"})
+OPERATOR_SCOPES = frozenset({"operator"})
+
+SESSION_GENERATION = "gen"
+"""The claim of a supervisor or operator session token that names the key generation it was
+opened under; a session whose generation is no longer the principal's is refused."""
+
+EXECUTION = "execution"
+"""The claim of a task token that names the execution of its attempt (``task_attempts.
+execution``, moved on by every claim) it was issued for."""
 
 
 def get_state(request: Request) -> ServerState:
@@ -187,6 +198,7 @@ async def verified_claims_async(request: Request, scopes: frozenset[str]) -> Cla
 class SupervisorPrincipal:
     supervisor_id: str
     name: str
+    generation: int
 
 
 @dataclass(frozen=True)
@@ -197,6 +209,7 @@ class TaskPrincipal:
     task_id: str
     try_number: int
     supervisor_id: str
+    execution: int = 0
 
 
 @dataclass(frozen=True)
@@ -215,6 +228,15 @@ class TriggerPrincipal:
 @dataclass(frozen=True)
 class OperatorPrincipal:
     name: str
+
+
+def registered_public_key(pem: str) -> Ed25519PublicKey:
+    """The Ed25519 key a supervisor or operator is registered with (401 if it is another
+    kind, which registration never stores)."""
+    key = serialization.load_pem_public_key(pem.encode())
+    if not isinstance(key, Ed25519PublicKey):
+        raise unauthorized("unknown_key", "the registered key is not Ed25519")
+    return key
 
 
 def _claim_int(claims: Claims, name: str) -> int:
@@ -239,50 +261,50 @@ async def _fetch(state: ServerState, sql: str, params: dict[str, Any]) -> list[d
     return await run_in_threadpool(state.reads.fetch, state.reads.sql(sql), params)
 
 
-_SUPERVISOR_SQL = "SELECT s.name, s.active FROM supervisors s WHERE s.id = :id"
+_SUPERVISOR_SQL = "SELECT s.name, s.active, s.key_generation FROM supervisors s WHERE s.id = :id"
+
+_SESSION_ENDED = "this supervisor is unknown, revoked, or re-keyed since the session was opened"
 
 
-async def active_supervisor(state: ServerState, supervisor_id: str) -> SupervisorPrincipal | None:
-    """The supervisor, if it is registered and active (one statement; raises on a database
-    error, such as a busy SQLite file)."""
-    rows = await _fetch(state, _SUPERVISOR_SQL, {"id": supervisor_id})
-    if not rows or not rows[0]["active"]:
+async def active_supervisor(state: ServerState, claims: Claims) -> SupervisorPrincipal | None:
+    """The supervisor of a session token, if it is registered, active, and still has the key
+    generation the session was opened under (one statement; raises on a database error, such
+    as a busy SQLite file). Read on every call, never cached: a revocation or a new key ends
+    the session at its very next call, on every replica."""
+    generation = _claim_int(claims, SESSION_GENERATION)
+    rows = await _fetch(state, _SUPERVISOR_SQL, {"id": claims.sub})
+    if not rows or not rows[0]["active"] or rows[0]["key_generation"] != generation:
         return None
-    return SupervisorPrincipal(supervisor_id, rows[0]["name"])
+    return SupervisorPrincipal(claims.sub, rows[0]["name"], generation)
 
 
 async def supervisor_principal(request: Request) -> SupervisorPrincipal:
-    """The calling supervisor, if its token verifies and it is still registered and active.
-    Async, one statement: every supervisor call (claims above all) pays for it."""
+    """The calling supervisor, if its token verifies and it is still registered and active
+    under the key its session was opened with. Async, one statement: every supervisor call
+    (claims above all) pays for it."""
     state = get_state(request)
     claims = await verified_claims_async(request, SUPERVISOR_SCOPES)
     try:
-        me = await active_supervisor(state, claims.sub)
+        me = await active_supervisor(state, claims)
+    except ApiError as error:  # a session token without its generation
+        raise await run_in_threadpool(_deny, state, request, error, claims.sub) from None
     except Exception:  # a busy database on the loop: the full check, in a worker thread
         return await run_in_threadpool(_supervisor_principal_slow, request, claims)
     if me is None:
         raise await run_in_threadpool(
-            _deny,
-            state,
-            request,
-            unauthorized("revoked", "this supervisor is unknown or deactivated"),
-            claims.sub,
+            _deny, state, request, unauthorized("revoked", _SESSION_ENDED), claims.sub
         )
     return me
 
 
 def _supervisor_principal_slow(request: Request, claims: Claims) -> SupervisorPrincipal:
     state = get_state(request)
+    generation = _claim_int(claims, SESSION_GENERATION)
     with state.db.read_session() as session:
         sup = session.get(Supervisor, claims.sub)
-        if sup is None or not sup.active:
-            raise _deny(
-                state,
-                request,
-                unauthorized("revoked", "this supervisor is unknown or deactivated"),
-                claims.sub,
-            )
-        return SupervisorPrincipal(sup.id, sup.name)
+        if sup is None or not sup.active or sup.key_generation != generation:
+            raise _deny(state, request, unauthorized("revoked", _SESSION_ENDED), claims.sub)
+        return SupervisorPrincipal(sup.id, sup.name, generation)
 
 
 @dataclass(frozen=True)
@@ -292,10 +314,16 @@ class TaskToken:
     attempt_id: str
     try_number: int
     supervisor_id: str
+    execution: int
 
 
 def task_token_of(claims: Claims) -> TaskToken:
-    return TaskToken(claims.sub, _claim_int(claims, "try"), _claim_str(claims, "sup"))
+    return TaskToken(
+        claims.sub,
+        _claim_int(claims, "try"),
+        _claim_str(claims, "sup"),
+        _claim_int(claims, EXECUTION),
+    )
 
 
 async def task_token(request: Request) -> TaskToken:
@@ -333,22 +361,35 @@ def revoked(token: TaskToken, message: str) -> Denied:
 
 
 # The columns ``check_attempt`` reads, which every task statement selects, with the attempt's
-# workflow (``r``, the run, joined on ``a.run_id``).
-ATTEMPT_COLUMNS = "a.state, a.supervisor_id, a.try_number, a.run_id, a.task_id, r.workflow_id"
+# workflow (``r``, the run, joined on ``a.run_id``) and whether its supervisor is still active
+# (``s``, LEFT JOINed on ``a.supervisor_id``: see ATTEMPT_FROM).
+ATTEMPT_COLUMNS = (
+    "a.state, a.supervisor_id, a.try_number, a.execution, a.run_id, a.task_id, r.workflow_id, "
+    "s.active AS supervisor_active"
+)
+ATTEMPT_COLUMN_COUNT = ATTEMPT_COLUMNS.count(",") + 1
+ATTEMPT_FROM = (
+    "FROM task_attempts a JOIN runs r ON r.id = a.run_id "
+    "LEFT JOIN supervisors s ON s.id = a.supervisor_id"
+)
 
 
 def check_attempt(token: TaskToken, row: Mapping[str, Any] | None) -> TaskPrincipal:
     """The caller, if ``row`` (``ATTEMPT_COLUMNS`` of the token's attempt, by name, or
-    ``None`` when there is no such attempt) says the attempt is running with the token's try
-    number and supervisor; otherwise :class:`Denied` (401 ``revoked``, audited)."""
+    ``None`` when there is no such attempt) says the attempt is running the very execution the
+    token was issued for (same try, same claim), under the token's supervisor, which is still
+    registered and active; otherwise :class:`Denied` (401 ``revoked``, audited)."""
     if row is None:
         raise revoked(token, "no such attempt")
     if (
         row["state"] != AttemptState.RUNNING
         or row["try_number"] != token.try_number
+        or row["execution"] != token.execution
         or row["supervisor_id"] != token.supervisor_id
     ):
         raise revoked(token, "the attempt this token was issued for is no longer running")
+    if not row["supervisor_active"]:
+        raise revoked(token, "the supervisor this token was issued to has been revoked")
     return TaskPrincipal(
         token.attempt_id,
         row["run_id"],
@@ -356,13 +397,11 @@ def check_attempt(token: TaskToken, row: Mapping[str, Any] | None) -> TaskPrinci
         row["task_id"],
         row["try_number"],
         token.supervisor_id,
+        row["execution"],
     )
 
 
-_ATTEMPT_SQL = (
-    f"SELECT {ATTEMPT_COLUMNS} FROM task_attempts a "  # noqa: S608 - constants
-    "JOIN runs r ON r.id = a.run_id WHERE a.id = :attempt"
-)
+_ATTEMPT_SQL = f"SELECT {ATTEMPT_COLUMNS} {ATTEMPT_FROM} WHERE a.id = :attempt"
 
 
 def load_task_principal(state: ServerState, token: TaskToken) -> TaskPrincipal:
@@ -382,7 +421,10 @@ def task_principal(request: Request) -> TaskPrincipal:
         raise denied.answer(state, request.url.path) from None
 
 
-_PARSE_JOB_SQL = "SELECT j.state, j.supervisor_id FROM parse_jobs j WHERE j.id = :id"
+_PARSE_JOB_SQL = (
+    "SELECT j.state, j.supervisor_id, s.active AS supervisor_active FROM parse_jobs j "
+    "LEFT JOIN supervisors s ON s.id = j.supervisor_id WHERE j.id = :id"
+)
 
 
 async def parse_principal(request: Request) -> ParsePrincipal:
@@ -400,6 +442,7 @@ async def parse_principal(request: Request) -> ParsePrincipal:
         job is None
         or job["state"] != ParseJobState.RUNNING
         or job["supervisor_id"] != me.supervisor_id
+        or not job["supervisor_active"]
     ):
         raise await run_in_threadpool(_parse_revoked, state, request, me.job_id)
     return me
@@ -424,7 +467,14 @@ def _parse_principal_slow(request: Request, claims: Claims, sup: str) -> ParsePr
     state = get_state(request)
     with state.db.read_session() as session:
         job = session.get(ParseJob, claims.sub)
-        if job is None or job.state != ParseJobState.RUNNING or job.supervisor_id != sup:
+        owner = session.get(Supervisor, sup)
+        if (
+            job is None
+            or job.state != ParseJobState.RUNNING
+            or job.supervisor_id != sup
+            or owner is None
+            or not owner.active
+        ):
             raise _parse_revoked(state, request, claims.sub)
         return ParsePrincipal(job.id, sup)
 
@@ -456,9 +506,30 @@ def trigger_principal(request: Request) -> TriggerPrincipal:
     return TriggerPrincipal(claims.sub, frozenset(live), sup)
 
 
+_OPERATOR_SQL = "SELECT o.name, o.active, o.key_generation FROM operators o WHERE o.id = :id"
+
+
 def operator_principal(request: Request) -> OperatorPrincipal:
-    claims = verified_claims(request, frozenset({"operator"}))
-    return OperatorPrincipal(claims.sub)
+    """The calling operator, by the name it is registered under, if its session token verifies
+    and the operator is still registered and active under the key the session was opened with
+    (one read statement per call, never cached: a revocation ends the session at once)."""
+    state = get_state(request)
+    claims = verified_claims(request, OPERATOR_SCOPES)
+    try:
+        generation = _claim_int(claims, SESSION_GENERATION)
+    except ApiError as error:
+        raise _deny(state, request, error, claims.sub) from None
+    rows = state.reads.fetch(state.reads.sql(_OPERATOR_SQL), {"id": claims.sub})
+    if not rows or not rows[0]["active"] or rows[0]["key_generation"] != generation:
+        raise _deny(
+            state,
+            request,
+            unauthorized(
+                "revoked", "this operator is unknown, revoked, or re-keyed since the session"
+            ),
+            claims.sub,
+        )
+    return OperatorPrincipal(rows[0]["name"])
 
 
 def require_trigger(principal: TriggerPrincipal, trigger_id: str, request: Request) -> None:

@@ -14,7 +14,8 @@ request up there:
 * ``POST /v1/task/heartbeat`` without a body
 * ``POST /v1/task/succeed`` with a small JSON body (every successful task's last request)
 * ``POST /v1/supervisor/claim`` with a small JSON body (a supervisor's request for work,
-  about one per task), checked by :func:`~privsep.server.auth.active_supervisor` and done by
+  about one per task), checked by :func:`~privsep.server.auth.active_supervisor` (active, and
+  still under the key generation its session was opened with) and done by
   :func:`~privsep.server.services.claims.claim_work`, whose answer is made before its
   transaction commits
 * ``POST /v1/parse/result`` with a small JSON body (every parsed definition file's last
@@ -149,7 +150,7 @@ async def _claim(
     fast: TaskFastPath, claims_: Claims, raw: bytes, _: dict[str, str]
 ) -> bytes | None:
     """A supervisor's claim, if it is active: the answer was made before the claim committed."""
-    me = await active_supervisor(fast.state, claims_.sub)
+    me = await active_supervisor(fast.state, claims_)
     if me is None:
         return None
     request = ClaimRequest.model_validate_json(raw)

@@ -11,19 +11,36 @@ from __future__ import annotations
 from os import PathLike
 from typing import Protocol, TextIO
 
-from privsep.server.admin import AdminError, register_supervisor
+from privsep.server.admin import (
+    AdminError,
+    Principal,
+    Revoked,
+    list_operators,
+    list_supervisors,
+    register_operator,
+    register_supervisor,
+    revoke_operator,
+    revoke_supervisor,
+)
 from privsep.server.listen import ListenError
 from privsep.server.settings import ServerSettings
 
 __all__ = [
     "AdminError",
     "ListenError",
+    "Principal",
+    "Revoked",
     "ServerSettings",
     "Stoppable",
     "create_app",
     "db_check",
     "db_upgrade",
+    "list_operators",
+    "list_supervisors",
+    "register_operator",
     "register_supervisor",
+    "revoke_operator",
+    "revoke_supervisor",
     "serve",
     "sqlite_url_for",
     "start_scheduler",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
 
 from privsep.server.db.engine import Database
 from privsep.server.db.models import (
@@ -58,13 +59,11 @@ def reap_lost_work(db: Database, timeout_seconds: float) -> Reaped:
         ).all()
         for attempt in stale:
             owner = attempt.supervisor_id
-            fail_or_retry(
+            _take_back_attempt(
                 session,
                 attempt,
                 f"supervisor {owner} stopped heartbeating for more than {timeout_seconds:g} s",
-            )
-            session.add(
-                AuditLog(event="attempt_reaped", subject=attempt.id, detail={"supervisor": owner})
+                "attempt_reaped",
             )
             attempts += 1
         if lost:
@@ -78,6 +77,35 @@ def reap_lost_work(db: Database, timeout_seconds: float) -> Reaped:
             triggers,
         )
     return Reaped(attempts, parse_jobs, triggers)
+
+
+def _take_back_attempt(session: Session, attempt: TaskAttempt, reason: str, event: str) -> None:
+    """End one running attempt as lost (failed, or up for retry with a new queued try) and
+    record why: the one way work is taken back from a supervisor."""
+    owner = attempt.supervisor_id
+    fail_or_retry(session, attempt, reason)
+    session.add(AuditLog(event=event, subject=attempt.id, detail={"supervisor": owner}))
+
+
+def take_back_from(session: Session, supervisor_id: str, reason: str, event: str) -> Reaped:
+    """Take back everything ``supervisor_id`` holds, in the caller's transaction: its running
+    attempts as the reaper does (so their work tokens die with them and another supervisor
+    runs the retry), its parse jobs and triggers back to the queue.
+
+    For a supervisor that was revoked or re-keyed, or that restarted: whatever it held was
+    granted to a session that no longer counts."""
+    held = session.scalars(
+        select(TaskAttempt)
+        .where(
+            TaskAttempt.supervisor_id == supervisor_id, TaskAttempt.state == AttemptState.RUNNING
+        )
+        .with_for_update()
+    ).all()
+    for attempt in held:
+        _take_back_attempt(session, attempt, reason, event)
+    parse_jobs = requeue_parse_jobs(session, [supervisor_id])
+    triggers = requeue_triggers(session, [supervisor_id])
+    return Reaped(len(held), parse_jobs, triggers)
 
 
 class ReaperThread(threading.Thread):

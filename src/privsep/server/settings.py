@@ -25,7 +25,10 @@ class ServerSettings:
     session_token_ttl: int = 900
     assertion_max_ttl: int = 60
     supervisor_heartbeat_timeout: int = 120
+    # Registered as operator ``operator_name`` on a start that finds no operator registered
+    # (see privsep.server.admin.bootstrap_operator); never read once one is.
     operator_public_key: str = ""
+    operator_name: str = "operator"
     workers: int = 1
     scheduler_interval: float = 5.0
     running_timeout_grace: float = 60.0

@@ -25,6 +25,7 @@ from sqlalchemy import select
 
 from privsep.secrets.fernet import FieldCipher
 from privsep.secrets.keyring import SigningKey, load_signer, load_verifiers
+from privsep.server.admin import bootstrap_operator
 from privsep.server.db.engine import Database
 from privsep.server.db.models import SigningKey as SigningKeyRow
 from privsep.server.readpool import ReadPool
@@ -46,7 +47,6 @@ class ServerState:
     db: Database
     signer: SigningKey
     cipher: FieldCipher | None
-    operator_key: Ed25519PublicKey | None
     token_cache: VerifiedTokenCache = field(default_factory=VerifiedTokenCache)
     reads: ReadPool = field(init=False)
     inline_reads: ReadPool | None = field(init=False)
@@ -99,21 +99,6 @@ def _pem(key: Ed25519PublicKey) -> str:
     ).decode("ascii")
 
 
-def load_operator_key(path: str) -> Ed25519PublicKey | None:
-    """The operator's public key, if one is configured and present."""
-    if not path:
-        return None
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        return None
-    key = serialization.load_pem_public_key(data)
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError(f"{path}: not an Ed25519 public key")
-    return key
-
-
 def build_state(settings: ServerSettings, db: Database | None = None) -> ServerState:
     cipher = FieldCipher(list(settings.fernet_keys)) if settings.fernet_keys else None
     state = ServerState(
@@ -121,7 +106,7 @@ def build_state(settings: ServerSettings, db: Database | None = None) -> ServerS
         db=db or Database.from_url(settings.database_url),
         signer=load_signer(settings.signing_keyring),
         cipher=cipher,
-        operator_key=load_operator_key(settings.operator_public_key),
     )
     state.publish_and_load_keys()
+    bootstrap_operator(state.db, settings.operator_name, settings.operator_public_key)
     return state

@@ -37,9 +37,9 @@ def create_credential(out: str) -> int:
         pub.write(public_pem)
     print(f"wrote private key {path} (mode 0600) and public key {path}.pub", file=sys.stderr)
     print(
-        "register the public key with the server: for a supervisor, `runner supervisors "
-        f"register NAME --public-key {path}.pub` on the server host; for the operator, copy it "
-        "to the server's server.operator_public_key and restart the server:",
+        "register the public key on the server host: `runner supervisors register NAME "
+        f"--public-key {path}.pub` for a supervisor, `runner operators register NAME "
+        f"--public-key {path}.pub` for an operator:",
         file=sys.stderr,
     )
     sys.stdout.write(public_pem.decode("ascii"))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from privsep import __version__
 from privsep.runner.cli import manifest as manifest_cmd
 from privsep.runner.cli import operator as operator_cmd
+from privsep.runner.cli import principals as principals_cmd
 from privsep.runner.cli.parsers import Handler, action, group, seconds_option
 from privsep.runner.errors import EXIT_OK, EXIT_USAGE, CommandError
 from privsep.runner.selftest import command as selftest_cmd
@@ -123,12 +124,6 @@ def cmd_db_check(args: argparse.Namespace) -> int:
     return db_check(_load(args))
 
 
-def cmd_supervisors_register(args: argparse.Namespace) -> int:
-    from privsep.runner.cli.server import supervisors_register
-
-    return supervisors_register(_load(args), args.name, args.public_key, args.replace)
-
-
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from privsep.runner.cli.server import keys_rotate
 
@@ -233,18 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     action(g, "upgrade", "apply migrations (idempotent)", cmd_db_upgrade)
     action(g, "check", "current vs head revision; exit 1 if they differ", cmd_db_check)
 
-    g = group(sub, "supervisors", "registered supervisors")
-    p = action(
-        g, "register", "register a supervisor's Ed25519 public key", cmd_supervisors_register
-    )
-    p.add_argument("name")
-    p.add_argument(
-        "--public-key",
-        required=True,
-        metavar="FILE",
-        help="the PATH.pub that `runner credentials create` wrote",
-    )
-    p.add_argument("--replace", action="store_true", help="re-key an existing supervisor")
+    principals_cmd.register(sub)
 
     p = action(sub, "supervisor", "run the supervisor (claims and sandboxes work)", cmd_supervisor)
     p.add_argument(

@@ -68,8 +68,9 @@ class OperatorClient(SessionClient):
         return load_credential(
             path,
             role="operator",
-            missing_hint=f"create one with `runner credentials create --out {path}` and point "
-            "server.operator_public_key at its .pub (or set operator.credential)",
+            missing_hint=f"create one with `runner credentials create --out {path}` and "
+            f"register its .pub with `runner operators register NAME --public-key {path}.pub` "
+            "on the server host (or set operator.credential)",
         )
 
     def call(
@@ -128,9 +129,13 @@ class OperatorClient(SessionClient):
         where = f"cannot open an operator session with the server at {self.url}"
         if code == "no_operator_key":
             return CommandError(
-                f"{where}: {message} (create a credential with `runner credentials create "
-                f"--out {self.credential}` and point server.operator_public_key at its .pub, "
-                "then restart `runner server`)"
+                f"{where}: {message} (on the server host: `runner operators register NAME "
+                f"--public-key {self.credential}.pub`)"
+            )
+        if code == "unknown_operator":
+            return CommandError(
+                f"{where}: the server refused the credential {self.credential}: {message} "
+                "(`runner operators list` on the server host shows the registered keys)"
             )
         if code == "bad_audience":
             return CommandError(
@@ -138,8 +143,7 @@ class OperatorClient(SessionClient):
             )
         if reply.status == 401:
             return CommandError(
-                f"{where}: the server refused the credential {self.credential}: {message} "
-                "(is server.operator_public_key the .pub of this key?)"
+                f"{where}: the server refused the credential {self.credential}: {message}"
             )
         return CommandError(f"{where}: {_status_text(reply.status, message)}")
 

@@ -1,5 +1,6 @@
-"""The server-host commands: ``runner server``, ``runner db``, ``runner supervisors``,
-``runner keys``. They turn configuration into plain values for :mod:`privsep.server`."""
+"""The server-host commands: ``runner server``, ``runner db``, ``runner keys``, and the
+database URL that ``runner supervisors|operators`` (:mod:`.principals`) use. They turn
+configuration into plain values for :mod:`privsep.server`."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ _SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("session_token_ttl", "server.session_token_ttl", int),
     ("supervisor_heartbeat_timeout", "server.supervisor_heartbeat_timeout", int),
     ("operator_public_key", "server.operator_public_key", Path),
+    ("operator_name", "server.operator_name", str),
     ("workers", "server.workers", int),
     ("scheduler_interval", "server.scheduler_interval", float),
     ("running_timeout_grace", "server.running_timeout_grace", float),
@@ -140,17 +142,6 @@ def db_check(cfg: Config) -> int:
     from privsep.server.public import db_check as _db_check
 
     return _db_check(database_url(cfg), sys.stdout, sys.stderr)
-
-
-def supervisors_register(cfg: Config, name: str, public_key: str, replace: bool) -> int:
-    from privsep.server.public import AdminError, register_supervisor
-
-    try:
-        sup_id = register_supervisor(database_url(cfg), name, public_key, replace=replace)
-    except AdminError as exc:
-        raise CommandError(str(exc)) from None
-    print(f"registered supervisor {name} (id {sup_id})")
-    return 0
 
 
 def keys_rotate(cfg: Config) -> int:

@@ -2,9 +2,10 @@
 
 The first run creates the home with correct permissions and every key it needs (token signing
 ring, Fernet key, supervisor and operator credentials), migrates the SQLite database, registers
-the supervisor and loads a default policy for the bundled examples. Every run then starts the
-server and one supervisor as child processes — separate processes, so the signing keys and the
-supervisor credential never share an address space — and stops both cleanly on Ctrl-C.
+the supervisor and the operator and loads a default policy for the bundled examples. Every run
+then starts the server and one supervisor as child processes — separate processes, so the
+signing keys and the supervisor credential never share an address space — and stops both
+cleanly on Ctrl-C.
 
 ``--once`` triggers every workflow in the folder once, waits for the runs to end, prints one
 row per task and exits 0 only if every task succeeded.
@@ -30,6 +31,7 @@ from privsep.runner.errors import EXIT_USAGE, CommandError
 from privsep.secrets.files import InsecureFileError, make_private_dir, write_private_file
 
 SUPERVISOR_NAME = "standalone"
+OPERATOR_NAME = "standalone-operator"
 PARSE_WAIT = 120.0
 RUN_WAIT = 600.0
 MAX_SUPERVISOR_RESTARTS = 5
@@ -135,6 +137,18 @@ def first_run(home: Path, env: dict[str, str], progress: Any) -> bool:
         env,
     )
     _step("registering the supervisor", reg)
+    reg = _runner(
+        [
+            "operators",
+            "register",
+            OPERATOR_NAME,
+            "--public-key",
+            str(home / "credentials" / "operator.key.pub"),
+            "--replace",
+        ],
+        env,
+    )
+    _step("registering the operator", reg)
     perms = _runner(["check-perms"], env)
     if perms.returncode != 0:
         raise CommandError("the standalone home fails check-perms:\n" + perms.stdout.strip())

@@ -221,8 +221,17 @@ OPTIONS: tuple[Option, ...] = (
         "operator_public_key",
         "str",
         "credentials/operator.key.pub",
-        "Public key of the operator credential, for operator endpoints.",
+        "Bootstrap operator key: registered as server.operator_name when the server starts "
+        "and finds no operator registered (a new install, or an upgrade from a single "
+        "configured key); ignored once any operator is registered (see runner operators).",
         path=True,
+    ),
+    Option(
+        "server",
+        "operator_name",
+        "str",
+        "operator",
+        "Name the bootstrap operator key (server.operator_public_key) is registered under.",
     ),
     # [supervisor]
     Option(

@@ -301,7 +301,13 @@ class Run(Base):
 
 
 class Supervisor(Base):
-    """A registered supervisor: its name and the Ed25519 public key it signs assertions with."""
+    """A registered supervisor: its name and the Ed25519 public key it signs assertions with.
+
+    ``key_generation`` is what a session token is bound to: it carries the generation it was
+    opened under, and every call compares it with this column. Revoking the supervisor or giving
+    it a new key moves the generation on, so every session opened before ends at its next call,
+    on every replica, without a list of tokens to chase.
+    """
 
     __tablename__ = "supervisors"
 
@@ -311,14 +317,41 @@ class Supervisor(Base):
     registered_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column()
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    key_generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class Operator(Base):
+    """A registered operator credential: a name for people and the audit log, and the Ed25519
+    public key its assertions are signed with.
+
+    An operator is found by its key (``key_id``, the key's fingerprint), never by a name the
+    assertion carries, so the audit log's actor is always the registered name. Sessions are
+    bound to ``key_generation`` exactly as a supervisor's are.
+    """
+
+    __tablename__ = "operators"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), unique=True)
+    public_key_pem: Mapped[str] = mapped_column(Text)
+    key_id: Mapped[str] = mapped_column(String(NAME_LENGTH), unique=True)
+    registered_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_session_at: Mapped[datetime | None] = mapped_column()
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    key_generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    revoked_at: Mapped[datetime | None] = mapped_column()
 
 
 class TaskAttempt(Base):
     """One try of one task in one run: the subject (``sub``) of a task token.
 
-    A token is honoured only while ``state`` is running, ``try_number`` matches and
-    ``supervisor_id`` is the claiming supervisor, so those three columns are the revocation
-    mechanism. ``trigger_id`` points at the trigger of the current deferral, if any.
+    A token is honoured only while ``state`` is running, ``try_number`` and ``execution``
+    match and ``supervisor_id`` is the claiming supervisor (still registered and active), so
+    those columns are the revocation mechanism. ``execution`` counts the claims of this row:
+    every claim (the first, and the one after each deferral or re-queue) is a new execution, and
+    a token names the one it was issued for, so no token outlives the execution it was minted
+    for. ``trigger_id`` points at the trigger of the current deferral, if any.
     """
 
     __tablename__ = "task_attempts"
@@ -337,6 +370,7 @@ class TaskAttempt(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
     task_id: Mapped[str] = mapped_column(String(NAME_LENGTH))
     try_number: Mapped[int] = mapped_column(Integer, default=1)
+    execution: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     state: Mapped[AttemptState] = mapped_column(
         _state_enum(AttemptState, "attempt_state"), default=AttemptState.QUEUED
     )

@@ -13,15 +13,12 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path
 from sqlalchemy import Delete, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from privsep.secrets.tokens import TokenRejected, issue_token
-from privsep.secrets.tokens import verify_assertion as check_assertion
 from privsep.server.auth import (
-    DatabaseReplayGuard,
     Operator_,
     OperatorPrincipal,
     State_,
@@ -38,7 +35,7 @@ from privsep.server.db.models import (
     Workflow,
     WorkflowVersion,
 )
-from privsep.server.errors import ERROR_RESPONSES, conflict, not_found, unauthorized
+from privsep.server.errors import ERROR_RESPONSES, conflict, not_found
 from privsep.server.routes._sql import affected
 from privsep.server.runs import start_run
 from privsep.server.schemas import (
@@ -59,8 +56,6 @@ from privsep.server.schemas import (
     RunDetailResponse,
     RunResponse,
     RunsResponse,
-    SessionRequest,
-    SessionResponse,
     TriggerRunRequest,
     VariablesResponse,
     VariableSummary,
@@ -77,37 +72,6 @@ GrantId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 router = APIRouter(prefix="/v1/operator", tags=["operator"], responses=ERROR_RESPONSES)
 
 _Row = TypeVar("_Row", Connection, Run, Variable, Workflow)
-
-
-@router.post("/session", response_model=SessionResponse)
-def open_session(
-    body: SessionRequest, request: Request, state: ServerState = State_
-) -> SessionResponse:
-    """Exchange an assertion signed by the operator key for a short operator session."""
-    if state.operator_key is None:
-        raise unauthorized("no_operator_key", "the server has no operator public key configured")
-    try:
-        claims = check_assertion(
-            body.assertion,
-            state.operator_key,
-            audience=state.settings.audience,
-            replay_guard=DatabaseReplayGuard(state),
-            max_ttl=state.settings.assertion_max_ttl,
-        )
-    except TokenRejected as exc:
-        audit(state, "request_denied", detail={"path": request.url.path, "code": exc.code})
-        raise unauthorized(exc.code, exc.message) from None
-    settings = state.settings
-    token = issue_token(
-        state.signer,
-        issuer=settings.issuer,
-        audience=settings.audience,
-        subject=claims.sub,
-        scope="operator",
-        ttl_seconds=settings.session_token_ttl,
-    )
-    audit(state, "session_opened", actor=claims.sub, detail={"scope": "operator"})
-    return SessionResponse(token=token.reveal(), expires_at=token.exp, subject=claims.sub)
 
 
 def _iso(moment: datetime | None) -> str | None:

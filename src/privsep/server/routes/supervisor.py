@@ -7,8 +7,6 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -16,11 +14,14 @@ from sqlalchemy.orm import Session
 from privsep.secrets.tokens import TokenRejected, unverified_issuer
 from privsep.secrets.tokens import verify_assertion as check_assertion
 from privsep.server.auth import (
+    EXECUTION,
+    SESSION_GENERATION,
     DatabaseReplayGuard,
     State_,
     Supervisor_,
     SupervisorPrincipal,
     audit,
+    registered_public_key,
 )
 from privsep.server.db.models import (
     AttemptState,
@@ -32,8 +33,10 @@ from privsep.server.db.models import (
     utcnow,
 )
 from privsep.server.errors import ERROR_RESPONSES, conflict, not_found, unauthorized
+from privsep.server.reaper import take_back_from
 from privsep.server.reconcile import Held, reconcile
-from privsep.server.runs import fail_or_retry, requeue_parse_jobs, requeue_triggers
+from privsep.server.routes._sql import affected
+from privsep.server.runs import fail_or_retry, requeue_triggers
 from privsep.server.schemas import (
     ClaimRequest,
     ClaimResponse,
@@ -58,13 +61,6 @@ log = logging.getLogger("privsep.server.supervisor")
 router = APIRouter(prefix="/v1/supervisor", tags=["supervisor"], responses=ERROR_RESPONSES)
 
 
-def _public_key(pem: str) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(pem.encode())
-    if not isinstance(key, Ed25519PublicKey):
-        raise unauthorized("unknown_key", "the registered key is not Ed25519")
-    return key
-
-
 @router.post("/session", response_model=SessionResponse)
 def open_session(
     body: SessionRequest, request: Request, state: ServerState = State_
@@ -77,7 +73,7 @@ def open_session(
         raise unauthorized(exc.code, exc.message) from None
     with state.db.read_session() as session:
         sup = session.scalars(select(Supervisor).where(Supervisor.name == name)).first()
-        found = (sup.id, sup.public_key_pem, sup.active) if sup else None
+        found = (sup.id, sup.public_key_pem, sup.active, sup.key_generation) if sup else None
     if found is None or not found[2]:
         audit(
             state,
@@ -86,11 +82,11 @@ def open_session(
             detail={"path": request.url.path, "code": "unknown_supervisor"},
         )
         raise unauthorized("unknown_supervisor", "no active supervisor is registered by that name")
-    sup_id, pem, _ = found
+    sup_id, pem, _, generation = found
     try:
         check_assertion(
             body.assertion,
-            _public_key(pem),
+            registered_public_key(pem),
             audience=state.settings.audience,
             replay_guard=DatabaseReplayGuard(state),
             supervisor_name=name,
@@ -101,11 +97,30 @@ def open_session(
             state, "request_denied", actor=name, detail={"path": request.url.path, "code": exc.code}
         )
         raise unauthorized(exc.code, exc.message) from None
-    token = claims.issue_work_token(state, "supervisor", sup_id, state.settings.session_token_ttl)
+    # The session is bound to the key generation it was opened under: a revocation or a new
+    # key moves the generation on, and every call compares it (auth.supervisor_principal).
+    # The heartbeat is recorded only if the generation still holds, so a session opened while
+    # the supervisor was being re-keyed is refused here rather than at its next call.
     with state.db.write_session() as session:
-        session.execute(
-            update(Supervisor).where(Supervisor.id == sup_id).values(last_heartbeat_at=utcnow())
+        current = affected(
+            session,
+            update(Supervisor)
+            .where(
+                Supervisor.id == sup_id,
+                Supervisor.active.is_(True),
+                Supervisor.key_generation == generation,
+            )
+            .values(last_heartbeat_at=utcnow()),
         )
+    if not current:
+        raise unauthorized("revoked", "this supervisor was revoked or re-keyed meanwhile")
+    token = claims.issue_work_token(
+        state,
+        "supervisor",
+        sup_id,
+        state.settings.session_token_ttl,
+        {SESSION_GENERATION: generation},
+    )
     audit(state, "session_opened", actor=name, subject=sup_id, detail={"jti": token.jti})
     return SessionResponse(token=token.reveal(), expires_at=token.exp, subject=sup_id)
 
@@ -152,24 +167,14 @@ def restarted(me: SupervisorPrincipal = Supervisor_, state: ServerState = State_
     died with its previous process. End it now rather than after the heartbeat timeout (which
     the new process's heartbeats would otherwise postpone forever)."""
     with state.db.write_session() as session:
-        orphaned = session.scalars(
-            select(TaskAttempt)
-            .where(
-                TaskAttempt.supervisor_id == me.supervisor_id,
-                TaskAttempt.state == AttemptState.RUNNING,
-            )
-            .with_for_update()
-        ).all()
-        for attempt in orphaned:
-            fail_or_retry(
-                session, attempt, f"supervisor {me.name} restarted while this attempt was running"
-            )
-        requeue_parse_jobs(session, [me.supervisor_id])
-        requeue_triggers(session, [me.supervisor_id])
-    if orphaned:
-        audit(
-            state, "attempts_orphaned", actor=me.name, detail={"attempts": [a.id for a in orphaned]}
+        taken = take_back_from(
+            session,
+            me.supervisor_id,
+            f"supervisor {me.name} restarted while this attempt was running",
+            "attempt_orphaned",
         )
+    if taken.attempts:
+        audit(state, "attempts_orphaned", actor=me.name, detail={"attempts": taken.attempts})
     return Ok()
 
 
@@ -224,7 +229,7 @@ def refresh(
         item = _refreshable(session, body.kind, body.id, me, oldest)
         extra: dict[str, object] = {"sup": me.supervisor_id}
         if isinstance(item, TaskAttempt):
-            extra = {"try": item.try_number, **extra}
+            extra = {"try": item.try_number, EXECUTION: item.execution, **extra}
         token = claims.issue_work_token(
             state, body.kind, item.id, state.settings.work_token_ttl, extra
         )

@@ -6,9 +6,9 @@ A task token changes only its own attempt's state and writes only its own XComs.
 XComs of its own run, and variables and connections that operator policy grants to its
 workflow.
 
-Every operation checks "still running, same try, same supervisor" in the same statement or
-transaction that does its work, so a token cannot race its own attempt's end, and a request
-costs one database round trip:
+Every operation checks "still running, same try, same execution, same supervisor, and that
+supervisor still active" in the same statement or transaction that does its work, so a token
+cannot race its own attempt's end, and a request costs one database round trip:
 
 * reads (:func:`read_context`, :func:`read_variable`, :func:`read_xcom`,
   :func:`read_connection`) are one statement on a read-only driver connection that returns
@@ -33,7 +33,9 @@ from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from privsep.server.auth import (
+    ATTEMPT_COLUMN_COUNT,
     ATTEMPT_COLUMNS,
+    ATTEMPT_FROM,
     Denied,
     TaskPrincipal,
     TaskToken,
@@ -46,6 +48,7 @@ from privsep.server.db.models import (
     GrantKind,
     PolicyGrant,
     Run,
+    Supervisor,
     TaskAttempt,
     Trigger,
     Variable,
@@ -91,12 +94,12 @@ def require_grant(
 # 'g' per grant of the kind asked for. The two halves of the UNION share their column names:
 # the attempt row leaves the grant's patterns NULL and the grant rows leave the rest NULL.
 
-_FROM_ATTEMPT = "FROM task_attempts a JOIN runs r ON r.id = a.run_id"
+_FROM_ATTEMPT = ATTEMPT_FROM
 
 
 def _with_grants(columns: str, joins: str, width: int) -> str:
     """The attempt row (``ATTEMPT_COLUMNS`` and ``width`` more ``columns``) and the grant rows."""
-    nulls = ", NULL" * (6 + width)
+    nulls = ", NULL" * (ATTEMPT_COLUMN_COUNT + width)
     return (
         "SELECT 'a' AS tag, NULL AS workflow_pattern, NULL AS name_pattern, "  # noqa: S608
         f"{ATTEMPT_COLUMNS}, {columns} {_FROM_ATTEMPT} {joins} WHERE a.id = :attempt UNION ALL "
@@ -214,6 +217,15 @@ def read_connection(reads: ReadPool, token: TaskToken, conn_id: str) -> dict[str
 # --- writes ----------------------------------------------------------------------------------
 
 
+# "The attempt's supervisor is still registered and active", for the conditional UPDATEs that
+# check an attempt without reading it first.
+_SUPERVISOR_ACTIVE = (
+    select(Supervisor.id)
+    .where(Supervisor.id == TaskAttempt.supervisor_id, Supervisor.active.is_(True))
+    .exists()
+)
+
+
 def beat(state: ServerState, token: TaskToken) -> None:
     """Record a heartbeat, in one conditional UPDATE: only a live attempt's row matches."""
     with state.db.write_session() as session:
@@ -224,7 +236,9 @@ def beat(state: ServerState, token: TaskToken) -> None:
                 TaskAttempt.id == token.attempt_id,
                 TaskAttempt.state == AttemptState.RUNNING,
                 TaskAttempt.try_number == token.try_number,
+                TaskAttempt.execution == token.execution,
                 TaskAttempt.supervisor_id == token.supervisor_id,
+                _SUPERVISOR_ACTIVE,
             )
             .values(heartbeat_at=utcnow())
             .execution_options(synchronize_session=False),
@@ -237,8 +251,9 @@ def beat(state: ServerState, token: TaskToken) -> None:
 def own_running_attempt(session: Session, token: TaskToken) -> tuple[TaskAttempt, TaskPrincipal]:
     """The caller's attempt, locked for this transaction, still running as the token says."""
     row = session.execute(
-        select(TaskAttempt, Run.workflow_id)
+        select(TaskAttempt, Run.workflow_id, Supervisor.active)
         .join(Run, Run.id == TaskAttempt.run_id)
+        .outerjoin(Supervisor, Supervisor.id == TaskAttempt.supervisor_id)
         .where(TaskAttempt.id == token.attempt_id)
         .with_for_update(of=TaskAttempt)
     ).first()
@@ -251,9 +266,11 @@ def own_running_attempt(session: Session, token: TaskToken) -> tuple[TaskAttempt
             "state": attempt.state,
             "supervisor_id": attempt.supervisor_id,
             "try_number": attempt.try_number,
+            "execution": attempt.execution,
             "run_id": attempt.run_id,
             "task_id": attempt.task_id,
             "workflow_id": row.workflow_id,
+            "supervisor_active": row.active,
         },
     )
     return attempt, me
@@ -297,7 +314,9 @@ _END_AS_SUCCESS = (
         TaskAttempt.id == bindparam("b_attempt_id"),
         TaskAttempt.state == AttemptState.RUNNING,
         TaskAttempt.try_number == bindparam("b_try_number"),
+        TaskAttempt.execution == bindparam("b_execution"),
         TaskAttempt.supervisor_id == bindparam("b_supervisor_id"),
+        _SUPERVISOR_ACTIVE,
     )
     .values(state=AttemptState.SUCCESS, ended_at=bindparam("b_now"))
     .returning(TaskAttempt.run_id, TaskAttempt.task_id)
@@ -310,15 +329,16 @@ def finish_success(state: ServerState, token: TaskToken, return_value: Any) -> N
     """End the token's attempt as a success, store its return value, move the run on.
 
     The attempt is checked and ended by one conditional UPDATE (only a running attempt with
-    the token's try and supervisor matches); when it matches nothing, the attempt is read
-    again to say why. The rest is Core statements: the ORM's unit of work cost more than the
-    statements themselves on the hottest write a task makes."""
+    the token's try, execution and active supervisor matches); when it matches nothing, the
+    attempt is read again to say why. The rest is Core statements: the ORM's unit of work cost
+    more than the statements themselves on the hottest write a task makes."""
     with state.db.write_session() as session:
         ended = session.execute(
             _END_AS_SUCCESS,
             {
                 "b_attempt_id": token.attempt_id,
                 "b_try_number": token.try_number,
+                "b_execution": token.execution,
                 "b_supervisor_id": token.supervisor_id,
                 "b_now": utcnow(),
             },

@@ -17,19 +17,21 @@ from sqlalchemy import Integer, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from privsep.secrets.tokens import Token, issue_token
-from privsep.server.auth import SupervisorPrincipal
+from privsep.server.auth import EXECUTION, SupervisorPrincipal
 from privsep.server.db.models import (
     AttemptState,
     AuditLog,
     ParseJob,
     ParseJobState,
     Run,
+    Supervisor,
     TaskAttempt,
     Trigger,
     TriggerState,
     WorkflowVersion,
     utcnow,
 )
+from privsep.server.errors import unauthorized
 from privsep.server.routes._sql import affected, table_of
 from privsep.server.runs import version_graph
 from privsep.server.scheduler import claim_candidates
@@ -78,6 +80,7 @@ def claim_work(state: ServerState, me: SupervisorPrincipal, body: ClaimRequest) 
     route and the fast path send these very bytes."""
     items: list[TaskWork | ParseWork | TriggerWork] = []
     with state.db.write_session() as session:
+        _still_granted(session, me)
         if "task" in body.kinds:
             items += _claim_tasks(session, state, me, body.max_items)
         if "parse" in body.kinds and len(items) < body.max_items:
@@ -105,6 +108,20 @@ def claim_work(state: ServerState, me: SupervisorPrincipal, body: ClaimRequest) 
     return answer
 
 
+def _still_granted(session: Session, me: SupervisorPrincipal) -> None:
+    """Refuse (401 ``revoked``) unless the claimer is still active under the key generation its
+    session was opened with, read in the claim's own transaction with the supervisor's row
+    locked against a revocation: a revocation either sees this claim's items (and takes them
+    back) or this claim sees the revocation, never neither."""
+    row = session.execute(
+        select(Supervisor.active, Supervisor.key_generation)
+        .where(Supervisor.id == me.supervisor_id)
+        .with_for_update(read=True)
+    ).first()
+    if row is None or not row.active or row.key_generation != me.generation:
+        raise unauthorized("revoked", "this supervisor was revoked or re-keyed")
+
+
 def _claim_tasks(
     session: Session, state: ServerState, me: SupervisorPrincipal, limit: int
 ) -> list[TaskWork | ParseWork | TriggerWork]:
@@ -129,6 +146,8 @@ def _claim_tasks(
                 supervisor_id=me.supervisor_id,
                 started_at=now,
                 heartbeat_at=now,
+                # A new execution: no token of an earlier claim of this row holds for it.
+                execution=TaskAttempt.execution + 1,
             )
             .returning(TaskAttempt.id)
             .execution_options(synchronize_session=False)
@@ -141,6 +160,7 @@ def _claim_tasks(
             TaskAttempt.id,
             TaskAttempt.task_id,
             TaskAttempt.try_number,
+            TaskAttempt.execution,
             Run.id.label("run_id"),
             Run.workflow_id,
             Run.workflow_version_id,
@@ -159,7 +179,9 @@ def _claim_tasks(
             )
         out.append(
             TaskWork(
-                **_issued(state, me, "task", row.id, {"try": row.try_number}),
+                **_issued(
+                    state, me, "task", row.id, {"try": row.try_number, EXECUTION: row.execution}
+                ),
                 run_id=row.run_id,
                 workflow_id=row.workflow_id,
                 task_id=row.task_id,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004_ownership"
+revision: str = "0004"
 down_revision: str | None = "0003"
 
 ID = 36
