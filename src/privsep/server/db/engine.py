@@ -291,9 +291,13 @@ class Database:
         with self._read_factory() as session:
             try:
                 yield session
+                # Only a session that sent something says the database answers: one that
+                # found all it needed in a cache never connected.
+                answered = session.in_transaction()
             finally:
                 session.rollback()
-        self.incidents.ok()
+        if answered:
+            self.incidents.ok()
 
     def _drop_connections(self) -> None:
         """An outage began: every pooled connection is dead, so none is handed out again."""
