@@ -206,6 +206,38 @@ class PostgresCluster:
             return
         raise RuntimeError(f"PostgreSQL did not start: {last_error}\n{self.server_log()}")
 
+    def crash(self) -> None:
+        """Stop the server at once, as a crash or a failover would (``-m immediate``: every
+        connection is cut), keeping the cluster for :meth:`restart`.
+
+        This cluster commits with ``synchronous_commit = off``, so an immediate stop would
+        also lose the last fraction of a second of commits, which a production server (where
+        a commit is on disk before it is acknowledged) never does: a checkpoint first keeps
+        every acknowledged commit, as there."""
+        assert self.pg_ctl is not None and self._started
+        with self._admin() as conn:
+            conn.execute("CHECKPOINT")
+        self._run([self.pg_ctl, "-D", str(self.data_dir), "-m", "immediate", "stop"])
+        self._started = False
+
+    def restart(self) -> None:
+        """Start the server again after :meth:`crash`, on the same port with the same data."""
+        assert self.pg_ctl is not None and not self._started
+        self._run(
+            [
+                self.pg_ctl,
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self.root / "server.log") if self.root else "server.log",
+                "-w",
+                "-t",
+                str(START_TIMEOUT_S),
+                "start",
+            ]
+        )
+        self._started = True
+
     def server_log(self) -> str:
         """The server log, for failure messages."""
         log = None if self.root is None else self.root / "server.log"

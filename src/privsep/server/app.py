@@ -17,7 +17,8 @@ from privsep.secrets.keyring import jwks_of
 from privsep.server.auth import State_
 from privsep.server.body_limit import BodyLimitMiddleware
 from privsep.server.db.models import Supervisor, utcnow
-from privsep.server.errors import install_error_handlers
+from privsep.server.db.outage import unavailable
+from privsep.server.errors import UNAVAILABLE_HEADERS, install_error_handlers
 from privsep.server.fastpath import TaskFastPath
 from privsep.server.routes import operator, operator_session, parse_trigger, supervisor, task
 from privsep.server.schemas import HealthResponse, SupervisorHealth
@@ -47,11 +48,14 @@ def health(response: Response, state: ServerState = State_) -> HealthResponse:
                     )
                 )
         database = "ok"
-    except Exception:  # any database failure is "unreachable" to a prober
+    except Exception as exc:  # any database failure is "unreachable" to a prober
+        if unavailable(exc):
+            state.db.incidents.failed(exc, "GET /v1/health")
         database = "unreachable"
     ok = database == "ok"
     if not ok:
         response.status_code = 503
+        response.headers.update(UNAVAILABLE_HEADERS)
     return HealthResponse(
         status="ok" if ok else "degraded",
         database=database,  # type: ignore[arg-type]

@@ -2,17 +2,25 @@
 
 Every error body is ``{"code": "...", "message": "..."}``. ``code`` is part of the API and
 never changes meaning; ``message`` is for people and may be reworded.
+
+A database outage is answered on every route with **503** ``database_unavailable`` and a
+``Retry-After`` header (see :mod:`privsep.server.db.outage`); the request had no effect, and
+the same request may be sent again after that many seconds.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from privsep.server.db.outage import RETRY_AFTER_S, unavailable
 
 
 class ErrorBody(BaseModel):
@@ -64,6 +72,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (409, "The resource is in a state that does not allow this"),
         (413, "Request body too large"),
         (422, "Request body does not match the schema"),
+        (503, "The database is unavailable; send the request again after Retry-After seconds"),
     )
 }
 
@@ -77,6 +86,24 @@ _STATUS_CODES = {
     413: "too_large",
     422: "invalid_request",
 }
+
+UNAVAILABLE_CODE = "database_unavailable"
+UNAVAILABLE_MESSAGE = "the server's database is unavailable; try again later"
+UNAVAILABLE_HEADERS = {"Retry-After": str(RETRY_AFTER_S)}
+
+# Whatever a database error may arrive as, wrapped by SQLAlchemy or straight from a driver.
+_DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    sa_exc.DBAPIError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,
+    sqlite3.Error,
+)
+try:
+    import psycopg
+
+    _DATABASE_ERRORS += (psycopg.Error,)
+except ImportError:  # a SQLite-only installation
+    pass
 
 
 def _body(status: int, code: str, message: str) -> JSONResponse:
@@ -103,6 +130,20 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return _body(422, "invalid_request", problems or "request does not match the schema")
 
+    async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
+        """An outage is a 503 and counts in the incident; any other database error is a bug,
+        raised again to keep its 500 and its traceback."""
+        if not unavailable(exc):
+            raise exc
+        request.app.state.privsep.db.incidents.failed(exc, f"{request.method} {request.url.path}")
+        return JSONResponse(
+            status_code=503,
+            content={"code": UNAVAILABLE_CODE, "message": UNAVAILABLE_MESSAGE},
+            headers=UNAVAILABLE_HEADERS,
+        )
+
+    for error in _DATABASE_ERRORS:
+        app.add_exception_handler(error, on_database_error)
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

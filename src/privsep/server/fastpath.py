@@ -27,7 +27,10 @@ and hands everything else to the application, untouched. The routes stay declare
 (and in the OpenAPI document) and keep serving every request the fast path passes on.
 
 Security does not change, because the fast path only ever answers **200**, and only after the
-same checks as the routes, done by the same functions:
+same checks as the routes, done by the same functions. (The one other answer is the **503**
+with ``Retry-After`` of a database outage, given only after the token verified, as the route
+would give it: see :mod:`privsep.server.db.outage`. Passing those on would only make the route
+fail the same way a second time.)
 
 * the token: :func:`~privsep.server.auth.token_in_header` on the first ``Authorization``
   header, then :func:`~privsep.server.auth.verify_silently`: the verified-token cache, or a
@@ -77,6 +80,8 @@ from privsep.server.auth import (
     token_in_header,
     verify_silently,
 )
+from privsep.server.db.outage import unavailable
+from privsep.server.errors import UNAVAILABLE_CODE, UNAVAILABLE_HEADERS, UNAVAILABLE_MESSAGE
 from privsep.server.readpool import ReadPool
 from privsep.server.schemas import ClaimRequest, ParseResultRequest, SucceedRequest
 from privsep.server.services import attempts, claims, parse_results
@@ -203,7 +208,12 @@ class TaskFastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            body, receive = await self._answer(scope, receive)
+            try:
+                body, receive = await self._answer(scope, receive)
+            except _DatabaseUnavailable:
+                self.served += 1
+                await _send_unavailable(send)
+                return
             if body is not None:
                 self.served += 1
                 await send(
@@ -257,7 +267,10 @@ class TaskFastPath:
             if verified is None:
                 return None, receive
             return await fast.handler(self, verified, raw, params), receive
-        except Exception:  # a refusal, a bad body, a busy database: the route answers
+        except Exception as exc:  # a refusal, a bad body, a busy database: the route answers
+            if unavailable(exc):
+                self.state.db.incidents.failed(exc, f"{scope['method']} {scope['path']}")
+                raise _DatabaseUnavailable from None
             return None, receive
 
     def _headers(self, scope: Scope) -> tuple[str | None, int | None]:
@@ -285,6 +298,24 @@ class TaskFastPath:
             return token_in_header(authorization.decode("latin-1")), length
         except Exception:
             return None, length
+
+
+class _DatabaseUnavailable(Exception):
+    """The database is away: answer 503 here rather than pass the request on."""
+
+
+_UNAVAILABLE_BODY = to_json({"code": UNAVAILABLE_CODE, "message": UNAVAILABLE_MESSAGE})
+
+
+async def _send_unavailable(send: Send) -> None:
+    """The same 503 that :func:`~privsep.server.errors.install_error_handlers` gives."""
+    headers = [(b"content-length", str(len(_UNAVAILABLE_BODY)).encode("ascii"))]
+    headers.append((b"content-type", b"application/json"))
+    headers += [
+        (k.lower().encode("ascii"), v.encode("ascii")) for k, v in UNAVAILABLE_HEADERS.items()
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": _UNAVAILABLE_BODY})
 
 
 async def _read_body(receive: Receive, length: int) -> tuple[bytes | None, list[Message]]:

@@ -20,7 +20,8 @@ What makes these connections safe to keep:
   commit made before it started, and one statement is one consistent snapshot. That is why each
   hot read is written as a single statement that joins everything it needs.
 * A connection that raised is closed, not reused. ``engine.dispose()`` (server shutdown, test
-  teardown) closes the idle ones, and those in use are closed when they come back.
+  teardown, and the start of a database outage: see :mod:`privsep.server.db.outage`) closes
+  the idle ones, and those in use are closed when they come back.
 
 The pool is a LIFO stack: the most recently used connection (warm page cache) is reused
 first, and only as many connections exist as there were concurrent readers. Build one per
@@ -37,6 +38,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, event
+
+from privsep.server.db.outage import incidents_for
 
 # SQL in this project's hot statements uses ``:name`` parameters (sqlite3's named style);
 # psycopg wants ``%(name)s``.
@@ -67,6 +70,7 @@ class ReadPool:
         self._idle: list[Any] = []
         self._lock = threading.Lock()
         self._generation = 0
+        self._incidents = incidents_for(engine.url)
         event.listen(engine, "engine_disposed", self._on_dispose)
 
     # --- statements ---------------------------------------------------------------------------
@@ -90,6 +94,7 @@ class ReadPool:
             _close_quietly(conn)  # whatever went wrong, do not hand this connection out again
             raise
         self._release(conn, generation)
+        self._incidents.ok()
         return [dict(zip(names, row, strict=True)) for row in rows]
 
     # --- connections --------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from privsep.server.db.models import (
     TaskAttempt,
     utcnow,
 )
+from privsep.server.db.outage import pass_failed
 from privsep.server.runs import fail_or_retry, requeue_parse_jobs, requeue_triggers
 
 log = logging.getLogger("privsep.server.reaper")
@@ -122,8 +123,8 @@ class ReaperThread(threading.Thread):
         while not self._stop_event.wait(self.interval):
             try:
                 reap_lost_work(self.db, self.timeout_seconds)
-            except Exception:  # a database hiccup must not kill the thread
-                log.exception("reaper pass failed; trying again in %.0f s", self.interval)
+            except Exception as exc:  # a database hiccup must not kill the thread
+                pass_failed(log, self.db.incidents, exc, "the reaper pass")
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -10,6 +10,18 @@ is over with one indexed ``EXISTS`` (``ix_task_attempts_run_id_state``). Only wh
 the run is left unfinished does it look at the whole run, once, to close it. Looking at the
 whole run on every success made a run of *n* tasks cost O(n²) and held SQLite's write lock
 for most of a large run.
+
+Whoever ends an attempt first takes the run's row lock (:func:`lock_run`), before it reads
+anything of the run. Under PostgreSQL's READ COMMITTED, two attempts of one run that ended at
+the same moment could otherwise each read the other as still running (neither had committed),
+so neither closed the run, and neither queued a downstream task that waited for both. With the
+lock the second one in waits for the first to commit, and its reads, each a new snapshot, see
+that commit. SQLite needs no lock: a write transaction there (``BEGIN IMMEDIATE``) already
+holds the only write lock, and the statement renders without ``FOR UPDATE``. Locks are always
+taken attempt first, then run, so these transactions cannot deadlock each other.
+
+A run closes with a conditional write (still ``running``), so it closes once. The scheduler's
+repair pass (:func:`repair_run`) closes any run that was left open all the same.
 """
 
 from __future__ import annotations
@@ -204,6 +216,20 @@ _ANY_UNFINISHED = (
     .where(TaskAttempt.run_id == bindparam("run_id"), TaskAttempt.state.in_(UNFINISHED))
     .limit(1)
 )
+_LOCK_RUN = (
+    select(Run.workflow_version_id, Run.state)
+    .where(Run.id == bindparam("run_id"))
+    .with_for_update()
+)
+
+
+def lock_run(session: Session, run_id: str) -> tuple[int, RunState] | None:
+    """Hold the run's row lock until the transaction ends (PostgreSQL; on SQLite the write
+    transaction already serialises writers) and read its version and state; ``None`` if the
+    run is gone. Take it after the attempt's own write, never before (see the module
+    docstring)."""
+    row = session.execute(_LOCK_RUN, {"run_id": run_id}).first()
+    return None if row is None else (row.workflow_version_id, row.state)
 
 
 def advance(session: Session, run: Run, ended_task_id: str | None = None) -> None:
@@ -213,14 +239,17 @@ def advance(session: Session, run: Run, ended_task_id: str | None = None) -> Non
 
     Without ``ended_task_id`` the whole run is looked at (the slow, complete form)."""
     session.flush()
-    advance_run(session, run.id, run.workflow_version_id, ended_task_id)
+    advance_run(session, run.id, ended_task_id)
 
 
-def advance_run(
-    session: Session, run_id: str, version_id: int, ended_task_id: str | None = None
-) -> None:
-    """:func:`advance` by ids, for callers that changed the attempt with a Core statement."""
-    graph = version_graph(session, version_id)
+def advance_run(session: Session, run_id: str, ended_task_id: str | None = None) -> None:
+    """:func:`advance` by id, for callers that changed the attempt with a Core statement.
+    Takes the run's lock first, so every read below sees what the run's other writers
+    committed."""
+    locked = lock_run(session, run_id)
+    if locked is None:
+        return
+    graph = version_graph(session, locked[0])
     if ended_task_id is None:
         _settle_whole_run(session, run_id, graph)
         return
@@ -229,6 +258,30 @@ def advance_run(
     unfinished = session.execute(_ANY_UNFINISHED, {"run_id": run_id}).first()
     if unfinished is None:
         _settle_whole_run(session, run_id, graph)
+
+
+@dataclass(frozen=True)
+class Repair:
+    """What :func:`repair_run` did to a run left open: the state it closed it with (``None``
+    if it is still running) and how many tasks it queued that nobody had queued."""
+
+    closed: RunState | None
+    queued: int
+
+    def __bool__(self) -> bool:
+        return self.closed is not None or self.queued > 0
+
+
+def repair_run(session: Session, run_id: str) -> Repair:
+    """Settle a run that is ``running`` with no attempt left unfinished: queue what is due,
+    or close it. Nothing, if another writer moved the run on meanwhile (checked under the
+    run's lock)."""
+    locked = lock_run(session, run_id)
+    if locked is None or locked[1] != RunState.RUNNING:
+        return Repair(None, 0)
+    if session.execute(_ANY_UNFINISHED, {"run_id": run_id}).first() is not None:
+        return Repair(None, 0)
+    return _settle_whole_run(session, run_id, version_graph(session, locked[0]))
 
 
 def _queue_downstream(session: Session, run_id: str, graph: Graph, ended_task_id: str) -> None:
@@ -265,10 +318,11 @@ def _queue_downstream(session: Session, run_id: str, graph: Graph, ended_task_id
         session.flush()
 
 
-def _settle_whole_run(session: Session, run_id: str, graph: Graph) -> None:
+def _settle_whole_run(session: Session, run_id: str, graph: Graph) -> Repair:
     """Look at every task of the run: queue or skip whatever is due, close the run if all
     ended. Runs when nothing of the run is left unfinished (so once or twice per run)."""
     latest = _latest_states(session, run_id)
+    queued = 0
     changed = True
     while changed:  # upstream_failed propagates through the graph
         changed = False
@@ -293,15 +347,23 @@ def _settle_whole_run(session: Session, run_id: str, graph: Graph) -> None:
             elif all(state in FINAL_OK for state in ups):
                 session.add(TaskAttempt(run_id=run_id, task_id=task.task_id, try_number=1))
                 latest[task.task_id] = AttemptState.QUEUED
+                queued += 1
     if len(latest) == len(graph.tasks) and all(
         state in FINAL_OK | FINAL_BAD for state in latest.values()
     ):
-        ok = all(state in FINAL_OK for state in latest.values())
-        session.execute(
-            update(Run)
-            .where(Run.id == run_id)
-            .values(state=RunState.SUCCESS if ok else RunState.FAILED, ended_at=utcnow())
+        final = (
+            RunState.SUCCESS
+            if all(state in FINAL_OK for state in latest.values())
+            else RunState.FAILED
         )
+        closed = affected(
+            session,
+            update(Run)
+            .where(Run.id == run_id, Run.state == RunState.RUNNING)
+            .values(state=final, ended_at=utcnow()),
+        )
+        return Repair(final if closed else None, queued)
+    return Repair(None, queued)
 
 
 def requeue_parse_jobs(session: Session, supervisor_ids: Collection[str]) -> int:

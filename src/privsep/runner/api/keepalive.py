@@ -56,11 +56,21 @@ class HttpUnavailable(ConnectionError):
 @dataclass(frozen=True)
 class HttpReply:
     """One answer. ``data`` is the decoded JSON body, ``None`` if empty or not JSON; ``text``
-    is the start of the raw body, for error messages."""
+    is the start of the raw body, for error messages; ``retry_after`` the seconds of a
+    ``Retry-After`` header (a 503 during a database outage), ``None`` without one."""
 
     status: int
     data: Any
     text: str
+    retry_after: float | None = None
+
+
+def retry_after_of(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header in its delay form; ``None`` when absent or in the
+    date form (which the server never sends), and at most an hour, whatever it says."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return min(float(value.strip()), 3600.0)
 
 
 class _Connection(http.client.HTTPConnection):
@@ -190,7 +200,7 @@ class KeepAliveClient:
         except ValueError:
             decoded = None
         text = raw[:200].decode("utf-8", "replace") if decoded is None else ""
-        return HttpReply(resp.status, decoded, text)
+        return HttpReply(resp.status, decoded, text, retry_after_of(resp.getheader("Retry-After")))
 
     def close(self) -> None:
         """Close every thread's connection; later requests raise :class:`HttpUnavailable`."""

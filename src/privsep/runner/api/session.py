@@ -35,7 +35,16 @@ class StopRequest(Protocol):
 
 
 class ServerUnavailable(Exception):
-    """The server could not be reached, or answered 5xx: retry later."""
+    """The server could not be reached, or answered 5xx: retry later, and not before
+    ``retry_after`` seconds when the server said so (a 503 during a database outage)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def not_before(self, delay: float) -> float:
+        """``delay``, or the server's ``Retry-After`` if that is longer."""
+        return max(delay, self.retry_after or 0.0)
 
 
 class ApiRefused(Exception):
@@ -111,7 +120,7 @@ class SupervisorApi(SessionClient):
                 self.open_session()
                 return True
             except ServerUnavailable as exc:
-                delay = delays()
+                delay = exc.not_before(delays())
                 if on_wait:
                     on_wait(delay, str(exc))
                 log.warning(
@@ -146,7 +155,10 @@ class SupervisorApi(SessionClient):
 def _data(reply: HttpReply) -> Any:
     """The decoded body of a success; an error status as the exception the loop expects."""
     if reply.status >= 500:
-        raise ServerUnavailable(f"server answered {reply.status}")
+        code = reply.data.get("code") if isinstance(reply.data, dict) else None
+        raise ServerUnavailable(
+            f"server answered {reply.status}" + (f" ({code})" if code else ""), reply.retry_after
+        )
     data = reply.data
     if reply.status >= 400:
         code = data.get("code", "error") if isinstance(data, dict) else "error"

@@ -111,6 +111,8 @@ class OperatorClient(SessionClient):
             raise CommandError(f"cannot {what}: the server rejected the request: {message}")
         if status in (404, 409):
             raise CommandError(f"cannot {what}: {message}")
+        if status == 503 and reply.retry_after is not None:
+            raise CommandError(f"cannot {what}: {_unavailable_text(message, reply)}")
         raise CommandError(f"cannot {what}: {_status_text(status, message)}")
 
     def _unreachable(self, exc: HttpUnavailable) -> CommandError:
@@ -141,6 +143,8 @@ class OperatorClient(SessionClient):
             return CommandError(
                 f"{where}: {message} (server.url here must be the server's own server.url)"
             )
+        if reply.status == 503 and reply.retry_after is not None:
+            return CommandError(f"{where}: {_unavailable_text(message, reply)}")
         if reply.status == 401:
             return CommandError(
                 f"{where}: the server refused the credential {self.credential}: {message}"
@@ -153,6 +157,12 @@ def _error_of(status: int, body: Any) -> tuple[str, str]:
     if isinstance(body, dict):
         return str(body.get("code", "error")), one_line(str(body.get("message", "")))
     return "error", f"HTTP {status} without an error body"
+
+
+def _unavailable_text(message: str, reply: HttpReply) -> str:
+    """A 503 with ``Retry-After``: the server is up but cannot serve now (its database is
+    away); nothing was done, and the same command may be run again."""
+    return f"{message} (HTTP 503; the server asks to retry after {reply.retry_after:g} s)"
 
 
 def _status_text(status: int, message: str) -> str:

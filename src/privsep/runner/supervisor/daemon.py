@@ -413,7 +413,8 @@ class Supervisor:
         except (ServerUnavailable, ApiRefused) as exc:
             log.warning("claim failed: %s", exc)
             self._poll = min(POLL_MAX, self._poll * 2)
-            self._next_claim = time.monotonic() + self._poll
+            wait = exc.not_before(self._poll) if isinstance(exc, ServerUnavailable) else self._poll
+            self._next_claim = time.monotonic() + wait
             return
         items = body.get("items", []) if isinstance(body, dict) else []
         for item in items:

@@ -52,6 +52,8 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from privsep.server.db.outage import Incidents, incidents_for
+
 SQLITE_DRIVERS: Final = frozenset({"sqlite", "sqlite+pysqlite"})
 POSTGRES_DRIVER: Final = "postgresql+psycopg"
 
@@ -229,8 +231,12 @@ class Database:
     _read_factory: sessionmaker[Session] = field(init=False, repr=False)
     # Which threads are inside a write session of this database (SQLite nesting guard).
     _writers: threading.local = field(init=False, repr=False, default_factory=threading.local)
+    # This database's outages, shared with every other Database of the same URL in the process.
+    incidents: Incidents = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.incidents = incidents_for(self.engine.url)
+        self.incidents.on_start(self._drop_connections)
         # Objects stay usable after commit: handlers commit and then build the response.
         self._write_factory = sessionmaker(self.engine, expire_on_commit=False)
         read_options: dict[str, Any] = {READ_ONLY_OPTION: True}
@@ -277,6 +283,7 @@ class Database:
         finally:
             if guard:
                 self._writers.active = False
+        self.incidents.ok()  # committed: the database answers
 
     @contextmanager
     def read_session(self) -> Iterator[Session]:
@@ -284,8 +291,17 @@ class Database:
         with self._read_factory() as session:
             try:
                 yield session
+                # Only a session that sent something says the database answers: one that
+                # found all it needed in a cache never connected.
+                answered = session.in_transaction()
             finally:
                 session.rollback()
+        if answered:
+            self.incidents.ok()
+
+    def _drop_connections(self) -> None:
+        """An outage began: every pooled connection is dead, so none is handed out again."""
+        self.engine.dispose()
 
     def dispose(self) -> None:
         """Close every pooled connection."""

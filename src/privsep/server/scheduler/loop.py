@@ -16,7 +16,9 @@ from datetime import UTC, datetime
 from typing import Final
 
 from privsep.server.db.engine import Database
+from privsep.server.db.outage import pass_failed
 from privsep.server.scheduler.clock import require_aware
+from privsep.server.scheduler.repair import repair_open_runs
 from privsep.server.scheduler.scheduled_runs import create_due_runs
 from privsep.server.scheduler.timeouts import (
     DEFAULT_RUNNING_GRACE_S,
@@ -39,6 +41,7 @@ class PassResult:
     running_expired: int = 0
     next_wakeup: datetime | None = None
     errors: tuple[str, ...] = field(default_factory=tuple)
+    runs_repaired: int = 0
 
 
 def _earliest(moments: Iterable[datetime | None]) -> datetime | None:
@@ -52,31 +55,47 @@ def scheduler_pass(
     """Run every part of the scheduler once at ``now``. Never raises.
 
     Each part runs on its own, so a failure in one (reported in ``errors`` and logged) does
-    not keep the others from running.
+    not keep the others from running; except a database outage, which ends the pass (and is
+    logged once per incident, not once per pass: :mod:`privsep.server.db.outage`).
     """
     now = require_aware(now)
     errors: list[str] = []
-    created = deferrals = running = 0
+    created = deferrals = running = repaired = 0
     next_tick: datetime | None = None
     deadline: datetime | None = None
     try:
         created, next_tick = create_due_runs(db, now)
     except Exception as exc:
-        log.exception("scheduling runs failed")
+        pass_failed(log, db.incidents, exc, "scheduling runs")
         errors.append(f"schedule: {exc.__class__.__name__}")
+    if errors and db.incidents.active:
+        # The database is away: the other parts would only fail the same way.
+        return PassResult(errors=tuple(errors))
     try:
         deferrals = expire_deferrals(db, now)
         with db.read_session() as session:
             deadline = next_deferral_deadline(session)
     except Exception as exc:
-        log.exception("expiring deferrals failed")
+        pass_failed(log, db.incidents, exc, "expiring deferrals")
         errors.append(f"deferrals: {exc.__class__.__name__}")
     try:
         running = expire_running(db, now, grace_seconds=running_grace)
     except Exception as exc:
-        log.exception("expiring running attempts failed")
+        pass_failed(log, db.incidents, exc, "expiring running attempts")
         errors.append(f"running: {exc.__class__.__name__}")
-    return PassResult(created, deferrals, running, _earliest([next_tick, deadline]), tuple(errors))
+    try:
+        repaired = repair_open_runs(db)
+    except Exception as exc:
+        pass_failed(log, db.incidents, exc, "repairing open runs")
+        errors.append(f"repair: {exc.__class__.__name__}")
+    return PassResult(
+        created,
+        deferrals,
+        running,
+        _earliest([next_tick, deadline]),
+        tuple(errors),
+        runs_repaired=repaired,
+    )
 
 
 class SchedulerThread(threading.Thread):
@@ -131,8 +150,8 @@ class SchedulerThread(threading.Thread):
                 if result.next_wakeup is not None:
                     until = (result.next_wakeup - now).total_seconds()
                     wait = min(self.interval, max(_MIN_WAIT_S, until))
-            except Exception:  # nothing may kill the thread; the next pass tries again
-                log.exception("scheduler pass failed; trying again in %.1f s", self.interval)
+            except Exception as exc:  # nothing may kill the thread; the next pass tries again
+                pass_failed(log, self.db.incidents, exc, "the scheduler pass")
             with self._done:
                 self._passes += 1
                 self._done.notify_all()

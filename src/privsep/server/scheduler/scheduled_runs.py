@@ -38,6 +38,7 @@ from sqlalchemy.orm import Mapped, Session
 
 from privsep.server.db.engine import Database
 from privsep.server.db.models import Run, RunTriggerKind, Workflow, WorkflowVersion
+from privsep.server.db.outage import unavailable
 from privsep.server.runs import start_run
 from privsep.server.scheduler import facts
 from privsep.server.scheduler.clock import require_aware
@@ -182,7 +183,9 @@ def create_due_runs(db: Database, now: datetime) -> tuple[int, datetime | None]:
         try:
             if create_scheduled_run(db, due) is not None:
                 created += 1
-        except Exception:
+        except Exception as exc:
+            if unavailable(exc):
+                raise  # the database is away: the pass ends, and says so once
             # One workflow's failure (say, a deadlock victim) must not starve the others; the
             # tick is still due on the next pass.
             log.exception("could not create the scheduled run of %s", due.workflow_id)

@@ -37,6 +37,7 @@ from privsep.server.db.models import (
     TriggerState,
     WorkflowVersion,
 )
+from privsep.server.db.outage import unavailable
 from privsep.server.runs import fail_or_retry
 from privsep.server.scheduler import facts
 from privsep.server.scheduler.clock import require_aware
@@ -82,7 +83,9 @@ def expire_deferrals(db: Database, now: datetime) -> int:
     for row in expired:
         try:
             ended += _expire_deferral(db, now, row.id, row.trigger_id)
-        except Exception:  # one bad row must not block the others
+        except Exception as exc:  # one bad row must not block the others
+            if unavailable(exc):
+                raise  # the database is away: the pass ends, and says so once
             log.exception("could not end the timed-out deferral of attempt %s", row.id)
     return ended
 
@@ -161,7 +164,9 @@ def expire_running(
     for attempt_id, started_at, timeout in expired:
         try:
             ended += _expire_running(db, attempt_id, started_at, timeout, grace_seconds)
-        except Exception:  # one bad row must not block the others
+        except Exception as exc:  # one bad row must not block the others
+            if unavailable(exc):
+                raise  # the database is away: the pass ends, and says so once
             log.exception("could not end timed-out attempt %s", attempt_id)
     return ended
 

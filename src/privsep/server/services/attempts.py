@@ -322,7 +322,6 @@ _END_AS_SUCCESS = (
     .returning(TaskAttempt.run_id, TaskAttempt.task_id)
     .execution_options(synchronize_session=False)
 )
-_RUN_VERSION = select(Run.workflow_version_id).where(Run.id == bindparam("run_id"))
 
 
 def finish_success(state: ServerState, token: TaskToken, return_value: Any) -> None:
@@ -348,9 +347,7 @@ def finish_success(state: ServerState, token: TaskToken, return_value: Any) -> N
             raise revoked(token, "the attempt this token was issued for is no longer running")
         if return_value is not None:
             put_xcom(session, ended.run_id, ended.task_id, "return_value", return_value)
-        version_id = session.scalar(_RUN_VERSION, {"run_id": ended.run_id})
-        if version_id is not None:
-            advance_run(session, ended.run_id, version_id, ended.task_id)
+        advance_run(session, ended.run_id, ended.task_id)
 
 
 def finish_failure(
