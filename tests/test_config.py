@@ -374,3 +374,27 @@ def test_repr_of_config_shows_no_secret(home: Path) -> None:
     cfg = load_config(environ=clean_env(home, PRIVSEP__DATABASE__URL="postgresql://u:pw@h/d"))
     assert "pw@" not in repr(cfg)
     assert cfg.settings["database.url"].display == "***"
+
+
+def test_server_urls_as_an_array_or_a_comma_list_and_the_audience_default(home: Path) -> None:
+    from privsep.runner.config.endpoints import endpoints
+
+    plain = endpoints(load_config(environ=clean_env(home)))
+    assert plain.urls == ("http://127.0.0.1:8780",)
+    assert plain.audience == "http://127.0.0.1:8780"  # as before replicas: server.url
+    write(
+        home / "privsep.toml",
+        '[server]\nurl = "http://lb:8780"\nurls = ["http://a:8780", " http://b:8780", ""]\n',
+    )
+    listed = endpoints(load_config(environ=clean_env(home)))
+    assert listed.urls == ("http://a:8780", "http://b:8780")
+    assert listed.audience == "http://lb:8780"
+    env = clean_env(
+        home,
+        PRIVSEP__SERVER__URLS="http://c:1,http://c:1,http://d:2",
+        PRIVSEP__SERVER__AUDIENCE="svc",
+    )
+    assert endpoints(load_config(environ=env)) == type(listed)(("http://c:1", "http://d:2"), "svc")
+    write(home / "privsep.toml", "[server]\nurls = [1]\n")
+    with pytest.raises(ConfigError, match="must be a string or an array of strings"):
+        load_config(environ=clean_env(home))

@@ -172,7 +172,9 @@ class Stack:
     def operator(self, method: str, path: str, body: Any = None) -> requests.Response:
         if not self._operator_token:
             key = load_private_key(str(self.home / "credentials/operator.key"))
-            assertion = create_assertion(key, supervisor_name="operator", audience=self.url)
+            # The service's name when it has one (replicas), else its one URL, as the server.
+            audience = self.env.get("PRIVSEP__SERVER__AUDIENCE") or self.url
+            assertion = create_assertion(key, supervisor_name="operator", audience=audience)
             resp = requests.post(
                 self.url + "/v1/operator/session", json={"assertion": assertion}, timeout=10
             )

@@ -417,7 +417,7 @@ def test_server_not_reachable(stack: Stack) -> None:
     line = fails(stack, 1, "runs", "list", PRIVSEP__SERVER__URL=url)
     assert line == (
         f"runner: cannot reach the server at {url}: Connection refused "
-        "(is `runner server` running? check server.url)"
+        "(is `runner server` running? check server.url and server.urls)"
     )
 
 

@@ -21,7 +21,7 @@ from privsep.runner.supervisor.settings import RELOADABLE, SupervisorSettings
 def _settings(tmp_path: Path) -> SupervisorSettings:
     return SupervisorSettings(
         name="loop",
-        server_url="http://127.0.0.1:1",
+        server_urls=("http://127.0.0.1:1",),
         credential=str(tmp_path / "cred"),
         state_dir=tmp_path / "state",
         runtime_dir=tmp_path / "run",

@@ -6,7 +6,9 @@ the key buys a short session token; the token is renewed before it runs out, and
 new session and sends the request once more (the session may have expired on the way, or a
 restarted server may have rotated its signing keys). That flow lives here once; what each
 caller makes of a status (an exception to retry on, a one-line error for a person) stays with
-the caller.
+the caller. Several server URLs (replicas) are tried in turn by
+:class:`~privsep.runner.api.failover.FailoverClient`; the assertion's audience is the service's
+one name, never the URL it happens to go to, so a session opened anywhere works everywhere.
 
 The session token stays in this process's memory, in a :class:`~privsep._token.Token`, and is
 revealed only where the ``Authorization`` header is written.
@@ -16,12 +18,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from privsep._token import Token
-from privsep.runner.api.keepalive import HttpReply, KeepAliveClient
+from privsep.runner.api.failover import FailoverClient
+from privsep.runner.api.keepalive import HttpReply
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -57,15 +60,17 @@ class SessionClient:
     """Calls the API under a session opened with a signed assertion. Thread-safe.
 
     ``key`` is called each time a session is opened, so a caller can read its key file only
-    when it is needed (and report a bad one its own way). ``audience`` defaults to ``base_url``
-    as given: the server compares it with its own ``server.url`` verbatim. Raises
+    when it is needed (and report a bad one its own way). ``urls`` is one base URL or several
+    replicas' in the order to try them. ``audience`` defaults to the first URL as given: the
+    server compares it with its own audience (``server.audience``, else ``server.url``)
+    verbatim. Raises
     :class:`~privsep.runner.api.keepalive.HttpUnavailable` when the server gives no answer and
     :class:`SessionRefused` when it gives no session; any other status is returned.
     """
 
     def __init__(
         self,
-        base_url: str,
+        urls: str | Sequence[str],
         *,
         name: str,
         key: Callable[[], Ed25519PrivateKey],
@@ -74,19 +79,31 @@ class SessionClient:
         timeout: float = 10.0,
         unix_socket: str | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        given = (urls,) if isinstance(urls, str) else tuple(urls)
         self.name = name
-        self.audience = audience or base_url
+        self.audience = audience or (given[0] if given else "")
         self.timeout = timeout
         self._key = key
         self._session_path = session_path
-        # One kept connection per calling thread; see keepalive.py for why not requests.
-        self._http = KeepAliveClient(self.base_url, timeout=timeout, unix_socket=unix_socket)
+        # One kept connection per calling thread and URL; see keepalive.py for why not
+        # requests, and failover.py for when it moves to the next URL.
+        self._http = FailoverClient(
+            [url.rstrip("/") for url in given], timeout=timeout, unix_socket=unix_socket
+        )
         self._lock = threading.Lock()
         self._session: _Session | None = None
 
     def __repr__(self) -> str:  # the token never reaches a log through repr()
         return f"{type(self).__name__}(name={self.name!r}, url={self.base_url!r})"
+
+    @property
+    def base_url(self) -> str:
+        """The server URL requests go to now (it changes on failover)."""
+        return self._http.base_url
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return self._http.urls
 
     def new_session(self) -> dict[str, Any]:
         """Exchange a fresh assertion for a session token; the server's answer."""

@@ -41,16 +41,25 @@ class HttpUnavailable(ConnectionError):
 
     ``request`` names what was sent (``"GET /v1/x"``), ``reason`` is the OS's reason when there
     is one (``"Connection refused"``), and ``timed_out`` tells a silent server from a refusal,
-    so that a command can say which it was.
+    so that a command can say which it was. ``sent`` is False when the request never fully
+    left (no connection, or writing it failed): the server cannot have acted on it, so it may
+    go to another replica whatever its method.
     """
 
     def __init__(
-        self, message: str, *, request: str = "", reason: str = "", timed_out: bool = False
+        self,
+        message: str,
+        *,
+        request: str = "",
+        reason: str = "",
+        timed_out: bool = False,
+        sent: bool = True,
     ) -> None:
         super().__init__(message)
         self.request = request
         self.reason = reason or message
         self.timed_out = timed_out
+        self.sent = sent
 
 
 @dataclass(frozen=True)
@@ -144,14 +153,14 @@ class KeepAliveClient:
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._closed:
-            raise HttpUnavailable(f"the client for {self.base_url} is closed")
+            raise HttpUnavailable(f"the client for {self.base_url} is closed", sent=False)
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is not None and _dropped(conn):
             conn.close()  # http.client reconnects on the next request
         if conn is None:
             with self._lock:
                 if self._closed:
-                    raise HttpUnavailable(f"the client for {self.base_url} is closed")
+                    raise HttpUnavailable(f"the client for {self.base_url} is closed", sent=False)
                 if self._unix_socket:
                     conn = UnixHTTPConnection(
                         self._unix_socket, self._host, self._port, timeout=self.timeout
@@ -181,8 +190,10 @@ class KeepAliveClient:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         conn = self._connection()
+        sent = False
         try:
             conn.request(method, self._prefix + path, body=data, headers=headers)
+            sent = True
             resp = conn.getresponse()
             raw = resp.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -192,6 +203,7 @@ class KeepAliveClient:
                 request=f"{method} {path}",
                 reason=getattr(exc, "strerror", None) or type(exc).__name__,
                 timed_out=isinstance(exc, TimeoutError),
+                sent=sent,
             ) from None
         if resp.will_close:
             conn.close()

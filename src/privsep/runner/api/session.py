@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -77,7 +77,7 @@ class SupervisorApi(SessionClient):
 
     def __init__(
         self,
-        base_url: str,
+        urls: str | Sequence[str],
         name: str,
         key: Ed25519PrivateKey,
         *,
@@ -85,12 +85,13 @@ class SupervisorApi(SessionClient):
         timeout: float = 10.0,
         unix_socket: str | None = None,
     ) -> None:
+        first = urls if isinstance(urls, str) else (urls[0] if urls else "")
         super().__init__(
-            base_url,
+            urls,
             name=name,
             key=lambda: key,
             session_path="/v1/supervisor/session",
-            audience=audience or base_url.rstrip("/"),
+            audience=audience or first.rstrip("/"),
             timeout=timeout,
             unix_socket=unix_socket,
         )

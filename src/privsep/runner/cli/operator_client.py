@@ -9,6 +9,7 @@ hint when there is an obvious next step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
@@ -30,26 +31,40 @@ class OperatorClient(SessionClient):
     so building a client never touches the key and commands that fail earlier never read it.
     """
 
-    def __init__(self, url: str, credential: str, *, timeout: float = 10.0) -> None:
-        self.url = url
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        credential: str,
+        *,
+        audience: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
         self.credential = credential
         try:
-            # The configured URL is also the assertion's audience, which the server compares
-            # with its own server.url verbatim; only the request base is normalised.
+            # The audience (by default the first URL exactly as configured) is compared with
+            # the server's own verbatim; only the request bases are normalised.
             super().__init__(
                 url,
                 name="operator",
                 key=self._load_key,
                 session_path="/v1/operator/session",
-                audience=url,
+                audience=audience,
                 timeout=timeout,
             )
         except ValueError as exc:
-            raise CommandError(f"server.url: {exc}") from None
+            raise CommandError(f"server.url or server.urls: {exc}") from None
 
     @classmethod
     def from_config(cls, cfg: Config) -> OperatorClient:
-        return cls(str(cfg.get("server.url")), str(cfg.path_of("operator.credential")))
+        from privsep.runner.config.endpoints import endpoints
+
+        where = endpoints(cfg)
+        return cls(where.urls, str(cfg.path_of("operator.credential")), audience=where.audience)
+
+    @property
+    def url(self) -> str:
+        """The server URL requests go to now (after a failover, the replica that answered)."""
+        return self.base_url
 
     def __repr__(self) -> str:  # the token never reaches a log through repr()
         return f"OperatorClient(url={self.url!r}, credential={self.credential!r})"
@@ -123,7 +138,7 @@ class OperatorClient(SessionClient):
             )
         return CommandError(
             f"cannot reach the server at {self.url}: {exc.reason} "
-            "(is `runner server` running? check server.url)"
+            "(is `runner server` running? check server.url and server.urls)"
         )
 
     def _no_session(self, reply: HttpReply) -> CommandError:
@@ -141,7 +156,8 @@ class OperatorClient(SessionClient):
             )
         if code == "bad_audience":
             return CommandError(
-                f"{where}: {message} (server.url here must be the server's own server.url)"
+                f"{where}: {message} (server.audience, or else server.url, must be the same "
+                "here as on the server)"
             )
         if reply.status == 503 and reply.retry_after is not None:
             return CommandError(f"{where}: {_unavailable_text(message, reply)}")

@@ -36,7 +36,6 @@ _SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("bind", "server.bind", str),
     ("socket_path", "server.socket", Path),
     ("issuer", "server.issuer", str),
-    ("audience", "server.url", str),
     ("max_request_bytes", "server.max_request_bytes", int),
     ("work_token_ttl", "server.work_token_ttl", int),
     ("work_token_max_lifetime", "server.work_token_max_lifetime", int),
@@ -59,11 +58,13 @@ def _setting(cfg: Config, key: str, kind: type) -> Any:
 
 
 def server_settings(cfg: Config) -> ServerSettings:
+    from privsep.runner.config.endpoints import endpoints
     from privsep.server.public import ServerSettings
 
     fernet = str(cfg.get("server.fernet_key"))
     return ServerSettings(
         database_url=database_url(cfg),
+        audience=endpoints(cfg).audience,
         fernet_keys=(fernet,) if fernet else (),
         **{field: _setting(cfg, key, kind) for field, key, kind in _SETTINGS},
     )

@@ -414,7 +414,11 @@ def run_standalone(opts: Options, base_env: dict[str, str] | None = None) -> int
         # loopback TCP for both sides), unless the configuration says otherwise.
         env["PRIVSEP__SUPERVISOR__API_SOCKET"] = str(cfg.path_of("server.socket"))
     app = Standalone(opts, env, url)
-    op = OperatorClient(url, str(opts.home / "credentials" / "operator.key"))
+    from privsep.runner.config.endpoints import endpoints
+
+    op = OperatorClient(
+        url, str(opts.home / "credentials" / "operator.key"), audience=endpoints(cfg).audience
+    )
     # SIGTERM (kill, systemd, a container runtime) and SIGHUP (a closed terminal) mean what
     # Ctrl-C means: stop what we started. Left at their defaults they would end this process
     # alone and leave the server, the supervisor and its sandboxes running under PID 1.

@@ -363,9 +363,13 @@ def _check_type(opt: Option, value: object, where: str) -> Value:
         checked = float(value)
     elif opt.kind == "str" and isinstance(value, str):
         checked = value
+    elif opt.many and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        # One representation whatever the source: the environment can only give a string.
+        checked = ",".join(v.strip() for v in value)
     else:
         raise ConfigError(
-            f"{where}: must be {_TYPE_WORDS[opt.kind]}, got {type(value).__name__} {value!r}"
+            f"{where}: must be {_TYPE_WORDS[opt.kind]}"
+            f"{' or an array of strings' if opt.many else ''}, got {type(value).__name__} {value!r}"
         )
     if opt.choices and checked not in opt.choices:
         raise ConfigError(f"{where}: must be one of {', '.join(opt.choices)}, got {checked!r}")

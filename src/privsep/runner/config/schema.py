@@ -25,7 +25,9 @@ class Option:
     them, and they may also be given as ``KEY_cmd`` or, for a file, as ``systemd:NAME`` (the
     credential systemd delivered in ``$CREDENTIALS_DIRECTORY``). ``path`` values are resolved
     against ``PRIVSEP_HOME`` when relative. A ``pattern`` is for values with a shape rather than a
-    fixed list of ``choices``; ``pattern_words`` says that shape in the error message.
+    fixed list of ``choices``; ``pattern_words`` says that shape in the error message. A
+    ``many`` value is a list: a TOML array of strings, or one comma-separated string (the only
+    form an environment variable has); the loader keeps it as that comma-separated string.
     """
 
     section: str
@@ -42,6 +44,7 @@ class Option:
     # A string the value must match as a whole (re.fullmatch), and how to say so to a person.
     pattern: str = ""
     pattern_words: str = ""
+    many: bool = False
 
     @property
     def name(self) -> str:
@@ -122,7 +125,26 @@ OPTIONS: tuple[Option, ...] = (
         "url",
         "str",
         "http://127.0.0.1:8780",
-        "Base URL supervisors and clients use to reach the internal API.",
+        "Base URL supervisors and clients use to reach the internal API (one server, or one "
+        "load balancer in front of several replicas); the default token audience.",
+    ),
+    Option(
+        "server",
+        "urls",
+        "str",
+        "",
+        "Several base URLs of server replicas, tried in order: a supervisor or operator "
+        "command moves to the next one when one does not answer (or answers 502, 503 or "
+        "504); empty means server.url alone. Set server.audience with it.",
+        many=True,
+    ),
+    Option(
+        "server",
+        "audience",
+        "str",
+        "",
+        "The service's identity in every token's aud claim: the same on every replica, "
+        "supervisor and operator host, whichever URL they use; empty means server.url.",
     ),
     Option(
         "server",
@@ -501,6 +523,8 @@ def render_reference_markdown() -> str:
                 notes.append(f"At least {opt.minimum}.")
             if opt.pattern_words:
                 notes.append(f"Must be {opt.pattern_words}.")
+            if opt.many:
+                notes.append("A list: a TOML array of strings, or one comma-separated string.")
             if opt.secret:
                 notes.append("**Secret**: also `_cmd` and `_file`.")
             elif opt.secret_path:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from privsep.runner.api.credential import load_credential
-from privsep.runner.api.keepalive import KeepAliveClient
+from privsep.runner.api.failover import FailoverClient
 from privsep.runner.api.session import ApiRefused, ServerUnavailable, SupervisorApi
 from privsep.runner.config.check_perms import PermissionViolation, enforce_at_start
 from privsep.runner.config.loader import Config, load_config
@@ -154,7 +154,7 @@ class Supervisor:
         self.notifier: Notifier | None = None
         self.watchdog: LoopWatchdog | None = None
         self.discovery: Discovery | None = None
-        self._proxy_http: KeepAliveClient | None = None  # made in start()
+        self._proxy_http: FailoverClient | None = None  # made in start()
         self.records = OrphanRecords(settings.state_dir / "sandboxes")
         self.bundles = BundleStore(settings.runtime_dir / "bundles")
         self.bundle_source = BundleVersionSource(settings.workflows_dir)
@@ -207,17 +207,19 @@ class Supervisor:
             log.warning("killed %d sandbox processes left over from an earlier run", killed)
         try:
             self.api = SupervisorApi(
-                self.settings.server_url,
+                self.settings.server_urls,
                 self.settings.name,
                 key,
+                audience=self.settings.audience or None,
                 unix_socket=self.settings.api_socket or None,
             )
-            # Proxied sandbox calls: 10 s, under the client SDK's own 10 s + 5 s wait.
-            self._proxy_http = KeepAliveClient(
-                self.settings.server_url, timeout=10, unix_socket=self.settings.api_socket or None
+            # Proxied sandbox calls: 10 s, under the client SDK's own 10 s + 5 s wait. They
+            # fail over too: a task's own report must reach a live replica.
+            self._proxy_http = FailoverClient(
+                self.settings.server_urls, timeout=10, unix_socket=self.settings.api_socket or None
             )
         except ValueError as exc:
-            raise CommandError(f"server.url: {exc}") from None
+            raise CommandError(f"server.url or server.urls: {exc}") from None
         self.outcomes = Outcomes(self.api)
         if self.notifier:
             self.notifier.status("opening a session with the server")

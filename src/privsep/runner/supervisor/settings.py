@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from privsep.runner.config.endpoints import endpoints
 from privsep.runner.config.loader import Config, ConfigError
 from privsep.runner.sources.discovery import load_sources
 
@@ -26,7 +27,6 @@ class _Key(NamedTuple):
 
 
 _FROM_CONFIG: dict[str, _Key] = {
-    "server_url": _Key("server.url", str),
     "api_socket": _Key("supervisor.api_socket", str),
     "heartbeat_interval": _Key("supervisor.heartbeat_interval", float, reloadable=True),
     "drain_grace": _Key("supervisor.drain_grace", float, reloadable=True),
@@ -46,7 +46,8 @@ _FROM_CONFIG: dict[str, _Key] = {
     "image": _Key("sandbox.image", str),
 }
 """Settings read as they are, by field name. The others (name, paths, parallelism, discovery
-sources, hidden paths) need more than a conversion and are made in :meth:`from_config`."""
+sources, hidden paths, the server's URLs and audience) need more than a conversion and are
+made in :meth:`from_config`."""
 
 RELOADABLE: tuple[str, ...] = (
     "parallelism",
@@ -59,7 +60,7 @@ RELOADABLE: tuple[str, ...] = (
 @dataclass
 class SupervisorSettings:
     name: str
-    server_url: str
+    server_urls: tuple[str, ...]  # in the order to try them: server.urls, else server.url
     credential: str
     state_dir: Path
     runtime_dir: Path
@@ -84,6 +85,12 @@ class SupervisorSettings:
     discovery_sources: str = "manifest,crawl"
     backend: str = "process"  # sandbox.backend: process or container
     image: str = ""  # sandbox.image, for the container backend ("" = privsep-sandbox:<version>)
+    audience: str = ""  # the aud of our assertions ("" = the first URL): server.audience
+
+    @property
+    def server_url(self) -> str:
+        """The first URL: what a sandbox with host network is told (it has no failover)."""
+        return self.server_urls[0]
 
     @classmethod
     def from_config(cls, cfg: Config) -> SupervisorSettings:
@@ -106,8 +113,11 @@ class SupervisorSettings:
             load_sources(sources)
         except ValueError as exc:
             raise ConfigError(f"supervisor.discovery_sources {exc}") from None
+        where = endpoints(cfg)
         return cls(
             name=str(cfg.get("supervisor.name")) or socket.gethostname(),
+            server_urls=where.urls,
+            audience=where.audience,
             credential=str(cfg.path_of("supervisor.credential")),
             state_dir=cfg.path_of("core.state_dir"),
             runtime_dir=cfg.path_of("core.runtime_dir"),
