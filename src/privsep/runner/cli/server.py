@@ -115,6 +115,8 @@ def notify_when_serving(bind: str) -> None:
     if notifier is None:
         return
     host, _, port = bind.rpartition(":")
+    if not port.isdigit():
+        return  # serve() refuses this bind in one line; there will be nothing to probe
     # A wildcard bind is probed on loopback.
     host = host.strip("[]")
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
