@@ -16,6 +16,7 @@ handlers run and files flushed as in a normal exit, but without tearing the inte
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 from typing import NoReturn
@@ -50,7 +51,7 @@ def run(plan: Plan, status_fd: int, request_fd: int = -1, lifeline: int = -1) ->
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.umask(0o022)
         libc.set_dumpable(False)
-        if request_fd >= 0 and not plan.userns:
+        if request_fd >= 0 and not plan.userns and may_return_to_nice_zero():
             # Pre-warming must not compete with sandboxes being launched right now; the user
             # process returns to nice 0 when its request arrives (a monitor stays at 10).
             os.nice(10)
@@ -71,6 +72,24 @@ def run(plan: Plan, status_fd: int, request_fd: int = -1, lifeline: int = -1) ->
         os.close(status_fd)
     sys.argv = [plan.entry, *plan.argv]
     call_and_exit(lambda: entry(list(plan.argv), plan.payload))
+
+
+CAP_SYS_NICE = 23
+
+
+def may_return_to_nice_zero() -> bool:
+    """Whether a process at nice 10 could get back to nice 0: RLIMIT_NICE allows nice values
+    down to ``20 - limit``, and CAP_SYS_NICE allows any. Where neither holds (a container
+    whose hard RLIMIT_NICE is 0, which systemd cannot raise there), a pre-warmed sandbox
+    stays at nice 0 rather than fail its launch."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    if soft == resource.RLIM_INFINITY or soft >= 20:
+        return True
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_NICE & 1)
+    return False
 
 
 def _terminate(signum: int, _frame: object) -> None:

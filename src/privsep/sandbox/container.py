@@ -154,6 +154,10 @@ class ContainerBackend(BackendBase[ContainerHandle]):
             with contextlib.suppress(Exception):
                 self._api.remove_container(entry["Id"], force=True)
 
+    def unenforced_limits(self) -> tuple[str, ...]:
+        """None: Docker applies every sandbox's memory and pids limits to its container."""
+        return ()
+
     def describe(self) -> str:
         """One line for the supervisor's startup log: how children are isolated here."""
         last = self._pool.first + self._pool.count - 1

@@ -192,6 +192,12 @@ class ProcessBackend(BackendBase[ProcessHandle]):
             return frozenset()
         return self._cgroups.controllers
 
+    def unenforced_limits(self) -> tuple[str, ...]:
+        """The whole-sandbox limits no writable cgroup controller here can enforce: ``memory``
+        and ``pids`` (a read-only or missing hierarchy, as in many containers). Each process
+        still has its rlimits, and the PID namespace still ends with the sandbox."""
+        return tuple(c for c in ("memory", "pids") if c not in self.cgroup_controllers)
+
     @property
     def zygote_pid(self) -> int | None:
         """The template zygote's pid (template mode, once started)."""

@@ -4,7 +4,11 @@ configuration into plain values for :mod:`privsep.server`."""
 
 from __future__ import annotations
 
+import http.client
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +88,7 @@ def run_server(cfg: Config) -> int:
         )
         return EXIT_FAILURE
     settings = server_settings(cfg)
+    notify_when_serving(settings.bind)
     scheduler = start_scheduler(settings)
     try:
         return serve(settings)
@@ -97,6 +102,45 @@ def run_server(cfg: Config) -> int:
         scheduler.stop(timeout=5)
 
 
+def notify_when_serving(bind: str) -> None:
+    """Under systemd (``Type=notify``), send READY=1 once the API answers ``/v1/health`` on
+    ``bind``, so ``systemctl start`` returns only when the server serves and units ordered
+    after it start against a live API.
+
+    The sockets are bound before the workers start but listen only once a worker can serve,
+    so until then the probe is refused and tries again. The notify variables are removed
+    from the environment first: the workers must not inherit them.
+    """
+    from privsep.runner.supervisor import systemd
+
+    notifier = systemd.Notifier.from_environ()
+    systemd.scrub_environ(os.environ)
+    if notifier is None:
+        return
+    host, _, port = bind.rpartition(":")
+    if not port.isdigit():
+        return  # serve() refuses this bind in one line; there will be nothing to probe
+    # A wildcard bind is probed on loopback.
+    host = host.strip("[]")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
+
+    def probe() -> None:
+        while True:
+            conn = http.client.HTTPConnection(host, int(port), timeout=2)
+            try:
+                conn.request("GET", "/v1/health")
+                if conn.getresponse().status == 200:
+                    notifier.ready(status=f"serving on {bind}")
+                    return
+            except (OSError, http.client.HTTPException, ValueError):
+                pass
+            finally:
+                conn.close()
+            time.sleep(0.1)
+
+    threading.Thread(target=probe, name="sd-ready", daemon=True).start()
+
+
 def start_scheduler(settings: ServerSettings) -> Stoppable:
     """One scheduler per ``runner server``, in the parent process, before any worker forks."""
     from privsep.server.public import start_scheduler as _start_scheduler
@@ -108,7 +152,6 @@ def run_scheduler(cfg: Config) -> int:
     """``runner scheduler``: the scheduler on its own, for deployments whose API servers run
     with it switched off. Same permission check as the server; stops on SIGTERM or Ctrl-C."""
     import signal
-    import threading
 
     try:
         enforce_at_start(cfg, "scheduler")
@@ -147,8 +190,6 @@ def db_check(cfg: Config) -> int:
 
 def keys_rotate(cfg: Config) -> int:
     """Add a signing key (creating the ring on first use); old keys keep verifying."""
-    import os
-
     from privsep.secrets.keyring import create_keyring, rotate
 
     ring = str(cfg.path_of("server.signing_keyring"))

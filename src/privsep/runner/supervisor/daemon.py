@@ -67,6 +67,11 @@ MAX_CLAIM = 100  # the server's ClaimRequest.max_items limit
 HEALTH_INTERVAL = 1.0
 RETENTION_INTERVAL = 3600.0
 NEVER = float("inf")
+# What each cgroup controller the backend may lack would have enforced, for the start-up log.
+UNENFORCED_MEANING = {
+    "memory": "the whole-sandbox memory limit",
+    "pids": "the whole-sandbox process count limit",
+}
 
 
 @dataclass(frozen=True)
@@ -251,6 +256,14 @@ class Supervisor:
             self.backend.describe(),
             self.settings.parallelism,
         )
+        unenforced = self.backend.unenforced_limits()
+        if unenforced:
+            log.warning(
+                "sandbox limits NOT enforced here: %s; no writable cgroup controller for %s "
+                "(each process keeps its rlimits, and the PID namespace ends with the sandbox)",
+                " and ".join(UNENFORCED_MEANING[name] for name in unenforced),
+                "/".join(unenforced),
+            )
         if self.watchdog:
             self.watchdog.start()
         if self.notifier:
