@@ -23,7 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import Depends, Request
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
@@ -32,6 +32,7 @@ from privsep.secrets.tokens import Claims, TokenRejected, verify_token
 from privsep.server.db.models import (
     AttemptState,
     AuditLog,
+    Operator,
     ParseJob,
     ParseJobState,
     Supervisor,
@@ -40,6 +41,7 @@ from privsep.server.db.models import (
     UsedJti,
 )
 from privsep.server.errors import ApiError, bad_request, forbidden, unauthorized
+from privsep.server.routes._sql import affected
 from privsep.server.state import ServerState
 
 # Anything in a query string that looks like a JWT: tokens end up in logs and proxies there.
@@ -237,6 +239,33 @@ def registered_public_key(pem: str) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise unauthorized("unknown_key", "the registered key is not Ed25519")
     return key
+
+
+def stamp_if_current(
+    state: ServerState,
+    model: type[Supervisor] | type[Operator],
+    principal_id: str,
+    generation: int,
+    **stamp: datetime,
+) -> bool:
+    """Stamp the principal's row (its last session or heartbeat) only if it is still active
+    under the key generation the assertion was checked against; False if it is not.
+
+    A session is bound to that generation, and a revocation or a new key moves it on: a
+    session opened while the principal was being revoked or re-keyed is refused here rather
+    than at its first call."""
+    with state.db.write_session() as session:
+        current = affected(
+            session,
+            update(model)
+            .where(
+                model.id == principal_id,
+                model.active.is_(True),
+                model.key_generation == generation,
+            )
+            .values(**stamp),
+        )
+    return current > 0
 
 
 def _claim_int(claims: Claims, name: str) -> int:

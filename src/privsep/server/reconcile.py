@@ -86,29 +86,23 @@ def reconcile(
                 detail={"supervisor": supervisor_id},
             )
         )
-    parse_jobs = affected(
-        session,
-        update(ParseJob)
-        .where(
-            ParseJob.supervisor_id == supervisor_id,
-            ParseJob.state == ParseJobState.RUNNING,
-            ParseJob.id.not_in(list(held.parse_jobs)),
-            ParseJob.claimed_at < cutoff,
+    requeued = 0
+    for model, queued, running, ids in (
+        (ParseJob, ParseJobState.QUEUED, ParseJobState.RUNNING, held.parse_jobs),
+        (Trigger, TriggerState.QUEUED, TriggerState.RUNNING, held.triggers),
+    ):
+        requeued += affected(
+            session,
+            update(model)
+            .where(
+                model.supervisor_id == supervisor_id,
+                model.state == running,
+                model.id.not_in(list(ids)),
+                model.claimed_at < cutoff,
+            )
+            .values(state=queued, supervisor_id=None),
         )
-        .values(state=ParseJobState.QUEUED, supervisor_id=None),
-    )
-    triggers = affected(
-        session,
-        update(Trigger)
-        .where(
-            Trigger.supervisor_id == supervisor_id,
-            Trigger.state == TriggerState.RUNNING,
-            Trigger.id.not_in(list(held.triggers)),
-            Trigger.claimed_at < cutoff,
-        )
-        .values(state=TriggerState.QUEUED, supervisor_id=None),
-    )
-    return len(unknown) + parse_jobs + triggers
+    return len(unknown) + requeued
 
 
 __all__ = ["Held", "reconcile"]

@@ -10,7 +10,7 @@ call.
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from privsep.secrets.tokens import TokenRejected, issue_token, unverified_key_id
 from privsep.secrets.tokens import verify_assertion as check_assertion
@@ -20,10 +20,10 @@ from privsep.server.auth import (
     State_,
     audit,
     registered_public_key,
+    stamp_if_current,
 )
 from privsep.server.db.models import Operator, utcnow
 from privsep.server.errors import ERROR_RESPONSES, ApiError, unauthorized
-from privsep.server.routes._sql import affected
 from privsep.server.schemas import SessionRequest, SessionResponse
 from privsep.server.state import ServerState
 
@@ -67,18 +67,7 @@ def open_session(
         )
     except TokenRejected as exc:
         raise refuse(exc.code, exc.message) from None
-    with state.db.write_session() as session:
-        current = affected(
-            session,
-            update(Operator)
-            .where(
-                Operator.id == op_id,
-                Operator.active.is_(True),
-                Operator.key_generation == generation,
-            )
-            .values(last_session_at=utcnow()),
-        )
-    if not current:
+    if not stamp_if_current(state, Operator, op_id, generation, last_session_at=utcnow()):
         raise refuse("revoked", "this operator was revoked or re-keyed meanwhile")
     settings = state.settings
     token = issue_token(

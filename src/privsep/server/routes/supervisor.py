@@ -22,6 +22,7 @@ from privsep.server.auth import (
     SupervisorPrincipal,
     audit,
     registered_public_key,
+    stamp_if_current,
 )
 from privsep.server.db.models import (
     AttemptState,
@@ -35,7 +36,6 @@ from privsep.server.db.models import (
 from privsep.server.errors import ERROR_RESPONSES, conflict, not_found, unauthorized
 from privsep.server.reaper import take_back_from
 from privsep.server.reconcile import Held, reconcile
-from privsep.server.routes._sql import affected
 from privsep.server.runs import fail_or_retry, requeue_triggers
 from privsep.server.schemas import (
     ClaimRequest,
@@ -97,22 +97,7 @@ def open_session(
             state, "request_denied", actor=name, detail={"path": request.url.path, "code": exc.code}
         )
         raise unauthorized(exc.code, exc.message) from None
-    # The session is bound to the key generation it was opened under: a revocation or a new
-    # key moves the generation on, and every call compares it (auth.supervisor_principal).
-    # The heartbeat is recorded only if the generation still holds, so a session opened while
-    # the supervisor was being re-keyed is refused here rather than at its next call.
-    with state.db.write_session() as session:
-        current = affected(
-            session,
-            update(Supervisor)
-            .where(
-                Supervisor.id == sup_id,
-                Supervisor.active.is_(True),
-                Supervisor.key_generation == generation,
-            )
-            .values(last_heartbeat_at=utcnow()),
-        )
-    if not current:
+    if not stamp_if_current(state, Supervisor, sup_id, generation, last_heartbeat_at=utcnow()):
         raise unauthorized("revoked", "this supervisor was revoked or re-keyed meanwhile")
     token = claims.issue_work_token(
         state,
