@@ -14,16 +14,20 @@ from typing import Protocol, TextIO
 from privsep.server.admin import AdminError, register_supervisor
 from privsep.server.listen import ListenError
 from privsep.server.settings import ServerSettings
+from privsep.server.signing_keys import check_signer, list_signing_keys, retire_signing_key
 
 __all__ = [
     "AdminError",
     "ListenError",
     "ServerSettings",
     "Stoppable",
+    "check_signer",
     "create_app",
     "db_check",
     "db_upgrade",
+    "list_signing_keys",
     "register_supervisor",
+    "retire_signing_key",
     "serve",
     "sqlite_url_for",
     "start_scheduler",

@@ -1,5 +1,6 @@
-"""The server-host commands: ``runner server``, ``runner db``, ``runner supervisors``,
-``runner keys``. They turn configuration into plain values for :mod:`privsep.server`."""
+"""The server-host commands: ``runner server``, ``runner db``, ``runner supervisors`` (and
+``runner keys``, in :mod:`privsep.runner.cli.keys`). They turn configuration into plain values
+for :mod:`privsep.server`."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ _SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("work_token_ttl", "server.work_token_ttl", int),
     ("work_token_max_lifetime", "server.work_token_max_lifetime", int),
     ("session_token_ttl", "server.session_token_ttl", int),
+    ("signing_keys_refresh", "server.signing_keys_refresh", float),
     ("supervisor_heartbeat_timeout", "server.supervisor_heartbeat_timeout", int),
     ("operator_public_key", "server.operator_public_key", Path),
     ("workers", "server.workers", int),
@@ -69,7 +71,7 @@ def server_settings(cfg: Config) -> ServerSettings:
 
 def run_server(cfg: Config) -> int:
     """Check permissions (strict by default), then serve until stopped."""
-    from privsep.server.public import ListenError, serve
+    from privsep.server.public import AdminError, ListenError, check_signer, serve
 
     try:
         enforce_at_start(cfg, "server")
@@ -81,6 +83,10 @@ def run_server(cfg: Config) -> int:
         )
         return EXIT_FAILURE
     settings = server_settings(cfg)
+    try:
+        check_signer(settings.database_url, settings.signing_keyring)
+    except AdminError as exc:
+        raise CommandError(f"refusing to start the server: {exc}") from None
     scheduler = start_scheduler(settings)
     try:
         return serve(settings)
@@ -150,24 +156,4 @@ def supervisors_register(cfg: Config, name: str, public_key: str, replace: bool)
     except AdminError as exc:
         raise CommandError(str(exc)) from None
     print(f"registered supervisor {name} (id {sup_id})")
-    return 0
-
-
-def keys_rotate(cfg: Config) -> int:
-    """Add a signing key (creating the ring on first use); old keys keep verifying."""
-    import os
-
-    from privsep.secrets.keyring import create_keyring, rotate
-
-    ring = str(cfg.path_of("server.signing_keyring"))
-    try:
-        if os.path.exists(os.path.join(ring, "ring.json")):
-            kid = rotate(ring)
-            print(f"added signing key {kid} to {ring}; it signs from now on")
-        else:
-            make_private_dir(ring)
-            kid = create_keyring(ring)
-            print(f"created key ring {ring} with signing key {kid}")
-    except InsecureFileError as exc:
-        raise CommandError(f"refusing the key ring: {exc}") from None
     return 0
