@@ -19,7 +19,7 @@ from privsep.secrets.keyring import jwks_of
 from privsep.server.auth import State_, operator_principal
 from privsep.server.body_limit import BodyLimitMiddleware
 from privsep.server.db.models import Supervisor, utcnow
-from privsep.server.errors import install_error_handlers
+from privsep.server.errors import ERROR_RESPONSES, install_error_handlers
 from privsep.server.fastpath import TaskFastPath
 from privsep.server.routes import operator, parse_trigger, supervisor, task
 from privsep.server.schemas import HealthResponse, SupervisorHealth
@@ -30,7 +30,16 @@ health_router = APIRouter(prefix="/v1", tags=["health"])
 
 # Unset, not None: the short answer leaves the detail fields out; a supervisor without a
 # heartbeat yet still says ``"heartbeat_age_seconds": null``.
-@health_router.get("/health", response_model=HealthResponse, response_model_exclude_unset=True)
+@health_router.get(
+    "/health",
+    response_model=HealthResponse,
+    response_model_exclude_unset=True,
+    responses={
+        400: ERROR_RESPONSES[400],
+        401: ERROR_RESPONSES[401],
+        503: {"model": HealthResponse, "description": "The database is unreachable"},
+    },
+)
 def health(request: Request, response: Response, state: ServerState = State_) -> HealthResponse:
     """Whether the server is up and which deployment it is (``instance``), for anyone. With
     an operator session (``Authorization: Bearer``), also the database's reachability and each
