@@ -26,9 +26,12 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from privsep.secrets.keyring import list_keys, prune
+from privsep.secrets.keyring import list_keys, prune, rotate
 from privsep.secrets.tokens import create_assertion
+from privsep.server.db import Database
+from privsep.server.public import retire_signing_key
 
+from .api import ApiHarness, bearer, task, workflow
 from .postgres import free_port
 
 REFRESH = 1.0
@@ -343,3 +346,28 @@ def test_health_names_no_supervisor_without_an_operator_session(
     for header in (f"Bearer {a.supervisor_token()}", "Bearer x.y.z"):
         refused = requests.get(a.url + "/v1/health", headers={"Authorization": header}, timeout=10)
         assert refused.status_code == 401 and "sup1" not in refused.text
+
+
+def test_a_task_token_the_fast_path_cached_is_refused_once_its_key_is_retired(
+    db: Database, migrated_db_url: str, tmp_path: Path
+) -> None:
+    """The task fast path answers from the verified-token cache on the event loop: a cached
+    task token of a retired key must fall out of it too (in-process app, real keys, real DB)."""
+    api = ApiHarness(db, tmp_path, signing_keys_refresh=0.2)
+    api.register_supervisor("sup")
+    sess = api.supervisor_session("sup")
+    op = api.operator_session()
+    api.define_workflow(sess, workflow("wf", task("t")))
+    api.trigger_run(op, "wf")
+    (work,) = api.claim(sess, ["task"])
+    assert api.client.get("/v1/task/context", headers=bearer(work.token)).status_code == 200
+    assert len(api.state.token_cache) > 0  # the next hit is the cache's
+    ring = str(tmp_path / "ring")
+    old = kid_of(work.token)
+    rotate(ring)
+    assert f"signing key {old} retired" in retire_signing_key(migrated_db_url, ring, old)
+    time.sleep(0.2 * 2 + 0.3)  # the refresh interval this harness was given, and a margin
+    refused = api.client.get("/v1/task/context", headers=bearer(work.token))
+    assert refused.status_code == 401, refused.text
+    assert old not in {k["kid"] for k in api.client.get("/v1/jwks").json()["keys"]}
+    api.client.close()
