@@ -22,7 +22,7 @@ Two ways a key gets retired, both recorded in the table:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -215,7 +215,7 @@ def _listing(
         state = "signing"
     else:
         state = "verifying"
-    when = datetime.fromtimestamp(created).astimezone().isoformat() if created else None
+    when = datetime.fromtimestamp(created, UTC).isoformat() if created else None
     return {
         "kid": kid,
         "state": state,
