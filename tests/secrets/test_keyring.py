@@ -25,10 +25,13 @@ from privsep.secrets.keyring import (
     create_keyring,
     key_id,
     list_keys,
+    load_ring,
     load_signer,
     load_verifiers,
     prune,
     public_jwks,
+    remove_key,
+    ring_id,
     rotate,
     verifiers_from_jwks,
 )
@@ -61,6 +64,8 @@ def test_create_lays_out_private_files(tmp_path: Path) -> None:
         assert mode_of(p) == 0o600, p
     assert json.loads((d / "ring.json").read_text()) == {
         "version": 1,
+        "id": ring_id(d),
+        "removed": [],
         "keys": [{"kid": kid, "created": T0}],
     }
     assert (d / f"{kid}.key").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
@@ -111,12 +116,51 @@ def test_prune_waits_for_the_window_then_drops_old_keys(ring: Path) -> None:
 
     assert prune(ring, 600, now=T0 + 2601) == [second]
     assert [e.kid for e in list_keys(ring)] == [third]
+    assert load_ring(ring).removed == {first, second}
 
 
 def test_prune_never_removes_the_current_signer(ring: Path) -> None:
     only = load_signer(ring).kid
     assert prune(ring, 0, now=T0 + 10**9) == []
     assert load_signer(ring).kid == only
+
+
+def test_ring_id_is_random_per_ring_and_survives_rotation_and_pruning(
+    ring: Path, tmp_path: Path
+) -> None:
+    first = ring_id(ring)
+    create_keyring(tmp_path / "other", now=T0)
+    assert ring_id(tmp_path / "other") != first
+    rotate(ring, now=T0 + 10)
+    rotate(ring, now=T0 + 20)
+    assert prune(ring, 0, now=T0 + 30)
+    assert ring_id(ring) == first
+
+
+def test_a_ring_without_id_keeps_its_oldest_kid_as_id_through_pruning(ring: Path) -> None:
+    index = ring / "ring.json"
+    doc = json.loads(index.read_text())
+    del doc["id"]
+    index.write_text(json.dumps(doc))
+    oldest = doc["keys"][0]["kid"]
+    assert ring_id(ring) == oldest
+    rotate(ring, now=T0 + 10)  # a write stores the stand-in, so pruning the key keeps it
+    assert prune(ring, 0, now=T0 + 20) == [oldest]
+    assert ring_id(ring) == oldest
+
+
+def test_remove_key_deletes_an_old_key_and_refuses_the_signer(ring: Path) -> None:
+    old = load_signer(ring).kid
+    new = rotate(ring, now=T0 + 10)
+    with pytest.raises(KeyRingError, match="current signing key; rotate first"):
+        remove_key(ring, new)
+    assert remove_key(ring, old) is True
+    assert not (ring / f"{old}.key").exists() and not (ring / f"{old}.pub").exists()
+    assert set(load_verifiers(ring)) == {new}
+    # The removal is recorded, so the server retires the key's published copy too.
+    assert load_ring(ring).removed == {old}
+    assert set(load_ring(ring).verifiers) == {new} and load_ring(ring).signer.kid == new
+    assert remove_key(ring, old) is False
 
 
 def test_prune_rejects_a_negative_window(ring: Path) -> None:

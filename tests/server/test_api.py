@@ -473,9 +473,12 @@ def test_openapi_declares_the_error_statuses(api: ApiHarness) -> None:
     assert all(p.startswith("/v1/") for p in spec["paths"])
 
 
-def test_health_reports_database_and_heartbeats(api: ApiHarness) -> None:
+def test_health_reports_database_and_heartbeats_to_an_operator(api: ApiHarness) -> None:
     api.supervisor_session("sup-a")  # opening a session counts as a heartbeat
-    body = api.client.get("/v1/health").json()
+    anonymous = api.client.get("/v1/health")
+    assert anonymous.json() == {"status": "ok", "instance": api.state.keys.ring}
+    assert "sup-a" not in anonymous.text
+    body = api.client.get("/v1/health", headers=bearer(api.operator_session())).json()
     assert body["status"] == "ok" and body["database"] == "ok"
     ages = {s["name"]: s for s in body["supervisors"]}
     assert ages["sup-a"]["healthy"] and ages["sup-a"]["heartbeat_age_seconds"] < 60

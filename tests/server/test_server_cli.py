@@ -159,8 +159,9 @@ def test_server_listens_on_tcp_and_a_private_unix_socket(
 ) -> None:
     proc, port, sock_path = server
     status, body = get_json(http.client.HTTPConnection("127.0.0.1", port, timeout=5), "/v1/health")
-    assert status == 200 and body["database"] == "ok"
-    assert [s["name"] for s in body["supervisors"]] == ["sup1"]  # type: ignore[union-attr]
+    # Unauthenticated: up or not, and which deployment; no supervisor names (see
+    # test_key_retirement.py for the operator's detailed answer).
+    assert status == 200 and set(body) == {"status", "instance"} and body["status"] == "ok"
     assert stat.S_ISSOCK(sock_path.stat().st_mode)
     assert stat.S_IMODE(sock_path.stat().st_mode) == 0o660
     assert stat.S_IMODE(sock_path.parent.stat().st_mode) == 0o750

@@ -8,7 +8,8 @@ than the longest token lifetime, so no live token loses its verifier.
 Layout of the directory (mode 0700, checked with
 :func:`~privsep.secrets.files.check_secret_dir` before anything in it is read or written)::
 
-    ring.json        {"version": 1, "keys": [{"kid": ..., "created": <unix seconds>}, ...]}
+    ring.json        {"version": 1, "id": ..., "removed": [<kid>, ...],
+                      "keys": [{"kid": ..., "created": <unix seconds>}, ...]}
     <kid>.key        PKCS#8 PEM Ed25519 private key, 0600
     <kid>.pub        SubjectPublicKeyInfo PEM public key, 0600
 
@@ -18,6 +19,18 @@ atomically (a new 0600 file, then ``rename``), and a key's files are written bef
 names them and unlinked only after the index has dropped them, so a reader never sees an index
 entry without its files. Writers (create, rotate, prune) hold an exclusive ``flock`` on the
 directory and readers a shared one, so two ``runner keys rotate`` at once cannot lose a key.
+
+The ring's ``id`` names the ring, not a key: it is random, public, and stays when keys come and
+go. The server answers ``/v1/health`` with it, so ``runner standalone`` can tell its own server
+from another one on the same port. A ring written before ids existed has none in its index;
+the kid of its oldest key stands in, and the next write (rotate, prune, remove) stores that
+value, so the id does not change when that key is pruned.
+
+``removed`` lists the kids that :func:`prune` and :func:`remove_key` took out of the ring.
+The server's copy of a public key (published in its database for other replicas) would
+otherwise outlive the key: the server retires every kid listed there. It is an explicit record,
+not an inference from "published but not in my ring", so a replica whose copy of the ring is
+older than another's never mistakes a newer key for a removed one.
 
 A ``kid`` is the first 16 characters of base64url(sha256(raw 32-byte public key)): it is
 derived from the key, so every replica computes the same one, and a key file that does not
@@ -55,15 +68,19 @@ from privsep.secrets.files import (
 
 __all__ = [
     "KeyRingError",
+    "LoadedRing",
     "RingEntry",
     "SigningKey",
     "create_keyring",
     "key_id",
     "list_keys",
+    "load_ring",
     "load_signer",
     "load_verifiers",
     "prune",
     "public_jwks",
+    "remove_key",
+    "ring_id",
     "rotate",
     "verifiers_from_jwks",
 ]
@@ -74,6 +91,7 @@ KID_LENGTH = 16
 # A kid names files in the ring directory: accept only what key_id() can produce, so a tampered
 # index or JWKS cannot smuggle in "../" or an absolute path.
 _KID_RE = re.compile(r"[A-Za-z0-9_-]{16}")
+_RING_ID_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 PathArg = str | os.PathLike[str]
 
@@ -135,7 +153,16 @@ def _locked(directory: str, *, exclusive: bool) -> Iterator[int]:
         os.close(fd)  # closing the last descriptor releases the lock
 
 
-def _parse_ring(path: str, data: bytes) -> list[RingEntry]:
+@dataclass(frozen=True)
+class _Index:
+    """``ring.json`` as read: the ring's id and its keys, oldest first."""
+
+    ring_id: str
+    entries: list[RingEntry]
+    removed: tuple[str, ...] = ()
+
+
+def _parse_ring(path: str, data: bytes) -> _Index:
     def bad(why: str) -> KeyRingError:
         return KeyRingError(f"{path}: {why}")
 
@@ -162,10 +189,22 @@ def _parse_ring(path: str, data: bytes) -> list[RingEntry]:
             raise bad(f"kid {kid} is listed twice")
         seen.add(kid)
         entries.append(RingEntry(kid, float(created)))
-    return entries
+    ring = doc.get("id", entries[0].kid)
+    if not isinstance(ring, str) or not _RING_ID_RE.fullmatch(ring):
+        raise bad("has an invalid 'id'")
+    removed = doc.get("removed", [])
+    if not isinstance(removed, list) or not all(
+        isinstance(k, str) and _KID_RE.fullmatch(k) for k in removed
+    ):
+        raise bad("has an invalid 'removed' list")
+    return _Index(ring, entries, tuple(removed))
 
 
 def _read_ring(directory: str) -> list[RingEntry]:
+    return _read_index(directory).entries
+
+
+def _read_index(directory: str) -> _Index:
     path = os.path.join(directory, RING_FILE)
     try:
         data = read_secret_file(path)
@@ -176,10 +215,18 @@ def _read_ring(directory: str) -> list[RingEntry]:
     return _parse_ring(path, data)
 
 
-def _write_ring(directory: str, dir_fd: int, entries: list[RingEntry]) -> None:
+def _write_ring(
+    directory: str,
+    dir_fd: int,
+    ring: str,
+    entries: list[RingEntry],
+    removed: tuple[str, ...] = (),
+) -> None:
     """Replace ``ring.json`` atomically: write a fresh 0600 file, fsync, rename, fsync the dir."""
     doc = {
         "version": RING_VERSION,
+        "id": ring,
+        "removed": list(removed),
         "keys": [{"kid": e.kid, "created": e.created} for e in entries],
     }
     data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
@@ -222,7 +269,8 @@ def create_keyring(directory: PathArg, *, now: float | None = None) -> str:
         if os.path.lexists(os.path.join(d, RING_FILE)):
             raise KeyRingError(f"{d}: already a key ring; use rotate() to add a key")
         kid = _add_key(d)
-        _write_ring(d, dir_fd, [RingEntry(kid, time.time() if now is None else now)])
+        ring = _b64url(os.urandom(12))
+        _write_ring(d, dir_fd, ring, [RingEntry(kid, time.time() if now is None else now)])
     return kid
 
 
@@ -236,10 +284,11 @@ def rotate(directory: PathArg, *, now: float | None = None) -> str:
     d = os.fspath(directory)
     _require_secure_dir(d)
     with _locked(d, exclusive=True) as dir_fd:
-        entries = _read_ring(d)
+        index = _read_index(d)
         kid = _add_key(d)
         created = time.time() if now is None else now
-        _write_ring(d, dir_fd, [*entries, RingEntry(kid, created)])
+        entries = [*index.entries, RingEntry(kid, created)]
+        _write_ring(d, dir_fd, index.ring_id, entries, index.removed)
     return kid
 
 
@@ -256,22 +305,55 @@ def prune(directory: PathArg, keep_seconds: float, *, now: float | None = None) 
     _require_secure_dir(d)
     t = time.time() if now is None else now
     with _locked(d, exclusive=True) as dir_fd:
-        entries = _read_ring(d)
+        index = _read_index(d)
         drop = {
             entry.kid
-            for entry, successor in itertools.pairwise(entries)
+            for entry, successor in itertools.pairwise(index.entries)
             if t - successor.created > keep_seconds
         }
-        if not drop:
-            return []
-        _write_ring(d, dir_fd, [e for e in entries if e.kid not in drop])
-        # Only now that no index names them: a reader never meets a listed key without files.
-        for kid in sorted(drop):
-            for suffix in (".key", ".pub"):
-                with suppress(FileNotFoundError):
-                    os.unlink(os.path.join(d, kid + suffix))
-        os.fsync(dir_fd)
-    return [e.kid for e in entries if e.kid in drop]
+        _drop_keys(d, dir_fd, index, drop)
+    return [e.kid for e in index.entries if e.kid in drop]
+
+
+def remove_key(directory: PathArg, kid: str) -> bool:
+    """Remove one key that no longer signs, private half included; False if the ring lacks it.
+
+    Unlike :func:`prune` this keeps no overlap: it is how a retired (say, leaked) key leaves
+    the host. The current signer is refused: rotate first, so something still signs.
+    """
+    d = os.fspath(directory)
+    _require_secure_dir(d)
+    with _locked(d, exclusive=True) as dir_fd:
+        index = _read_index(d)
+        if kid == index.entries[-1].kid:
+            raise KeyRingError(f"{d}: {kid} is the current signing key; rotate first")
+        if kid not in {e.kid for e in index.entries}:
+            return False
+        _drop_keys(d, dir_fd, index, {kid})
+    return True
+
+
+def _drop_keys(d: str, dir_fd: int, index: _Index, drop: set[str]) -> None:
+    """Rewrite the index without ``drop``, then unlink their files (the caller holds the lock
+    and never drops the last entry, the signer)."""
+    if not drop:
+        return
+    kept = [e for e in index.entries if e.kid not in drop]
+    _write_ring(d, dir_fd, index.ring_id, kept, (*index.removed, *sorted(drop)))
+    # Only now that no index names them: a reader never meets a listed key without files.
+    for kid in sorted(drop):
+        for suffix in (".key", ".pub"):
+            with suppress(FileNotFoundError):
+                os.unlink(os.path.join(d, kid + suffix))
+    os.fsync(dir_fd)
+
+
+def ring_id(directory: PathArg) -> str:
+    """The ring's public id (see the module's docstring): stable across rotations."""
+    d = os.fspath(directory)
+    _require_secure_dir(d)
+    with _locked(d, exclusive=False):
+        return _read_index(d).ring_id
 
 
 def list_keys(directory: PathArg) -> list[RingEntry]:
@@ -320,6 +402,32 @@ def load_signer(directory: PathArg) -> SigningKey:
     with _locked(d, exclusive=False):
         kid = _read_ring(d)[-1].kid
         return SigningKey(kid, _load_private(os.path.join(d, f"{kid}.key"), kid))
+
+
+@dataclass(frozen=True)
+class LoadedRing:
+    """One consistent look at the ring: its id, its signer, every key it holds (as public
+    keys, the signer's included) and the kids it removed."""
+
+    ring_id: str
+    signer: SigningKey
+    verifiers: dict[str, Ed25519PublicKey]
+    removed: frozenset[str]
+
+
+def load_ring(directory: PathArg) -> LoadedRing:
+    """:func:`load_signer`, :func:`load_verifiers` and the removal record, under one lock, so
+    a rotation in between cannot make them disagree."""
+    d = os.fspath(directory)
+    _require_secure_dir(d)
+    with _locked(d, exclusive=False):
+        index = _read_index(d)
+        kid = index.entries[-1].kid
+        signer = SigningKey(kid, _load_private(os.path.join(d, f"{kid}.key"), kid))
+        verifiers = {
+            e.kid: _load_public(os.path.join(d, f"{e.kid}.pub"), e.kid) for e in index.entries
+        }
+        return LoadedRing(index.ring_id, signer, verifiers, frozenset(index.removed))
 
 
 def load_verifiers(directory: PathArg) -> dict[str, Ed25519PublicKey]:

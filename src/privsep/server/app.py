@@ -8,17 +8,19 @@ same app in-process against a real database.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Literal
 
-from fastapi import APIRouter, FastAPI, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from sqlalchemy import select, text
+from sqlalchemy.orm import Session
 
 from privsep import __version__
 from privsep.secrets.keyring import jwks_of
-from privsep.server.auth import State_
+from privsep.server.auth import State_, operator_principal
 from privsep.server.body_limit import BodyLimitMiddleware
 from privsep.server.db.models import Supervisor, utcnow
 from privsep.server.db.outage import unavailable
-from privsep.server.errors import UNAVAILABLE_HEADERS, install_error_handlers
+from privsep.server.errors import ERROR_RESPONSES, UNAVAILABLE_HEADERS, install_error_handlers
 from privsep.server.fastpath import TaskFastPath
 from privsep.server.routes import operator, operator_session, parse_trigger, supervisor, task
 from privsep.server.schemas import HealthResponse, SupervisorHealth
@@ -27,26 +29,33 @@ from privsep.server.state import ServerState
 health_router = APIRouter(prefix="/v1", tags=["health"])
 
 
-@health_router.get("/health", response_model=HealthResponse)
-def health(response: Response, state: ServerState = State_) -> HealthResponse:
-    """No authentication: the database's reachability and each supervisor's heartbeat age."""
-    limit = timedelta(seconds=state.settings.supervisor_heartbeat_timeout)
-    now = utcnow()
+# Unset, not None: the short answer leaves the detail fields out; a supervisor without a
+# heartbeat yet still says ``"heartbeat_age_seconds": null``.
+@health_router.get(
+    "/health",
+    response_model=HealthResponse,
+    response_model_exclude_unset=True,
+    responses={
+        400: ERROR_RESPONSES[400],
+        401: ERROR_RESPONSES[401],
+        503: {"model": HealthResponse, "description": "The database is unreachable"},
+    },
+)
+def health(request: Request, response: Response, state: ServerState = State_) -> HealthResponse:
+    """Whether the server is up and which deployment it is (``instance``), for anyone. With
+    an operator session (``Authorization: Bearer``), also the database's reachability and each
+    supervisor's heartbeat age: who is registered is not for an unauthenticated prober. A
+    token that is sent must verify (401 otherwise), so an operator never mistakes the short
+    answer for "no supervisors"."""
+    detailed = "authorization" in request.headers
+    if detailed:
+        operator_principal(request)
     supervisors: list[SupervisorHealth] = []
     try:
         with state.db.read_session() as session:
             session.execute(text("SELECT 1"))
-            for sup in session.scalars(
-                select(Supervisor).where(Supervisor.active.is_(True)).order_by(Supervisor.name)
-            ):
-                age = (now - sup.last_heartbeat_at) if sup.last_heartbeat_at else None
-                supervisors.append(
-                    SupervisorHealth(
-                        name=sup.name,
-                        heartbeat_age_seconds=age.total_seconds() if age else None,
-                        healthy=age is not None and age <= limit,
-                    )
-                )
+            if detailed:
+                supervisors = _supervisor_health(session, state)
         database = "ok"
     except Exception as exc:  # any database failure is "unreachable" to a prober
         if unavailable(exc):
@@ -56,16 +65,40 @@ def health(response: Response, state: ServerState = State_) -> HealthResponse:
     if not ok:
         response.status_code = 503
         response.headers.update(UNAVAILABLE_HEADERS)
+    status: Literal["ok", "degraded"] = "ok" if ok else "degraded"
+    if not detailed:
+        return HealthResponse(status=status, instance=state.keys.ring)
     return HealthResponse(
-        status="ok" if ok else "degraded",
+        status=status,
+        instance=state.keys.ring,
         database=database,  # type: ignore[arg-type]
         supervisors=supervisors,
     )
 
 
+def _supervisor_health(session: Session, state: ServerState) -> list[SupervisorHealth]:
+    limit = timedelta(seconds=state.settings.supervisor_heartbeat_timeout)
+    now = utcnow()
+    out = []
+    for sup in session.scalars(
+        select(Supervisor).where(Supervisor.active.is_(True)).order_by(Supervisor.name)
+    ):
+        age = (now - sup.last_heartbeat_at) if sup.last_heartbeat_at else None
+        out.append(
+            SupervisorHealth(
+                name=sup.name,
+                heartbeat_age_seconds=age.total_seconds() if age else None,
+                healthy=age is not None and age <= limit,
+            )
+        )
+    return out
+
+
 @health_router.get("/jwks")
 def jwks(state: ServerState = State_) -> dict[str, object]:
-    """Public keys that verify tokens from any replica (RFC 8037 OKP keys)."""
+    """Public keys that verify tokens from any replica (RFC 8037 OKP keys); never a retired
+    one (the key set is re-read first when it is older than ``signing_keys_refresh``)."""
+    state.refresh_keys_if_stale()
     return jwks_of(state.verifiers)
 
 

@@ -131,7 +131,8 @@ def bearer_token(request: Request) -> str:
 def verified_claims(request: Request, scopes: frozenset[str]) -> Claims:
     state = get_state(request)
     token = bearer_token(request)
-    cached = state.token_cache.get(token, scopes)
+    state.refresh_keys_if_stale()  # a key retired since the last look must not verify
+    cached = state.token_cache.get(token, scopes, state.verifiers)
     if cached is not None:
         return cached
     return _verify(request, token, scopes)
@@ -149,7 +150,9 @@ def verify_silently(state: ServerState, token: str, scopes: frozenset[str]) -> C
     """The token's claims if it verifies against the keys already loaded (and then cached),
     else ``None``: no key reload, no audit record, nothing that touches the database. For the
     fast path, which passes every doubtful request on to the route that does all of that."""
-    cached = state.token_cache.get(token, scopes)
+    if state.keys_stale():
+        return None  # the route re-reads the key set (off the event loop) before trusting it
+    cached = state.token_cache.get(token, scopes, state.verifiers)
     if cached is not None:
         return cached
     try:
@@ -187,7 +190,9 @@ async def verified_claims_async(request: Request, scopes: frozenset[str]) -> Cla
         token = token_in_request(request)
     except ApiError as error:
         raise await run_in_threadpool(_deny, state, request, error) from None
-    cached = state.token_cache.get(token, scopes)
+    if state.keys_stale():
+        await run_in_threadpool(state.refresh_keys_if_stale)
+    cached = state.token_cache.get(token, scopes, state.verifiers)
     if cached is not None:
         return cached
     return await run_in_threadpool(_verify, request, token, scopes)

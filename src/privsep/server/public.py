@@ -24,6 +24,7 @@ from privsep.server.admin import (
 )
 from privsep.server.listen import ListenError
 from privsep.server.settings import ServerSettings
+from privsep.server.signing_keys import check_signer, list_signing_keys, retire_signing_key
 
 __all__ = [
     "AdminError",
@@ -32,13 +33,16 @@ __all__ = [
     "Revoked",
     "ServerSettings",
     "Stoppable",
+    "check_signer",
     "create_app",
     "db_check",
     "db_upgrade",
     "list_operators",
+    "list_signing_keys",
     "list_supervisors",
     "register_operator",
     "register_supervisor",
+    "retire_signing_key",
     "revoke_operator",
     "revoke_supervisor",
     "serve",

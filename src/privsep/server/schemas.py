@@ -364,9 +364,15 @@ class SupervisorHealth(Open):
 
 
 class HealthResponse(Open):
+    """``status`` and ``instance`` for anyone; the rest only for an operator session."""
+
     status: Literal["ok", "degraded"]
-    database: Literal["ok", "unreachable"]
-    supervisors: list[SupervisorHealth]
+    # Which deployment answers (the id of its signing key ring): public, stable across
+    # rotations, and different for every privsep home, so a client can tell "my server" from
+    # "something else on that port".
+    instance: str
+    database: Literal["ok", "unreachable"] | None = None
+    supervisors: list[SupervisorHealth] | None = None
 
 
 # --- operator: read views --------------------------------------------------------------------

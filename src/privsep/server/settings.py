@@ -23,6 +23,7 @@ class ServerSettings:
     work_token_ttl: int = 600
     work_token_max_lifetime: int = 86_400
     session_token_ttl: int = 900
+    signing_keys_refresh: float = 5.0
     assertion_max_ttl: int = 60
     supervisor_heartbeat_timeout: int = 120
     # Registered as operator ``operator_name`` on a start that finds no operator registered

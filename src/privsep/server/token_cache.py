@@ -2,14 +2,18 @@
 
 An Ed25519 check costs a few hundred microseconds, more than the rest of a small API call.
 Caching the *signature and claims* check is safe because nothing about it can change before
-``exp``; what can change (the attempt ended, the supervisor was deactivated) is checked
-against the database on every request, cached or not.
+``exp``, with one exception: the key that signed it may be retired. So a hit counts only while
+the token's kid is still among the verifiers the caller passes (the server's current key set),
+and a retired key's tokens fall out of the cache as soon as the key set drops it. What else can
+change (the attempt ended, the supervisor was deactivated) is checked against the database on
+every request, cached or not.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Container
 
 from privsep.secrets.tokens import Claims
 
@@ -24,12 +28,25 @@ class VerifiedTokenCache:
         self._max = max_entries
         self._lock = threading.Lock()
 
-    def get(self, token: str, scopes: frozenset[str], now: float | None = None) -> Claims | None:
+    def get(
+        self,
+        token: str,
+        scopes: frozenset[str],
+        verifiers: Container[str],
+        now: float | None = None,
+    ) -> Claims | None:
+        """The token's claims if it verified before, its scope is one of ``scopes`` and its
+        kid is still in ``verifiers`` (not retired); else ``None``."""
         claims = self._entries.get(token)
         if claims is None:
             return None
         t = time.time() if now is None else now
-        if claims.exp <= t or claims.nbf > t + 5 or claims.scope not in scopes:
+        if (
+            claims.exp <= t
+            or claims.nbf > t + 5
+            or claims.scope not in scopes
+            or claims.kid not in verifiers
+        ):
             return None  # the full check runs again and raises the right error
         return claims
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from privsep import __version__
+from privsep.runner.cli import keys as keys_cmd
 from privsep.runner.cli import manifest as manifest_cmd
 from privsep.runner.cli import operator as operator_cmd
 from privsep.runner.cli import principals as principals_cmd
@@ -122,12 +123,6 @@ def cmd_db_check(args: argparse.Namespace) -> int:
     from privsep.runner.cli.server import db_check
 
     return db_check(_load(args))
-
-
-def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from privsep.runner.cli.server import keys_rotate
-
-    return keys_rotate(_load(args))
 
 
 def cmd_supervisor(args: argparse.Namespace) -> int:
@@ -263,8 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("attempt", metavar="ATTEMPT")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing while it runs")
 
-    g = group(sub, "keys", "the token-signing key ring")
-    action(g, "rotate", "add a signing key (creates the ring if absent)", cmd_keys_rotate)
+    keys_cmd.register(sub)
     manifest_cmd.register(sub)
     selftest_cmd.register(sub)
     operator_cmd.register(sub)

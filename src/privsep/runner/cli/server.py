@@ -1,6 +1,6 @@
-"""The server-host commands: ``runner server``, ``runner db``, ``runner keys``, and the
-database URL that ``runner supervisors|operators`` (:mod:`.principals`) use. They turn
-configuration into plain values for :mod:`privsep.server`."""
+"""The server-host commands: ``runner server`` and ``runner db``, and the database URL that
+``runner supervisors|operators`` (:mod:`.principals`) and ``runner keys`` (:mod:`.keys`) use.
+They turn configuration into plain values for :mod:`privsep.server`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ _SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("work_token_ttl", "server.work_token_ttl", int),
     ("work_token_max_lifetime", "server.work_token_max_lifetime", int),
     ("session_token_ttl", "server.session_token_ttl", int),
+    ("signing_keys_refresh", "server.signing_keys_refresh", float),
     ("supervisor_heartbeat_timeout", "server.supervisor_heartbeat_timeout", int),
     ("operator_public_key", "server.operator_public_key", Path),
     ("operator_name", "server.operator_name", str),
@@ -76,7 +77,7 @@ def server_settings(cfg: Config) -> ServerSettings:
 
 def run_server(cfg: Config) -> int:
     """Check permissions (strict by default), then serve until stopped."""
-    from privsep.server.public import ListenError, serve
+    from privsep.server.public import AdminError, ListenError, check_signer, serve
 
     try:
         enforce_at_start(cfg, "server")
@@ -88,6 +89,10 @@ def run_server(cfg: Config) -> int:
         )
         return EXIT_FAILURE
     settings = server_settings(cfg)
+    try:
+        check_signer(settings.database_url, settings.signing_keyring)
+    except AdminError as exc:
+        raise CommandError(f"refusing to start the server: {exc}") from None
     notify_when_serving(settings.bind)
     scheduler = start_scheduler(settings)
     try:
@@ -186,21 +191,3 @@ def db_check(cfg: Config) -> int:
     from privsep.server.public import db_check as _db_check
 
     return _db_check(database_url(cfg), sys.stdout, sys.stderr)
-
-
-def keys_rotate(cfg: Config) -> int:
-    """Add a signing key (creating the ring on first use); old keys keep verifying."""
-    from privsep.secrets.keyring import create_keyring, rotate
-
-    ring = str(cfg.path_of("server.signing_keyring"))
-    try:
-        if os.path.exists(os.path.join(ring, "ring.json")):
-            kid = rotate(ring)
-            print(f"added signing key {kid} to {ring}; it signs from now on")
-        else:
-            make_private_dir(ring)
-            kid = create_keyring(ring)
-            print(f"created key ring {ring} with signing key {kid}")
-    except InsecureFileError as exc:
-        raise CommandError(f"refusing the key ring: {exc}") from None
-    return 0

@@ -17,12 +17,14 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -180,6 +182,9 @@ class Standalone:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.log_dir = opts.home / "state" / "standalone"
         self.restarts = 0
+        # What our own server answers as its instance (the id of this home's signing key
+        # ring), known once the first run has created the ring.
+        self.instance: str | None = None
 
     def progress(self, message: str) -> None:
         if not self.opts.as_json:
@@ -217,12 +222,50 @@ class Standalone:
                 f"the {name} exited with status {proc.returncode}:\n  " + "\n  ".join(lines)
             )
 
+    def check_port_free(self) -> None:
+        """Before starting our server: whoever already answers on its port is someone else."""
+        port = urlsplit(self.url).port or 80
+        with socket.socket() as probe:
+            probe.settimeout(1.0)
+            if probe.connect_ex((urlsplit(self.url).hostname or "127.0.0.1", port)) != 0:
+                return  # nothing listens there: the port is ours to take
+        self.refuse_port(self.instance_at_url())
+
+    def instance_at_url(self) -> str | None:
+        """The instance id that ``/v1/health`` at our URL answers, or None for something that
+        is not a privsep server (or does not answer like one)."""
+        try:
+            body = requests.get(self.url + "/v1/health", timeout=2).json()
+        except (requests.RequestException, ValueError):
+            return None
+        instance = body.get("instance") if isinstance(body, dict) else None
+        return instance if isinstance(instance, str) else None
+
+    def refuse_port(self, instance: str | None) -> None:
+        """One line: the port, who holds it, and the settings that move standalone elsewhere."""
+        port = urlsplit(self.url).port or 80
+        if instance is None:
+            who = "something that is not a privsep server"
+        elif instance == self.instance:
+            who = "a privsep server of this same home (is another `runner standalone` running?)"
+        else:
+            who = f"another privsep deployment (instance {instance})"
+        raise CommandError(
+            f"port {port} ({self.url}) is already served by {who}; choose another port with "
+            "server.bind and server.url (e.g. PRIVSEP__SERVER__BIND=127.0.0.1:8781 "
+            "PRIVSEP__SERVER__URL=http://127.0.0.1:8781)"
+        )
+
     def wait_for_server(self, timeout: float = 60.0) -> None:
+        """Until our own server answers: a 200 from another instance is not readiness."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_alive()
             with contextlib.suppress(requests.RequestException):
                 if requests.get(self.url + "/v1/health", timeout=1).status_code == 200:
+                    instance = self.instance_at_url()
+                    if instance != self.instance:
+                        self.refuse_port(instance)
                     return
             time.sleep(0.1)
         raise CommandError(f"the server did not answer on {self.url} within {timeout:.0f} s")
@@ -440,7 +483,11 @@ def run_standalone(opts: Options, base_env: dict[str, str] | None = None) -> int
     if created:
         app.progress(f"created {opts.home}")
     app.progress(f"home {opts.home}, workflows {opts.workflows}")
+    from privsep.secrets.keyring import ring_id
+
+    app.instance = ring_id(cfg.path_of("server.signing_keyring"))
     try:
+        app.check_port_free()
         app.start("server")
         app.wait_for_server()
         if opts.workflows.resolve() == bundled_examples().resolve():

@@ -199,6 +199,15 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "server",
+        "signing_keys_refresh",
+        "float",
+        5.0,
+        "Seconds a server trusts its loaded signing keys before re-reading them: the longest a "
+        "retired key still verifies anywhere, and the longest before a rotated key signs.",
+        minimum=0.1,
+    ),
+    Option(
+        "server",
         "supervisor_heartbeat_timeout",
         "int",
         120,

@@ -533,8 +533,11 @@ class UsedJti(Base):
 class SigningKey(Base):
     """A public key of the token-signing key ring, published so every replica can verify.
 
-    Private keys never enter the database. ``retired_at`` is when the key stopped signing; it
-    keeps verifying until every token it signed has expired.
+    Private keys never enter the database. ``retired_at`` is when the key was retired: from
+    then on it verifies nothing, on any replica, and it is left out of ``/v1/jwks``. The row
+    stays, so that a replica whose ring still holds the key cannot publish it again. (A key
+    that merely stopped signing after a rotation is not retired: it keeps verifying the tokens
+    it signed until it is pruned from the ring or retired.)
     """
 
     __tablename__ = "signing_keys"
