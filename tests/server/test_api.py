@@ -165,10 +165,13 @@ def test_a_finished_attempts_token_is_dead(api: ApiHarness, two_runs: dict[str, 
     a1: Work = two_runs["a1"]
     c = api.client
     assert c.post("/v1/task/succeed", json={}, headers=bearer(a1.token)).status_code == 200
+    # A repeat of the report that ended it gets its answer (tests/server/test_report_repeats.py);
+    # anything else the token asks is refused.
     for method, path, body in (
         ("GET", "/v1/task/context", None),
         ("POST", "/v1/task/heartbeat", {}),
-        ("POST", "/v1/task/succeed", {}),
+        ("POST", "/v1/task/fail", {"error": "late"}),
+        ("POST", "/v1/task/defer", {"trigger": {"module": "m", "qualname": "T"}}),
         ("PUT", "/v1/task/xcoms/late", {"value": 1}),
     ):
         resp = c.request(method, path, json=body, headers=bearer(a1.token))

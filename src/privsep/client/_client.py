@@ -8,7 +8,11 @@ it, so the child never holds a token at all.
 
 Idempotent calls (``GET``, ``PUT``, ``DELETE``) are retried with jittered exponential backoff
 when the API is unavailable. A ``POST`` changes state (succeed, fail, defer, fire) and is
-retried only when the request certainly never left this process.
+retried only when the request certainly never left this process, with one exception: an
+outcome report (the sandbox surface's ``REPORT`` rows) is retried across an outage for up to
+:data:`REPORT_RETRY_SECONDS`, sent or not, because the server applies a report once and answers
+its repeat with the original answer. Giving up on a report would make the supervisor report
+the item failed, and a task whose code had finished would run again.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from privsep.client._exceptions import (
     Unauthorized,
 )
 from privsep.client._models import Connection
+from privsep.client._surface import REPORT_CALLS
 from privsep.client._transport import (
     ProxyTransport,
     SocketChannel,
@@ -46,6 +51,9 @@ API_URL_ENV: Final = "PRIVSEP_API_URL"
 DEFAULT_TIMEOUT: Final = 10.0
 DEFAULT_RETRIES: Final = 3
 IDEMPOTENT: Final = frozenset({"GET", "PUT", "DELETE"})
+# How long an outcome report keeps trying through an outage (a replica restart, a database
+# failover) before the sandbox gives up and the supervisor reports the item failed.
+REPORT_RETRY_SECONDS: Final = 120.0
 _MAX_BACKOFF = 5.0
 
 log = logging.getLogger("privsep.client")
@@ -158,6 +166,8 @@ class Client:
         """Make one API call; return the JSON body of a 2xx or raise the typed error."""
         self._check_open()
         attempt = 0
+        report = (method, path) in REPORT_CALLS
+        give_up = time.monotonic() + REPORT_RETRY_SECONDS
         while True:
             try:
                 status, data = self._transport.request(method, path, body, timeout=self._timeout)
@@ -169,9 +179,12 @@ class Client:
                 break
             except (ServerUnavailable, ConnectionLost) as exc:
                 not_sent = isinstance(exc, ServerUnavailable) and not exc.request_sent
-                if attempt >= self._retries or not (method in IDEMPOTENT or not_sent):
-                    raise
                 delay = self._delay(attempt)
+                if report:
+                    if time.monotonic() + delay > give_up:
+                        raise
+                elif attempt >= self._retries or not (method in IDEMPOTENT or not_sent):
+                    raise
                 log.warning("%s; trying again in %.2f s", exc, delay)
                 time.sleep(delay)
                 attempt += 1

@@ -27,7 +27,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from fnmatch import fnmatchcase
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
@@ -276,6 +276,61 @@ def own_running_attempt(session: Session, token: TaskToken) -> tuple[TaskAttempt
     return attempt, me
 
 
+# What each report's repeat finds once the first one was applied, and the answer it gets: the
+# state the report put the attempt in. A deferred attempt becomes queued again (same row, same
+# execution) when its trigger fires, and is still the same report's work until a new claim.
+ENDED_BY: Final[dict[str, tuple[frozenset[AttemptState], AttemptState | None]]] = {
+    "succeed": (frozenset({AttemptState.SUCCESS}), None),
+    "fail": (frozenset({AttemptState.FAILED}), None),
+    "retry": (frozenset({AttemptState.FAILED, AttemptState.UP_FOR_RETRY}), None),
+    "defer": (frozenset({AttemptState.DEFERRED, AttemptState.QUEUED}), AttemptState.DEFERRED),
+}
+
+
+def repeated_report(session: Session, token: TaskToken, report: str) -> AttemptState | None:
+    """The answer the first ``report`` of the token's execution got, if this is a repeat of it.
+
+    A report whose answer was lost (a replica that died between commit and reply, a reset
+    connection, a 503 from a proxy that had passed it on) is sent again, and must get the
+    original answer rather than a refusal, or the sandbox would count it as failed and the
+    task would run again. Only the execution the token was issued for qualifies: the attempt
+    has the token's try and execution and is in a state that report leads to. Read only on
+    the refusal path, so a first report costs nothing more."""
+    states, answer = ENDED_BY[report]
+    row = session.execute(
+        select(TaskAttempt.state, TaskAttempt.try_number, TaskAttempt.execution).where(
+            TaskAttempt.id == token.attempt_id
+        )
+    ).first()
+    if (
+        row is None
+        or row.try_number != token.try_number
+        or row.execution != token.execution
+        or row.state not in states
+    ):
+        return None
+    return answer or row.state
+
+
+def report_once(
+    state: ServerState,
+    token: TaskToken,
+    report: str,
+    work: Callable[[Session, TaskAttempt, TaskPrincipal], AttemptState],
+) -> AttemptState:
+    """``work`` on the caller's running attempt, as :func:`in_own_attempt`; a repeat of a
+    report this execution already made gets that report's answer (:func:`repeated_report`)."""
+    with state.db.write_session() as session:
+        try:
+            attempt, me = own_running_attempt(session, token)
+        except Denied:
+            repeat = repeated_report(session, token, report)
+            if repeat is None:
+                raise
+            return repeat
+        return work(session, attempt, me)
+
+
 def in_own_attempt(
     state: ServerState, token: TaskToken, work: Callable[[Session, TaskAttempt, TaskPrincipal], T]
 ) -> T:
@@ -343,6 +398,8 @@ def finish_success(state: ServerState, token: TaskToken, return_value: Any) -> N
             },
         ).first()
         if ended is None:
+            if repeated_report(session, token, "succeed") is not None:
+                return  # applied already: the first report's answer was lost
             own_running_attempt(session, token)  # raises the refusal that says why
             raise revoked(token, "the attempt this token was issued for is no longer running")
         if return_value is not None:
@@ -355,9 +412,10 @@ def finish_failure(
 ) -> AttemptState:
     """End the token's attempt as failed, or up for retry when ``allow_retry`` and the task
     has tries left (the task's definition decides, never the caller)."""
-    return in_own_attempt(
+    return report_once(
         state,
         token,
+        "retry" if allow_retry else "fail",
         lambda session, attempt, _: fail_or_retry(session, attempt, error, allow_retry=allow_retry),
     )
 
@@ -379,7 +437,7 @@ def defer(
             attempt.next_try_at = utcnow() + timedelta(seconds=timeout)
         return attempt.state
 
-    return in_own_attempt(state, token, park)
+    return report_once(state, token, "defer", park)
 
 
 def _granted_variable(session: Session, token: TaskToken, me: TaskPrincipal, key: str) -> None:
