@@ -149,6 +149,17 @@ def _end_supervisor_grant(session: Session, sup: Supervisor, why: str) -> Reaped
     return take_back_from(session, sup.id, f"supervisor {sup.name} was {why}", "attempt_revoked")
 
 
+def _refuse_unless_replacing(
+    kind: str, name: str, existing: Supervisor | Operator | None, replace: bool
+) -> None:
+    """Registering a name that is taken needs ``--replace``: a typo must not re-key someone."""
+    if existing is not None and not replace:
+        state = "" if existing.active else " (revoked)"
+        raise AdminError(
+            f"{kind} {name!r} is already registered{state} (pass --replace to give it a new key)"
+        )
+
+
 def register_supervisor(
     database_url: str, name: str, public_key_path: str, *, replace: bool = False
 ) -> str:
@@ -163,12 +174,7 @@ def register_supervisor(
     def work(db: Database) -> str:
         with db.write_session() as session:
             existing = _supervisor(session, name)
-            if existing is not None and not replace:
-                state = "" if existing.active else " (revoked)"
-                raise AdminError(
-                    f"supervisor {name!r} is already registered{state} "
-                    "(pass --replace to give it a new key)"
-                )
+            _refuse_unless_replacing("supervisor", name, existing, replace)
             if existing is None:
                 existing = Supervisor(name=name, public_key_pem=pem, key_generation=1)
                 session.add(existing)
@@ -195,6 +201,21 @@ def register_supervisor(
     return _in_database(database_url, work)
 
 
+_Registered = TypeVar("_Registered", Supervisor, Operator)
+
+
+def _mark_revoked(kind: str, name: str, row: _Registered | None) -> _Registered | None:
+    """Mark ``row`` revoked as of now and return it; None if it was revoked already (revoking
+    twice is not an error). An unknown name is, naming the command that lists the known."""
+    if row is None:
+        raise AdminError(f"no {kind} {name!r} is registered (runner {kind}s list)")
+    if not row.active:
+        return None
+    row.active = False
+    row.revoked_at = utcnow()
+    return row
+
+
 def revoke_supervisor(database_url: str, name: str) -> Revoked:
     """Revoke a supervisor: its sessions end at their next call (401), the work it holds is
     taken back as lost (retried by another supervisor, per each task's retries) and its
@@ -202,13 +223,9 @@ def revoke_supervisor(database_url: str, name: str) -> Revoked:
 
     def work(db: Database) -> Revoked:
         with db.write_session() as session:
-            sup = _supervisor(session, name)
+            sup = _mark_revoked("supervisor", name, _supervisor(session, name))
             if sup is None:
-                raise AdminError(f"no supervisor {name!r} is registered (runner supervisors list)")
-            if not sup.active:
                 return Revoked(was_active=False)
-            sup.active = False
-            sup.revoked_at = utcnow()
             taken = _end_supervisor_grant(session, sup, "revoked")
             _audit(
                 session,
@@ -224,24 +241,28 @@ def revoke_supervisor(database_url: str, name: str) -> Revoked:
     return _in_database(database_url, work)
 
 
+def _principal(row: Supervisor | Operator, key: str, last_seen: datetime | None) -> Principal:
+    """A supervisor's or an operator's row as the list commands show it."""
+    state: Literal["active", "revoked"] = "active" if row.active else "revoked"
+    return Principal(
+        row.name,
+        row.id,
+        key,
+        row.registered_at,
+        last_seen,
+        state,
+        row.revoked_at,
+        row.key_generation,
+    )
+
+
 def list_supervisors(database_url: str) -> list[Principal]:
     """Every registered supervisor, revoked ones too, by name."""
 
     def work(db: Database) -> list[Principal]:
         with db.read_session() as session:
-            return [
-                Principal(
-                    name=s.name,
-                    id=s.id,
-                    key=fingerprint(s.public_key_pem),
-                    registered_at=s.registered_at,
-                    last_seen=s.last_heartbeat_at,
-                    state="active" if s.active else "revoked",
-                    revoked_at=s.revoked_at,
-                    key_generation=s.key_generation,
-                )
-                for s in session.scalars(select(Supervisor).order_by(Supervisor.name))
-            ]
+            rows = session.scalars(select(Supervisor).order_by(Supervisor.name))
+            return [_principal(s, fingerprint(s.public_key_pem), s.last_heartbeat_at) for s in rows]
 
     return _in_database(database_url, work)
 
@@ -274,12 +295,7 @@ def register_operator(
     def work(db: Database) -> str:
         with db.write_session() as session:
             existing = _operator(session, name)
-            if existing is not None and not replace:
-                state = "" if existing.active else " (revoked)"
-                raise AdminError(
-                    f"operator {name!r} is already registered{state} "
-                    "(pass --replace to give it a new key)"
-                )
+            _refuse_unless_replacing("operator", name, existing, replace)
             holder = _holder_of(session, kid, existing.id if existing else None)
             if holder is not None:
                 raise AdminError(f"that key is already registered to operator {holder!r}")
@@ -314,13 +330,9 @@ def revoke_operator(database_url: str, name: str) -> Revoked:
 
     def work(db: Database) -> Revoked:
         with db.write_session() as session:
-            op = _operator(session, name)
+            op = _mark_revoked("operator", name, _operator(session, name))
             if op is None:
-                raise AdminError(f"no operator {name!r} is registered (runner operators list)")
-            if not op.active:
                 return Revoked(was_active=False)
-            op.active = False
-            op.revoked_at = utcnow()
             op.key_generation += 1
             _audit(session, "operator_revoked", op.id, name)
             return Revoked(was_active=True)
@@ -333,19 +345,8 @@ def list_operators(database_url: str) -> list[Principal]:
 
     def work(db: Database) -> list[Principal]:
         with db.read_session() as session:
-            return [
-                Principal(
-                    name=o.name,
-                    id=o.id,
-                    key=o.key_id,
-                    registered_at=o.registered_at,
-                    last_seen=o.last_session_at,
-                    state="active" if o.active else "revoked",
-                    revoked_at=o.revoked_at,
-                    key_generation=o.key_generation,
-                )
-                for o in session.scalars(select(Operator).order_by(Operator.name))
-            ]
+            rows = session.scalars(select(Operator).order_by(Operator.name))
+            return [_principal(o, o.key_id, o.last_session_at) for o in rows]
 
     return _in_database(database_url, work)
 
