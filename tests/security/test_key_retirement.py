@@ -30,9 +30,23 @@ from privsep.secrets.keyring import list_keys, prune, rotate
 from privsep.secrets.tokens import create_assertion
 from privsep.server.db import Database
 from privsep.server.public import retire_signing_key
+from server import conftest as server_fixtures
+from server.api import ApiHarness, bearer, task, workflow
+from server.postgres import free_port
 
-from .api import ApiHarness, bearer, task, workflow
-from .postgres import free_port
+# The database fixtures of the server tests (a fresh migrated SQLite file and PostgreSQL
+# database per test, and the cluster behind them), shared rather than copied.
+postgres_cluster = server_fixtures.postgres_cluster
+_postgres_template = server_fixtures._postgres_template
+migrated_db_url = server_fixtures.migrated_db_url
+db = server_fixtures.db
+
+
+@pytest.fixture(autouse=True)
+def next_sandbox_runs_normally() -> None:
+    """These attacks go at the API and the key ring, not at a sandbox: there is no sandbox
+    whose health the suite's canary (tests/security/conftest.py) would check afterwards."""
+
 
 REFRESH = 1.0
 AUDIENCE = "http://privsep.test"
