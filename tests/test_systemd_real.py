@@ -397,6 +397,30 @@ def test_a_workflow_runs_to_success_in_a_sandbox(running: Machine) -> None:
     assert "process backend" in journal
 
 
+def test_only_the_supervisors_own_cgroup_subtree_is_writable(running: Machine) -> None:
+    """``ProtectControlGroups=`` leaves the supervisor (and anything that escapes a sandbox as
+    root) the cgroup subtree it was delegated and nothing else: in its mount namespace a
+    sibling cgroup cannot be made, its own subtree holds the sandbox cgroups and takes a
+    new one."""
+    pid = running.show(SUPERVISOR, "MainPID")["MainPID"]
+    group = running.show(SUPERVISOR, "ControlGroup")["ControlGroup"]
+    # The cgroup v2 tree: the hybrid layout's unified tree, or the whole of /sys/fs/cgroup.
+    tree = running.sh(
+        "if [ -e /sys/fs/cgroup/unified/cgroup.procs ]; then echo /sys/fs/cgroup/unified;"
+        " else echo /sys/fs/cgroup; fi"
+    ).stdout.strip()
+    own = f"{tree}{group}"
+    sibling = f"{tree}{os.path.dirname(group)}/privsep-test-sibling"
+    inside = f"nsenter -t {pid} -m --"
+    outside = running.sh(f"{inside} mkdir {sibling}", check=False)
+    running.sh(f"rmdir {sibling} 2>/dev/null || true")
+    assert outside.returncode != 0, f"the supervisor could create {sibling}"
+    assert "Read-only file system" in outside.stderr, outside.stderr
+    assert running.sh(f"{inside} test -d {own}/privsep-sandboxes", check=False).returncode == 0
+    probe = f"{own}/privsep-test-probe"
+    running.sh(f"{inside} mkdir {probe} && {inside} rmdir {probe}")
+
+
 # --- reload ----------------------------------------------------------------------------------
 
 
