@@ -28,11 +28,10 @@ from .api import ApiHarness, Work, bearer, error_code, task, workflow
 
 
 def fast_path_of(api: ApiHarness) -> TaskFastPath:
-    served: Any = getattr(api, "served_app", None)
-    if isinstance(served, TaskFastPath):
-        return served
-    api.client.get("/v1/jwks")  # builds the middleware stack
-    app: Any = api.app.middleware_stack
+    app: Any = getattr(api, "served_app", None)  # the request metrics, then the fast path
+    if app is None:
+        api.client.get("/v1/jwks")  # builds the middleware stack
+        app = api.app.middleware_stack
     while app is not None and not isinstance(app, TaskFastPath):
         app = getattr(app, "app", None)
     assert isinstance(app, TaskFastPath)

@@ -8,7 +8,7 @@ same app in-process against a real database.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from sqlalchemy import select, text
@@ -22,7 +22,15 @@ from privsep.server.db.models import Supervisor, utcnow
 from privsep.server.db.outage import unavailable
 from privsep.server.errors import ERROR_RESPONSES, UNAVAILABLE_HEADERS, install_error_handlers
 from privsep.server.fastpath import TaskFastPath
-from privsep.server.routes import operator, operator_session, parse_trigger, supervisor, task
+from privsep.server.metrics import Metered
+from privsep.server.routes import (
+    observability,
+    operator,
+    operator_session,
+    parse_trigger,
+    supervisor,
+    task,
+)
 from privsep.server.schemas import HealthResponse, SupervisorHealth
 from privsep.server.state import ServerState
 
@@ -102,42 +110,64 @@ def jwks(state: ServerState = State_) -> dict[str, object]:
     return jwks_of(state.verifiers)
 
 
-def create_app(state: ServerState, *, fast_path: bool = True) -> FastAPI:
-    """The FastAPI application. With ``fast_path`` (the default, what tests and embedders
-    get) the task fast path is its outermost middleware; :func:`serving_app` puts it in front
-    of the application instead."""
+ROUTERS: tuple[APIRouter, ...] = (
+    health_router,
+    supervisor.router,
+    task.router,
+    parse_trigger.parse_router,
+    parse_trigger.trigger_router,
+    operator_session.router,
+    operator.router,
+    observability.router,
+)
+
+
+def _routed() -> FastAPI:
+    """The application's routes and metadata, without state or middleware: all the OpenAPI
+    document needs. The document is served to operator sessions only
+    (``GET /v1/operator/openapi.json``), so FastAPI's own unauthenticated ``/openapi.json``
+    and ``/docs`` are off."""
     app = FastAPI(
         title="privsep internal API",
         version=__version__,
-        openapi_url="/v1/openapi.json",
+        openapi_url=None,
         docs_url=None,
         redoc_url=None,
     )
+    for router in ROUTERS:
+        app.include_router(router)
+    return app
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document, offline: no database, no keys, no server."""
+    document: dict[str, Any] = _routed().openapi()
+    return document
+
+
+def create_app(state: ServerState, *, fast_path: bool = True) -> FastAPI:
+    """The FastAPI application. With ``fast_path`` (the default, what tests and embedders
+    get) the task fast path and the request metrics are its outermost middlewares;
+    :func:`serving_app` puts them in front of the application instead."""
+    app = _routed()
     app.state.privsep = state
     install_error_handlers(app)
-    for router in (
-        health_router,
-        supervisor.router,
-        task.router,
-        parse_trigger.parse_router,
-        parse_trigger.trigger_router,
-        operator_session.router,
-        operator.router,
-    ):
-        app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.settings.max_request_bytes)
     if fast_path:
         # Outermost (added last): answers the hottest task reads itself and passes everything
         # else on, bodies included, so the body cap above still sees every request it must.
         app.add_middleware(TaskFastPath, state=state)
+        app.add_middleware(Metered)  # around the fast path too, so its answers are timed
     return app
 
 
-def serving_app(state: ServerState) -> TaskFastPath:
-    """What ``runner server`` runs: the task fast path in front of the FastAPI application.
+def serving_app(state: ServerState) -> Metered:
+    """What ``runner server`` runs: the request metrics and the task fast path in front of
+    the FastAPI application.
 
-    The same middleware as inside :func:`create_app`, one step further out: a request it
-    answers skips FastAPI's own entry (its telemetry check, the error middleware), about a
-    quarter of the fast path's cost. Everything else reaches the application unchanged.
+    The same middlewares as inside :func:`create_app`, one step further out: a request the
+    fast path answers skips FastAPI's own entry (its telemetry check, the error middleware),
+    about a quarter of the fast path's cost. Everything else reaches the application
+    unchanged.
     """
-    return TaskFastPath(create_app(state, fast_path=False), state)
+    return Metered(TaskFastPath(create_app(state, fast_path=False), state))

@@ -41,6 +41,7 @@ from privsep.server.db.models import (
     UsedJti,
 )
 from privsep.server.errors import ApiError, bad_request, forbidden, unauthorized
+from privsep.server.metrics import REFUSALS
 from privsep.server.routes._sql import affected
 from privsep.server.state import ServerState
 
@@ -79,7 +80,10 @@ def audit(
     detail: dict[str, Any] | None = None,
 ) -> None:
     """Append one security event. Its own short transaction: a denial is recorded even
-    though the request that caused it fails."""
+    though the request that caused it fails. Every refusal passes here, so it is also where
+    refusals are counted, by their reason code."""
+    if event == "request_denied":
+        REFUSALS.labels(str((detail or {}).get("code", "unknown"))).inc()
     with state.db.write_session() as session:
         session.add(AuditLog(event=event, actor=actor, subject=subject, detail=detail))
 

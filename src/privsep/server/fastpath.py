@@ -82,6 +82,7 @@ from privsep.server.auth import (
 )
 from privsep.server.db.outage import unavailable
 from privsep.server.errors import UNAVAILABLE_CODE, UNAVAILABLE_HEADERS, UNAVAILABLE_MESSAGE
+from privsep.server.metrics import FAST_PATH, ROUTE_KEY
 from privsep.server.readpool import ReadPool
 from privsep.server.schemas import ClaimRequest, ParseResultRequest, SucceedRequest
 from privsep.server.services import attempts, claims, parse_results
@@ -216,6 +217,7 @@ class TaskFastPath:
                 return
             if body is not None:
                 self.served += 1
+                FAST_PATH.inc()
                 await send(
                     {
                         "type": "http.response.start",
@@ -247,6 +249,7 @@ class TaskFastPath:
         if found is None or scope.get("query_string") or scope.get("root_path"):
             return None, receive
         route, params = found
+        scope[ROUTE_KEY] = route.path  # the metrics' label, should this answer
         fast = HANDLERS[route]
         raw_token, length = self._headers(scope)
         if raw_token is None:

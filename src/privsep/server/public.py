@@ -8,8 +8,10 @@ module, so a command that wants more of the server has to add it here, in the op
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from os import PathLike
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from privsep.server.admin import (
     AdminError,
@@ -40,6 +42,8 @@ __all__ = [
     "list_operators",
     "list_signing_keys",
     "list_supervisors",
+    "openapi_document",
+    "prepare_metrics",
     "register_operator",
     "register_supervisor",
     "retire_signing_key",
@@ -77,6 +81,28 @@ def create_app(settings: ServerSettings) -> object:
     from privsep.server.state import build_state
 
     return _create_app(build_state(settings))
+
+
+def openapi_document() -> dict[str, Any]:
+    """The API's OpenAPI document, built offline from the app factory's routes: no database,
+    no keys and no server needed."""
+    from privsep.server.app import openapi_document as _openapi_document
+
+    return _openapi_document()
+
+
+@contextlib.contextmanager
+def prepare_metrics(settings: ServerSettings) -> Iterator[None]:
+    """Around everything that serves (the scheduler and the workers): with several workers,
+    the shared metrics directory they all write to, removed afterwards. Enter it before
+    anything imports ``prometheus_client`` (:func:`start_scheduler` does)."""
+    from privsep.server.metrics_dir import prepare_multiprocess, remove_multiprocess
+
+    directory = prepare_multiprocess(settings.workers)
+    try:
+        yield
+    finally:
+        remove_multiprocess(directory)
 
 
 def start_scheduler(settings: ServerSettings) -> Stoppable:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from privsep import __version__
+from privsep.runner.cli import api_spec as api_cmd
 from privsep.runner.cli import keys as keys_cmd
 from privsep.runner.cli import manifest as manifest_cmd
 from privsep.runner.cli import operator as operator_cmd
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("attempt", metavar="ATTEMPT")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing while it runs")
 
+    api_cmd.register(sub)
     keys_cmd.register(sub)
     manifest_cmd.register(sub)
     selftest_cmd.register(sub)

@@ -77,7 +77,13 @@ def server_settings(cfg: Config) -> ServerSettings:
 
 def run_server(cfg: Config) -> int:
     """Check permissions (strict by default), then serve until stopped."""
-    from privsep.server.public import AdminError, ListenError, check_signer, serve
+    from privsep.server.public import (
+        AdminError,
+        ListenError,
+        check_signer,
+        prepare_metrics,
+        serve,
+    )
 
     try:
         enforce_at_start(cfg, "server")
@@ -94,17 +100,18 @@ def run_server(cfg: Config) -> int:
     except AdminError as exc:
         raise CommandError(f"refusing to start the server: {exc}") from None
     notify_when_serving(settings.bind)
-    scheduler = start_scheduler(settings)
-    try:
-        return serve(settings)
-    except ListenError as exc:
-        raise CommandError(str(exc)) from None
-    except InsecureFileError as exc:
-        raise CommandError(f"refusing the signing key ring: {exc}") from None
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        scheduler.stop(timeout=5)
+    with prepare_metrics(settings):
+        scheduler = start_scheduler(settings)
+        try:
+            return serve(settings)
+        except ListenError as exc:
+            raise CommandError(str(exc)) from None
+        except InsecureFileError as exc:
+            raise CommandError(f"refusing the signing key ring: {exc}") from None
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            scheduler.stop(timeout=5)
 
 
 def notify_when_serving(bind: str) -> None:

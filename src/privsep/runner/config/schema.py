@@ -317,6 +317,17 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "supervisor",
+        "metrics_bind",
+        "str",
+        "",
+        "host:port of the supervisor's metrics listener (Prometheus text format at /metrics), "
+        "on a loopback address only; empty turns it off. Anyone on this host can read it: "
+        "counts and timings, no secret, no name of a workflow or attempt.",
+        pattern=r"|(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|localhost|\[::1\]):\d{1,5}",
+        pattern_words="empty, or a loopback host:port such as 127.0.0.1:9781",
+    ),
+    Option(
+        "supervisor",
         "drain_grace",
         "float",
         30.0,

@@ -37,6 +37,7 @@ from privsep.runner.errors import CommandError
 from privsep.runner.sources.bundle_version import BundleVersionSource
 from privsep.runner.sources.bundles import BundleStore, pinned_uri
 from privsep.runner.sources.discovery import Discovery, DiscoveryError, load_sources
+from privsep.runner.supervisor import metrics
 from privsep.runner.supervisor.credsock import CredentialServer
 from privsep.runner.supervisor.discovery_reports import queue_parse_jobs, report_deleted
 from privsep.runner.supervisor.launch import (
@@ -156,6 +157,7 @@ class Supervisor:
         self.backend: Backend | None = None
         self.creds: CredentialServer | None = None
         self.launcher: Launcher | None = None
+        self._metrics: metrics.Listener | None = None
         self.notifier: Notifier | None = None
         self.watchdog: LoopWatchdog | None = None
         self.discovery: Discovery | None = None
@@ -207,6 +209,8 @@ class Supervisor:
         for d in (self.settings.runtime_dir, self.settings.sockets_dir, self.settings.work_dir):
             make_private_dir(str(d))
             os.chmod(d, 0o711)  # noqa: S103
+        # Before the session: a port already taken stops the supervisor before any work.
+        self._metrics = metrics.serve(self.settings.metrics_bind)
         killed = self.records.reap_orphans()
         if killed:
             log.warning("killed %d sandbox processes left over from an earlier run", killed)
@@ -426,12 +430,14 @@ class Supervisor:
                 {"kinds": ["task", "parse", "trigger"], "max_items": room},
             )
         except (ServerUnavailable, ApiRefused) as exc:
+            metrics.claimed(None)
             log.warning("claim failed: %s", exc)
             self._poll = min(POLL_MAX, self._poll * 2)
             wait = exc.not_before(self._poll) if isinstance(exc, ServerUnavailable) else self._poll
             self._next_claim = time.monotonic() + wait
             return
         items = body.get("items", []) if isinstance(body, dict) else []
+        metrics.claimed(items)
         for item in items:
             self._launch(item)
         self._poll = POLL_MIN if items else min(POLL_MAX, self._poll * 1.5)
@@ -446,6 +452,7 @@ class Supervisor:
             self.outcomes.report(item["kind"], item["id"], None, str(exc))
             return
         self.active[active.sandbox_id] = active
+        metrics.running(self.active.values())
         self._waker.watch(active.handle)
 
     def _refresh_due(self) -> None:
@@ -483,6 +490,7 @@ class Supervisor:
             if status is None:
                 continue
             del self.active[sandbox_id]
+            metrics.running(self.active.values())
             item.socket.end()  # from here on its token is gone and proxying out of turn
             self._cleaner.submit(self._clean_up, sandbox_id)
             self.records.remove(sandbox_id)
@@ -629,6 +637,7 @@ class Supervisor:
         if self._proxy_http is not None:
             self._proxy_http.close()
         self._waker.close()
+        metrics.stop(self._metrics)
 
 
 def run_supervisor(cfg: Config, *, config_path: str | None, daemon: bool = False) -> int:

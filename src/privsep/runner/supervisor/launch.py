@@ -13,12 +13,14 @@ import json
 import logging
 import os
 import random
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from privsep.runner.errors import CommandError
 from privsep.runner.sources.bundles import BundleStore
+from privsep.runner.supervisor import metrics
 from privsep.runner.supervisor.credsock import CredentialServer, SocketEntry
 from privsep.runner.supervisor.orphans import OrphanRecords
 from privsep.runner.supervisor.settings import SupervisorSettings
@@ -110,7 +112,18 @@ class Launcher:
 
     def launch(self, item: dict[str, Any], now: float) -> Active:
         """Start ``item`` (as claimed) in a new sandbox; :class:`LaunchFailed` if it could
-        not be started (its socket is gone again then)."""
+        not be started (its socket is gone again then). Counted and timed by kind."""
+        began = time.perf_counter()
+        try:
+            active = self._launch(item, now)
+        except LaunchFailed:
+            metrics.LAUNCHES.labels(item["kind"], "failed").inc()
+            raise
+        metrics.LAUNCH_SECONDS.labels(active.kind).observe(time.perf_counter() - began)
+        metrics.LAUNCHES.labels(active.kind, "started").inc()
+        return active
+
+    def _launch(self, item: dict[str, Any], now: float) -> Active:
         from privsep.sandbox import Limits, SandboxSpec
 
         kind, item_id = item["kind"], item["id"]

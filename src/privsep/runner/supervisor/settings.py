@@ -44,6 +44,7 @@ _FROM_CONFIG: dict[str, _Key] = {
     "prewarm": _Key("sandbox.prewarm", int),
     "backend": _Key("sandbox.backend", str),
     "image": _Key("sandbox.image", str),
+    "metrics_bind": _Key("supervisor.metrics_bind", str),
 }
 """Settings read as they are, by field name. The others (name, paths, parallelism, discovery
 sources, hidden paths, the server's URLs and audience) need more than a conversion and are
@@ -86,6 +87,7 @@ class SupervisorSettings:
     backend: str = "process"  # sandbox.backend: process or container
     image: str = ""  # sandbox.image, for the container backend ("" = privsep-sandbox:<version>)
     audience: str = ""  # the aud of our assertions ("" = the first URL): server.audience
+    metrics_bind: str = ""  # the loopback host:port of the metrics listener ("" = none)
 
     @property
     def server_url(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from sqlalchemy import select
 
-from privsep.secrets.tokens import TokenRejected, issue_token, unverified_key_id
+from privsep.secrets.tokens import TokenRejected, unverified_key_id
 from privsep.secrets.tokens import verify_assertion as check_assertion
 from privsep.server.auth import (
     SESSION_GENERATION,
@@ -25,6 +25,7 @@ from privsep.server.auth import (
 from privsep.server.db.models import Operator, utcnow
 from privsep.server.errors import ERROR_RESPONSES, ApiError, unauthorized
 from privsep.server.schemas import SessionRequest, SessionResponse
+from privsep.server.services.claims import issue_work_token
 from privsep.server.state import ServerState
 
 router = APIRouter(prefix="/v1/operator", tags=["operator"], responses=ERROR_RESPONSES)
@@ -69,15 +70,12 @@ def open_session(
         raise refuse(exc.code, exc.message) from None
     if not stamp_if_current(state, Operator, op_id, generation, last_session_at=utcnow()):
         raise refuse("revoked", "this operator was revoked or re-keyed meanwhile")
-    settings = state.settings
-    token = issue_token(
-        state.signer,
-        issuer=settings.issuer,
-        audience=settings.audience,
-        subject=op_id,
-        scope="operator",
-        ttl_seconds=settings.session_token_ttl,
-        extra={SESSION_GENERATION: generation},
+    token = issue_work_token(
+        state,
+        "operator",
+        op_id,
+        state.settings.session_token_ttl,
+        {SESSION_GENERATION: generation},
     )
     detail = {"scope": "operator", "asserted": claims.sub}
     audit(state, "session_opened", actor=name, subject=op_id, detail=detail)

@@ -17,6 +17,7 @@ from typing import Final
 
 from privsep.server.db.engine import Database
 from privsep.server.db.outage import pass_failed
+from privsep.server.metrics import SCHEDULER_PASS_SECONDS
 from privsep.server.scheduler.clock import require_aware
 from privsep.server.scheduler.repair import repair_open_runs
 from privsep.server.scheduler.scheduled_runs import create_due_runs
@@ -145,7 +146,8 @@ class SchedulerThread(threading.Thread):
             wait = self.interval
             try:
                 now = self.now()
-                result = scheduler_pass(self.db, now, running_grace=self.running_grace)
+                with SCHEDULER_PASS_SECONDS.time():
+                    result = scheduler_pass(self.db, now, running_grace=self.running_grace)
                 self.last_result = result
                 if result.next_wakeup is not None:
                     until = (result.next_wakeup - now).total_seconds()

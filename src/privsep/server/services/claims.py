@@ -32,6 +32,7 @@ from privsep.server.db.models import (
     utcnow,
 )
 from privsep.server.errors import unauthorized
+from privsep.server.metrics import CLAIMED, TOKENS_ISSUED
 from privsep.server.routes._sql import affected, table_of
 from privsep.server.runs import version_graph
 from privsep.server.scheduler import claim_candidates
@@ -44,7 +45,7 @@ def issue_work_token(
 ) -> Token:
     """A work token (or any token this server signs) for ``subject`` in ``scope``."""
     settings = state.settings
-    return issue_token(
+    token = issue_token(
         state.signer,
         issuer=settings.issuer,
         audience=settings.audience,
@@ -53,6 +54,8 @@ def issue_work_token(
         ttl_seconds=ttl,
         extra=extra,
     )
+    TOKENS_ISSUED.labels(scope).inc()
+    return token
 
 
 def _issued(
@@ -105,6 +108,8 @@ def claim_work(state: ServerState, me: SupervisorPrincipal, body: ClaimRequest) 
                 ],
             )
         answer = to_json(ClaimResponse(items=items).model_dump(mode="json"))
+    for item in items:  # committed: counted once, whichever path answered
+        CLAIMED.labels(item.kind).inc()
     return answer
 
 
