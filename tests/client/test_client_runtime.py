@@ -387,7 +387,7 @@ def test_state_changing_posts_are_not_retried_once_sent() -> None:
     script = Script((502, None))
     client = Client(transport=MockTransport(script), backoff=0)
     with client, pytest.raises(ServerUnavailable, match="HTTP 502") as err:
-        client.succeed(1)
+        client.fail_trigger("t1", "boom")
     assert err.value.status == 502
     assert len(script.calls) == 1
 
@@ -396,6 +396,43 @@ def test_state_changing_posts_are_not_retried_once_sent() -> None:
     with client, pytest.raises(ServerUnavailable):
         client.fire_trigger("t1", {})
     assert len(script.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("report", "path"),
+    [
+        (lambda c: c.succeed(1), "/v1/task/succeed"),
+        (lambda c: c.fail("boom"), "/v1/task/fail"),
+        (lambda c: c.retry("again"), "/v1/task/retry"),
+        (lambda c: c.defer({"module": "m", "qualname": "T"}), "/v1/task/defer"),
+    ],
+)
+def test_outcome_reports_are_retried_through_an_outage_sent_or_not(
+    report: Callable[[Client], object], path: str
+) -> None:
+    """The server answers a repeated report with its first answer, so a report whose reply
+    was lost (a 502, a 503, a reset after sending) is sent again rather than given up."""
+    ok = {"state": "success"}
+    script = Script(
+        (502, None),
+        ServerUnavailable("reset mid-request", request_sent=True),
+        (503, {"code": "database_unavailable", "message": "down"}),
+        (200, ok),
+    )
+    with Client(transport=MockTransport(script), backoff=0) as client:
+        report(client)
+    assert script.calls == [("POST", path)] * 4
+
+
+def test_an_outcome_report_gives_up_after_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    import privsep.client._client as client_module
+
+    monkeypatch.setattr(client_module, "REPORT_RETRY_SECONDS", 0.05)
+    script = Script(*[(503, None)] * 1000)
+    client = Client(transport=MockTransport(script), backoff=0.01)
+    with client, pytest.raises(ServerUnavailable, match="HTTP 503"):
+        client.succeed(1)
+    assert 1 < len(script.calls) < 1000
 
 
 def test_a_post_that_never_left_is_retried() -> None:
