@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypedDict, TypeVar, Unpack, overload
 
 from privsep.client._exceptions import DefinitionError, NotFound
 from privsep.client._models import Connection, TriggerEvent
@@ -28,6 +28,8 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,250}$")
+QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+DEFAULT_QUEUE = "default"
 """What the API accepts as a workflow or task id."""
 
 MAX_RETRIES = 100
@@ -66,6 +68,14 @@ def _check_id(value: object, what: str) -> str:
     if not isinstance(value, str) or not ID_PATTERN.match(value):
         raise ValueError(
             f"{what} {value!r} must be 1-250 characters of letters, digits, '_', '.' or '-'"
+        )
+    return value
+
+
+def _check_queue(value: object) -> str:
+    if not isinstance(value, str) or not QUEUE_PATTERN.match(value):
+        raise ValueError(
+            f"queue {value!r} must be 1-64 characters of letters, digits, '_', '.' or '-'"
         )
     return value
 
@@ -141,6 +151,7 @@ class Task(Generic[R]):
         retries: int,
         retry_delay: float,
         timeout: float | None,
+        queue: str = DEFAULT_QUEUE,
     ) -> None:
         _look_like(self, func)  # first: the function's __dict__ must not win
         self.func = func
@@ -150,6 +161,7 @@ class Task(Generic[R]):
         self.retries = retries
         self.retry_delay = retry_delay
         self.timeout = timeout
+        self.queue = queue
 
     def __call__(self, ctx: Context) -> R:
         return self.func(ctx)
@@ -163,8 +175,9 @@ class Task(Generic[R]):
         return str(self.func.__qualname__)
 
     def to_dict(self) -> dict[str, Any]:
-        """The API's ``TaskDefinition``."""
-        return {
+        """The API's ``TaskDefinition``. The queue only when it is not the default, so a
+        definition that names none serializes as it always did."""
+        out: dict[str, Any] = {
             "task_id": self.task_id,
             "upstream": list(self.upstream),
             "retries": self.retries,
@@ -173,21 +186,43 @@ class Task(Generic[R]):
             "module": self.module,
             "qualname": self.qualname,
         }
+        if self.queue != DEFAULT_QUEUE:
+            out["queue"] = self.queue
+        return out
 
     def __repr__(self) -> str:
         return f"<Task {self.workflow.workflow_id}.{self.task_id}>"
+
+
+class TaskOptions(TypedDict, total=False):
+    """The keyword options of ``@wf.task(...)``, as :meth:`Workflow.task` documents them."""
+
+    task_id: str | None
+    upstream: Task[Any] | str | Iterable[Task[Any] | str]
+    retries: int
+    retry_delay: float | timedelta
+    timeout: float | timedelta | None
+    queue: str | None
 
 
 class Workflow:
     """A named graph of tasks, declared in a definition file.
 
     ``schedule`` is ``None`` (runs only when triggered), a cron preset such as ``"@hourly"``,
-    a cron expression, or a :class:`~datetime.timedelta` between runs.
+    a cron expression, or a :class:`~datetime.timedelta` between runs. ``queue`` is the work
+    queue of its tasks (Airflow's ``queue``): only a supervisor that serves it runs them.
     """
 
-    def __init__(self, workflow_id: str, *, schedule: str | timedelta | None = None) -> None:
+    def __init__(
+        self,
+        workflow_id: str,
+        *,
+        schedule: str | timedelta | None = None,
+        queue: str = DEFAULT_QUEUE,
+    ) -> None:
         self.workflow_id = _check_id(workflow_id, "workflow id")
         self.schedule = _schedule(schedule)
+        self.queue = _check_queue(queue)
         self._tasks: dict[str, Task[Any]] = {}
         if _collectors:
             _collectors[-1].append(self)
@@ -202,14 +237,7 @@ class Workflow:
 
     @overload
     def task(
-        self,
-        /,
-        *,
-        task_id: str | None = None,
-        upstream: Task[Any] | str | Iterable[Task[Any] | str] = (),
-        retries: int = 0,
-        retry_delay: float | timedelta = 0,
-        timeout: float | timedelta | None = None,
+        self, /, **options: Unpack[TaskOptions]
     ) -> Callable[[Callable[[Context], R]], Task[R]]: ...
 
     def task(
@@ -222,14 +250,16 @@ class Workflow:
         retries: int = 0,
         retry_delay: float | timedelta = 0,
         timeout: float | timedelta | None = None,
+        queue: str | None = None,
     ) -> Task[Any] | Callable[[Callable[[Context], Any]], Task[Any]]:
         """Declare a task: ``@wf.task`` or ``@wf.task(upstream=[...], retries=2, ...)``.
 
         ``upstream`` holds tasks of this workflow (or their ids); ``retries`` is how many more
         tries a failing task gets, ``retry_delay`` the seconds between them; ``timeout`` is the
-        wall-clock limit of one try, in seconds. The task id is the function's name unless
-        ``task_id`` is given.
+        wall-clock limit of one try, in seconds; ``queue`` overrides the workflow's work
+        queue for this task. The task id is the function's name unless ``task_id`` is given.
         """
+        task_queue = self.queue if queue is None else _check_queue(queue)
         if isinstance(retries, bool) or not isinstance(retries, int):
             raise TypeError(f"retries must be an integer, not {retries!r}")
         if not 0 <= retries <= MAX_RETRIES:
@@ -269,6 +299,7 @@ class Workflow:
                 retries=retries,
                 retry_delay=delay,
                 timeout=limit,
+                queue=task_queue,
             )
             self._tasks[tid] = task
             return task

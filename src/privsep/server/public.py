@@ -112,8 +112,13 @@ def start_scheduler(settings: ServerSettings) -> Stoppable:
     from privsep.server.db.engine import Database
     from privsep.server.scheduler import SchedulerThread
 
+    db = Database.from_url(settings.database_url)
+    if settings.wakeups_broker:  # scheduled runs and repairs queue work too
+        from privsep.server.wakeups import install
+
+        install(db, settings.wakeups_broker)
     thread = SchedulerThread(
-        Database.from_url(settings.database_url),
+        db,
         settings.scheduler_interval,
         running_grace=settings.running_timeout_grace,
     )

@@ -33,6 +33,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.orm import Session
@@ -150,6 +151,13 @@ def task_definition(session: Session, run: Run, task_id: str) -> TaskDefinition:
     return task
 
 
+def new_attempt(run_id: str, task: TaskDefinition, **values: Any) -> TaskAttempt:
+    """A new attempt row of ``task`` (try 1, queued, unless ``values`` say otherwise), on the
+    task's work queue: every attempt is made here, so none can miss its queue."""
+    values.setdefault("try_number", 1)
+    return TaskAttempt(run_id=run_id, task_id=task.task_id, queue=task.queue, **values)
+
+
 def _latest_states(
     session: Session, run_id: str, task_ids: Iterable[str] | None = None
 ) -> dict[str, AttemptState]:
@@ -177,7 +185,7 @@ def start_run(session: Session, run: Run) -> None:
     run.started_at = utcnow()
     for task in definition.tasks:
         if not task.upstream:
-            session.add(TaskAttempt(run_id=run.id, task_id=task.task_id, try_number=1))
+            session.add(new_attempt(run.id, task))
     if not definition.tasks:
         run.state = RunState.SUCCESS
         run.ended_at = utcnow()
@@ -197,9 +205,9 @@ def fail_or_retry(
     if allow_retry and attempt.try_number <= task.retries:
         attempt.state = AttemptState.UP_FOR_RETRY
         session.add(
-            TaskAttempt(
-                run_id=run.id,
-                task_id=attempt.task_id,
+            new_attempt(
+                run.id,
+                task,
                 try_number=attempt.try_number + 1,
                 next_try_at=now + timedelta(seconds=task.retry_delay),
             )
@@ -303,10 +311,9 @@ def _queue_downstream(session: Session, run_id: str, graph: Graph, ended_task_id
             ups = [latest.get(u) for u in graph.tasks[task_id].upstream]
             if any(state in FINAL_BAD for state in ups):
                 session.add(
-                    TaskAttempt(
-                        run_id=run_id,
-                        task_id=task_id,
-                        try_number=1,
+                    new_attempt(
+                        run_id,
+                        graph.tasks[task_id],
                         state=AttemptState.UPSTREAM_FAILED,
                         started_at=now,
                         ended_at=now,
@@ -314,7 +321,7 @@ def _queue_downstream(session: Session, run_id: str, graph: Graph, ended_task_id
                 )
                 frontier.append(task_id)
             elif all(state in FINAL_OK for state in ups):
-                session.add(TaskAttempt(run_id=run_id, task_id=task_id, try_number=1))
+                session.add(new_attempt(run_id, graph.tasks[task_id]))
         session.flush()
 
 
@@ -333,10 +340,9 @@ def _settle_whole_run(session: Session, run_id: str, graph: Graph) -> Repair:
             if any(state in FINAL_BAD for state in ups):
                 now = utcnow()
                 session.add(
-                    TaskAttempt(
-                        run_id=run_id,
-                        task_id=task.task_id,
-                        try_number=1,
+                    new_attempt(
+                        run_id,
+                        task,
                         state=AttemptState.UPSTREAM_FAILED,
                         started_at=now,
                         ended_at=now,
@@ -345,7 +351,7 @@ def _settle_whole_run(session: Session, run_id: str, graph: Graph) -> Repair:
                 latest[task.task_id] = AttemptState.UPSTREAM_FAILED
                 changed = True
             elif all(state in FINAL_OK for state in ups):
-                session.add(TaskAttempt(run_id=run_id, task_id=task.task_id, try_number=1))
+                session.add(new_attempt(run_id, task))
                 latest[task.task_id] = AttemptState.QUEUED
                 queued += 1
     if len(latest) == len(graph.tasks) and all(

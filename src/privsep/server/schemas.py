@@ -81,9 +81,17 @@ class HeartbeatRequest(Strict):
     triggers: HeldIds = Field(default_factory=list)
 
 
+QUEUE_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+"""A work queue's name: what ``supervisor.queues`` and the authoring API's ``queue`` accept."""
+QueueName = Annotated[str, Field(pattern=QUEUE_PATTERN)]
+
+
 class ClaimRequest(Strict):
     kinds: list[WorkKind] = Field(default_factory=_all_kinds, min_length=1, max_length=3)
     max_items: JsonInt = Field(default=1, ge=1, le=100)
+    # The queues the claimer serves: it gets only tasks of these. None (a supervisor from
+    # before queues) serves every queue, as every claim did then.
+    queues: list[QueueName] | None = Field(default=None, min_length=1, max_length=100)
 
 
 class TaskWork(Open):
@@ -250,6 +258,7 @@ class TaskDefinition(Strict):
     timeout: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     module: str = Field(min_length=1, max_length=250)
     qualname: str = Field(min_length=1, max_length=250)
+    queue: QueueName = "default"
 
 
 class WorkflowDefinition(Strict):

@@ -35,3 +35,5 @@ class ServerSettings:
     running_timeout_grace: float = 60.0
     max_running_per_workflow: int = 0  # 0: no limit
     max_running_total: int = 0  # 0: no limit
+    # Celery broker for wake-ups ("": publish none); may carry a password.
+    wakeups_broker: str = field(default="", repr=False)

@@ -112,6 +112,10 @@ def build_state(settings: ServerSettings, db: Database | None = None) -> ServerS
     keys = sync_ring(database, settings.signing_keyring)
     if keys.signer_retired:
         raise SignerRetired(keys.signer.kid, settings.signing_keyring)
+    if settings.wakeups_broker:
+        from privsep.server.wakeups import install
+
+        install(database, settings.wakeups_broker)
     state = ServerState(settings=settings, db=database, keys=keys, cipher=cipher)
     bootstrap_operator(state.db, settings.operator_name, settings.operator_public_key)
     return state

@@ -53,6 +53,7 @@ _SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("running_timeout_grace", "server.running_timeout_grace", float),
     ("max_running_per_workflow", "server.max_running_per_workflow", int),
     ("max_running_total", "server.max_running_total", int),
+    ("wakeups_broker", "server.wakeups_broker", str),
 )
 
 

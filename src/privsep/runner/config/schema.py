@@ -264,6 +264,17 @@ OPTIONS: tuple[Option, ...] = (
         "operator",
         "Name the bootstrap operator key (server.operator_public_key) is registered under.",
     ),
+    Option(
+        "server",
+        "wakeups_broker",
+        "str",
+        "",
+        "Celery broker (redis://HOST:PORT/DB) the server publishes wake-ups to when work becomes "
+        "claimable: queue names and item ids only, never a token or a payload. Empty: publish "
+        "nothing (supervisors poll). Give a URL with a password as wakeups_broker_file or "
+        "wakeups_broker_cmd.",
+        secret=True,
+    ),
     # [supervisor]
     Option(
         "supervisor",
@@ -404,6 +415,49 @@ OPTIONS: tuple[Option, ...] = (
         pattern=r"git|none|literal:[^\x00-\x1f\x7f]{1,250}",
         pattern_words="git, none or literal:TEXT (TEXT: 1 to 250 characters, no control "
         "characters)",
+    ),
+    Option(
+        "supervisor",
+        "queues",
+        "str",
+        "default",
+        "The work queues this supervisor serves: it claims only tasks whose workflow or task "
+        "names one of them (a task without a queue is on default). Parse jobs and triggers go "
+        "to any supervisor.",
+        many=True,
+        pattern=r"[A-Za-z0-9_.\-]{1,64}(\s*,\s*[A-Za-z0-9_.\-]{1,64})*",
+        pattern_words="queue names (letters, digits, _ . -; at most 64 characters each)",
+    ),
+    Option(
+        "supervisor",
+        "poll_interval",
+        "float",
+        1.0,
+        "Longest seconds between claims while no work is found. Polling: claims back off from "
+        "20 ms to this. With wakeups = celery a wake-up claims at once and the claim waits "
+        "this long otherwise, so it can be long (30 or more): it only bounds the delay of a "
+        "lost wake-up.",
+        minimum=0.05,
+    ),
+    Option(
+        "supervisor",
+        "wakeups",
+        "str",
+        "poll",
+        "How the supervisor learns of new work: poll (claim every poll_interval at most) or "
+        "celery (also consume wake-ups from wakeups_broker as a Celery worker, acks late, "
+        "prefetch 1, and claim at once; the claim still goes through the API).",
+        choices=("poll", "celery"),
+    ),
+    Option(
+        "supervisor",
+        "wakeups_broker",
+        "str",
+        "",
+        "Celery broker the supervisor consumes wake-ups from (wakeups = celery): the server's "
+        "server.wakeups_broker. Give a URL with a password as wakeups_broker_file or "
+        "wakeups_broker_cmd.",
+        secret=True,
     ),
     # [operator]
     Option(

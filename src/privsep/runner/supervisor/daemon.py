@@ -51,6 +51,7 @@ from privsep.runner.supervisor.loopwake import LoopWaker
 from privsep.runner.supervisor.orphans import OrphanRecords
 from privsep.runner.supervisor.outcomes import Outcomes
 from privsep.runner.supervisor.settings import SupervisorSettings
+from privsep.runner.supervisor.wakeups import WakeupConsumer
 from privsep.secrets.files import InsecureFileError, make_private_dir
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("privsep.supervisor")
 
-# Claim polling: fast while work flows, backing off to this when the queue is empty.
+# Claim polling: fast while work flows, backing off to supervisor.poll_interval when the queue
+# is empty; a claim that failed backs off to POLL_MAX at most.
 POLL_MIN = 0.02
 POLL_MAX = 1.0
 # The loop waits for a wake (a sandbox ended, a report was accepted, a signal) or its next
@@ -161,6 +163,7 @@ class Supervisor:
         self.notifier: Notifier | None = None
         self.watchdog: LoopWatchdog | None = None
         self.discovery: Discovery | None = None
+        self.wakeups: WakeupConsumer | None = None
         self._proxy_http: FailoverClient | None = None  # made in start()
         self.records = OrphanRecords(settings.state_dir / "sandboxes")
         self.bundles = BundleStore(settings.runtime_dir / "bundles")
@@ -268,6 +271,7 @@ class Supervisor:
                 " and ".join(UNENFORCED_MEANING[name] for name in unenforced),
                 "/".join(unenforced),
             )
+        self.wakeups = WakeupConsumer.started_for(self.settings, on_wakeup=self._claim_now)
         if self.watchdog:
             self.watchdog.start()
         if self.notifier:
@@ -427,7 +431,11 @@ class Supervisor:
             body = self.api.call(
                 "POST",
                 "/v1/supervisor/claim",
-                {"kinds": ["task", "parse", "trigger"], "max_items": room},
+                {
+                    "kinds": ["task", "parse", "trigger"],
+                    "max_items": room,
+                    "queues": list(self.settings.queues),
+                },
             )
         except (ServerUnavailable, ApiRefused) as exc:
             metrics.claimed(None)
@@ -440,7 +448,12 @@ class Supervisor:
         metrics.claimed(items)
         for item in items:
             self._launch(item)
-        self._poll = POLL_MIN if items else min(POLL_MAX, self._poll * 1.5)
+        if items:
+            self._poll = POLL_MIN
+        elif self.wakeups is not None:  # a wake-up claims at once: the poll is the fallback
+            self._poll = self.settings.poll_interval
+        else:
+            self._poll = min(self.settings.poll_interval, self._poll * 1.5)
         self._next_claim = time.monotonic() + (0 if items else self._poll)
 
     def _launch(self, item: dict[str, Any]) -> None:
@@ -602,10 +615,13 @@ class Supervisor:
         assert self._proxy_http is not None and self.outcomes is not None  # noqa: S101
         reply = self._proxy_http.request(method, path, body, token=token)
         if self.outcomes.note_proxied(sandbox_id, method, path, reply.status):
-            # Its downstream may be runnable now: claim at once, not at the next poll.
-            self._claim_soon = True
-            self._waker.wake()
+            self._claim_now()  # its downstream may be runnable now
         return reply.status, reply.data
+
+    def _claim_now(self) -> None:
+        """From another thread: claim at once, not at the next poll."""
+        self._claim_soon = True
+        self._waker.wake()
 
     def _on_violation(self, sandbox_id: str, reason: str) -> None:
         item = self.active.get(sandbox_id)
@@ -616,6 +632,8 @@ class Supervisor:
     # --- shutdown -------------------------------------------------------------------------------
 
     def shutdown(self) -> None:
+        if self.wakeups is not None:
+            self.wakeups.stop()
         for item in list(self.active.values()):
             item.handle.kill(grace=0)
         deadline = time.monotonic() + 10

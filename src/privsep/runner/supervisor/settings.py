@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from privsep.runner.config.endpoints import endpoints
+from privsep.runner.config.endpoints import endpoints, split_urls
 from privsep.runner.config.loader import Config, ConfigError
 from privsep.runner.sources.discovery import load_sources
 
@@ -45,6 +45,9 @@ _FROM_CONFIG: dict[str, _Key] = {
     "backend": _Key("sandbox.backend", str),
     "image": _Key("sandbox.image", str),
     "metrics_bind": _Key("supervisor.metrics_bind", str),
+    "poll_interval": _Key("supervisor.poll_interval", float, reloadable=True),
+    "wakeups": _Key("supervisor.wakeups", str),
+    "wakeups_broker": _Key("supervisor.wakeups_broker", str),
 }
 """Settings read as they are, by field name. The others (name, paths, parallelism, discovery
 sources, hidden paths, the server's URLs and audience) need more than a conversion and are
@@ -88,6 +91,10 @@ class SupervisorSettings:
     image: str = ""  # sandbox.image, for the container backend ("" = privsep-sandbox:<version>)
     audience: str = ""  # the aud of our assertions ("" = the first URL): server.audience
     metrics_bind: str = ""  # the loopback host:port of the metrics listener ("" = none)
+    queues: tuple[str, ...] = ("default",)  # the work queues whose tasks we claim
+    poll_interval: float = 1.0  # the longest wait between claims that found nothing
+    wakeups: str = "poll"  # poll, or celery: also claim when a wake-up arrives
+    wakeups_broker: str = field(default="", repr=False)  # may carry a password
 
     @property
     def server_url(self) -> str:
@@ -116,6 +123,11 @@ class SupervisorSettings:
         except ValueError as exc:
             raise ConfigError(f"supervisor.discovery_sources {exc}") from None
         where = endpoints(cfg)
+        if cfg.get("supervisor.wakeups") == "celery" and not cfg.get("supervisor.wakeups_broker"):
+            raise ConfigError(
+                "supervisor.wakeups is celery but supervisor.wakeups_broker is empty "
+                "(set it to the server's server.wakeups_broker, e.g. redis://HOST:6379/0)"
+            )
         return cls(
             name=str(cfg.get("supervisor.name")) or socket.gethostname(),
             server_urls=where.urls,
@@ -126,6 +138,7 @@ class SupervisorSettings:
             workflows_dir=cfg.path_of("core.workflows_dir"),
             parallelism=parallelism,
             discovery_sources=sources,
+            queues=split_urls(str(cfg.get("supervisor.queues"))) or ("default",),
             hidden_paths=tuple(sorted(hidden)),
             **{name: key.convert(cfg.get(key.key)) for name, key in _FROM_CONFIG.items()},
         )

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from os import PathLike
@@ -298,6 +298,11 @@ class Database:
                 session.rollback()
         if answered:
             self.incidents.ok()
+
+    def listen(self, event_name: str, listener: Callable[..., Any]) -> None:
+        """Call ``listener`` on ``event_name`` (a SQLAlchemy session event) of every write
+        session: how the wake-up publisher sees what each transaction made claimable."""
+        event.listen(self._write_factory, event_name, listener)
 
     def _drop_connections(self) -> None:
         """An outage began: every pooled connection is dead, so none is handed out again."""

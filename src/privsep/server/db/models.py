@@ -68,6 +68,8 @@ NAMING_CONVENTION: dict[str, str] = {
 # Lengths that are part of the schema. Ids are UUID strings; names are what a person types.
 ID_LENGTH = 36
 NAME_LENGTH = 250
+QUEUE_LENGTH = 64
+DEFAULT_QUEUE = "default"
 URI_LENGTH = 1024
 HASH_LENGTH = 128
 # Every state column gets room for longer state names than today's, so that adding one is a
@@ -387,6 +389,11 @@ class TaskAttempt(Base):
         ForeignKey("triggers.id", use_alter=True, name="fk_task_attempts_trigger_id_triggers")
     )
     trigger_event: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
+    # The work queue of the task (its definition's ``queue``): a claim hands the attempt only
+    # to a supervisor that serves this queue.
+    queue: Mapped[str] = mapped_column(
+        String(QUEUE_LENGTH), default=DEFAULT_QUEUE, server_default=DEFAULT_QUEUE
+    )
 
     run: Mapped[Run] = relationship(back_populates="attempts")
     trigger: Mapped[Trigger | None] = relationship(foreign_keys=[trigger_id], post_update=True)

@@ -84,6 +84,10 @@ _READY_OLDEST = (
     .order_by(_ATTEMPTS.c.created_at, _ATTEMPTS.c.id)
     .limit(bindparam("b_limit", type_=Integer))
 )
+# The same, for a claimer that serves only some work queues.
+_READY_OLDEST_OF_QUEUES = _READY_OLDEST.where(
+    _ATTEMPTS.c.queue.in_(bindparam("b_queues", expanding=True))
+)
 
 
 def claim_candidates(
@@ -93,8 +97,11 @@ def claim_candidates(
     *,
     per_workflow: int | None = None,
     global_limit: int | None = None,
+    queues: Sequence[str] | None = None,
 ) -> list[str]:
     """The queued, due attempts (ids, oldest first) a claim of ``want`` items should take.
+
+    Only attempts on one of ``queues`` (the work queues the claimer serves), when given.
 
     This is the claim route's candidate query with the concurrency limits built in. With no
     limit it is exactly the route's current query (``want x 4`` candidates, for lost races).
@@ -109,11 +116,20 @@ def claim_candidates(
     if want <= 0:
         return []
     if not _check_limits(per_workflow, global_limit):
-        return list(session.scalars(_READY_OLDEST, {"b_now": now, "b_limit": want * 4}))
-    ready = (
+        if queues is None:
+            return list(session.scalars(_READY_OLDEST, {"b_now": now, "b_limit": want * 4}))
+        return list(
+            session.scalars(
+                _READY_OLDEST_OF_QUEUES,
+                {"b_now": now, "b_limit": want * 4, "b_queues": list(queues)},
+            )
+        )
+    ready = [
         TaskAttempt.state == AttemptState.QUEUED,
         or_(TaskAttempt.next_try_at.is_(None), TaskAttempt.next_try_at <= now),
-    )
+    ]
+    if queues is not None:
+        ready.append(TaskAttempt.queue.in_(list(queues)))
     oldest = (TaskAttempt.created_at, TaskAttempt.id)
     _serialize_claims(session)
     budget = want

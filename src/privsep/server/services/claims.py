@@ -85,7 +85,7 @@ def claim_work(state: ServerState, me: SupervisorPrincipal, body: ClaimRequest) 
     with state.db.write_session() as session:
         _still_granted(session, me)
         if "task" in body.kinds:
-            items += _claim_tasks(session, state, me, body.max_items)
+            items += _claim_tasks(session, state, me, body.max_items, body.queues)
         if "parse" in body.kinds and len(items) < body.max_items:
             items += _claim_parse(session, state, me, body.max_items - len(items))
         if "trigger" in body.kinds and len(items) < body.max_items:
@@ -128,7 +128,11 @@ def _still_granted(session: Session, me: SupervisorPrincipal) -> None:
 
 
 def _claim_tasks(
-    session: Session, state: ServerState, me: SupervisorPrincipal, limit: int
+    session: Session,
+    state: ServerState,
+    me: SupervisorPrincipal,
+    limit: int,
+    queues: list[str] | None,
 ) -> list[TaskWork | ParseWork | TriggerWork]:
     now = utcnow()
     candidates = claim_candidates(
@@ -137,6 +141,7 @@ def _claim_tasks(
         limit,
         per_workflow=state.settings.max_running_per_workflow or None,
         global_limit=state.settings.max_running_total or None,
+        queues=queues,
     )
     if not candidates:
         return []

@@ -33,6 +33,7 @@ from privsep.server.errors import forbidden
 from privsep.server.routes._sql import for_dialect, table_of
 from privsep.server.schemas import ParseJobRequest
 from privsep.server.state import ServerState
+from privsep.server.wakeups import note_ready
 
 _IN_CHUNK = 500
 """Values per ``IN (...)`` list: a batch may name thousands of files."""
@@ -200,6 +201,7 @@ def queue_parse_jobs(
                     for job_id, job in zip(ids, jobs, strict=True)
                 ],
             )
+            note_ready(session, "parse", ids)
     except _Refused as exc:
         _refuse(state, me, path, exc.refusal)
     return ids

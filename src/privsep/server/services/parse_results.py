@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from privsep.server.auth import ParsePrincipal
 from privsep.server.db.models import (
+    DEFAULT_QUEUE,
     ParseError,
     ParseJob,
     ParseJobState,
@@ -222,7 +223,13 @@ def store_definition(
     ``owner`` is the supervisor whose file this is; ``may_move``: the file may take the
     workflow from another active file of the same owner (a manifest assigned it here). Raises
     409 ``not_owner`` when the workflow is not this file's to take (see :func:`_taken`)."""
-    text = json.dumps(wf.model_dump(), sort_keys=True, separators=(",", ":"))
+    data = wf.model_dump()
+    for task in data["tasks"]:
+        # A task on the default queue is stored as before queues existed: the same text, so
+        # the same version digest, and no new version of every workflow after an upgrade.
+        if task["queue"] == DEFAULT_QUEUE:
+            del task["queue"]
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     digest = version_digest(text, uri)
     session.execute(
         for_dialect(session, _NEW_WORKFLOW), {"id": wf.workflow_id, "supervisor_id": owner}
