@@ -287,11 +287,20 @@ def _wait_for_running_attempt(op: dict[str, str], url: str, run_id: str, parent:
     raise AssertionError("the task never started")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def _as_background_job() -> None:
+    """What a shell does to a background job (``runner standalone &``, nohup, a CI script):
+    SIGINT ignored, which Python then leaves ignored unless the program claims it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name
+)
 def test_sigterm_and_sighup_stop_everything_standalone_started(
     place: tuple[Path, Path, dict[str, str]], sig: signal.Signals
 ) -> None:
-    """Like Ctrl-C: the server, the supervisor and the zygotes end with standalone."""
+    """Like Ctrl-C: the server, the supervisor and the zygotes end with standalone, even when
+    it was started as a background job."""
     import psutil
 
     home, workflows, env = place
@@ -305,6 +314,7 @@ def test_sigterm_and_sighup_stop_everything_standalone_started(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_as_background_job,
     )
     try:
         _operator_when_ready(home, env["PRIVSEP__SERVER__URL"], proc)

@@ -465,7 +465,10 @@ def run_standalone(opts: Options, base_env: dict[str, str] | None = None) -> int
     # SIGTERM (kill, systemd, a container runtime) and SIGHUP (a closed terminal) mean what
     # Ctrl-C means: stop what we started. Left at their defaults they would end this process
     # alone and leave the server, the supervisor and its sandboxes running under PID 1.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT is claimed too: a shell starts a background job (`runner standalone &`, nohup,
+    # a CI script) with SIGINT ignored, and Python then leaves it ignored, so `kill -INT`
+    # would do nothing at all.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
     try:
         created = first_run(opts.home, env, app.progress)
