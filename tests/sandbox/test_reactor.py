@@ -4,9 +4,11 @@ call handed in before the stop still runs."""
 
 from __future__ import annotations
 
+import gc
 import selectors
 import socket
 import threading
+import weakref
 
 import pytest
 
@@ -66,3 +68,35 @@ def test_calls_handed_in_before_the_stop_run_and_later_ones_are_refused() -> Non
     assert not reactor.running
     with pytest.raises(RuntimeError, match="stopped"):
         reactor.call_soon(lambda: None)
+
+
+class _Sandbox:
+    """Stands for a sandbox's handle, which a deadline timer's callback holds."""
+
+
+def test_cancelled_timers_let_go_of_what_they_hold_and_leave_the_heap() -> None:
+    """A supervisor cancels a sandbox's deadline when the sandbox ends, long before the
+    deadline would come. The timer must not keep the handle alive until then, nor may the
+    reactor keep every cancelled timer: a supervisor ending thousands of sandboxes an hour
+    grew by megabytes a minute when it did."""
+    reactor = Reactor(name="test-reactor-timers")
+    try:
+        done = threading.Event()
+        refs: list[weakref.ref[_Sandbox]] = []
+
+        def schedule_and_cancel() -> None:
+            for _ in range(5000):
+                held = _Sandbox()
+                refs.append(weakref.ref(held))
+                timer = reactor.call_later(3600, lambda held=held: None)  # type: ignore[misc]
+                del held
+                timer.cancel()
+            done.set()
+
+        reactor.call_soon(schedule_and_cancel)
+        assert done.wait(30)
+        gc.collect()
+        assert [r for r in refs if r() is not None] == []
+        assert len(reactor._timers) < 200  # compacted, not 5000 cancelled entries
+    finally:
+        reactor.stop()
