@@ -26,7 +26,7 @@ from docker_kit import docker_missing, strict  # noqa: E402
 BENCHMARKS = sorted(path.stem for path in (REPO / "benchmarks").glob("bench_*.py"))
 
 
-def run_suite(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_suite(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "benchmarks", *args],
         cwd=REPO,
