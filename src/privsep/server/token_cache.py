@@ -18,6 +18,10 @@ from collections.abc import Container
 from privsep.secrets.tokens import Claims
 
 DEFAULT_MAX_ENTRIES = 50_000
+# How often ``put`` drops the expired entries. Without it they stayed until the cache was full:
+# a server handing out a few thousand tokens a minute grew by megabytes a minute toward the
+# cap, holding tokens dead for hours. With it the cache holds about one token lifetime's worth.
+SWEEP_INTERVAL = 30.0
 
 
 class VerifiedTokenCache:
@@ -27,6 +31,7 @@ class VerifiedTokenCache:
         self._entries: dict[str, Claims] = {}
         self._max = max_entries
         self._lock = threading.Lock()
+        self._next_sweep = 0.0
 
     def get(
         self,
@@ -50,11 +55,12 @@ class VerifiedTokenCache:
             return None  # the full check runs again and raises the right error
         return claims
 
-    def put(self, token: str, claims: Claims) -> None:
+    def put(self, token: str, claims: Claims, now: float | None = None) -> None:
+        t = time.time() if now is None else now
         with self._lock:
-            if len(self._entries) >= self._max:
-                now = time.time()
-                for key in [k for k, c in self._entries.items() if c.exp <= now]:
+            if len(self._entries) >= self._max or t >= self._next_sweep:
+                self._next_sweep = t + SWEEP_INTERVAL
+                for key in [k for k, c in self._entries.items() if c.exp <= t]:
                     del self._entries[key]
                 while len(self._entries) >= self._max:
                     del self._entries[next(iter(self._entries))]
