@@ -14,18 +14,12 @@ import pytest
 
 from faults import netns
 from faults.cluster import Cluster
-from server.postgres import PostgresCluster, PostgresUnavailable
+from server.postgres import PostgresCluster, own_cluster
 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresCluster]:
-    try:
-        cluster = PostgresCluster()
-    except PostgresUnavailable as exc:
-        if os.environ.get("PRIVSEP_REQUIRE_POSTGRES") == "1":
-            raise
-        pytest.skip(f"PostgreSQL not available: {exc}")
-    with cluster:
+    with own_cluster() as cluster:
         yield cluster
 
 

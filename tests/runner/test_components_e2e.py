@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import sqlite3
 import sys
@@ -466,13 +465,7 @@ def test_a_task_cannot_open_the_sqlite_metadata_database(stack: Stack) -> None:
 @pytest.fixture(scope="module")
 def postgres_stack() -> Iterator[tuple[Stack, str]]:
     postgres = _load_postgres_helpers()
-    try:
-        cluster = postgres.PostgresCluster()
-    except postgres.PostgresUnavailable as exc:
-        if os.environ.get("PRIVSEP_REQUIRE_POSTGRES") == "1":  # set by scripts/test: CI
-            raise
-        pytest.skip(f"PostgreSQL not available: {exc}")
-    with cluster:
+    with postgres.own_cluster() as cluster:
         url = cluster.url(cluster.create_database("privsep_guard"))
         s = _new_stack(UID_FIRST_PG, PRIVSEP__DATABASE__URL=url)
         try:

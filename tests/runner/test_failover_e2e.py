@@ -34,7 +34,7 @@ from privsep.secrets.keys import load_private_key
 from privsep.secrets.tokens import create_assertion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from server.postgres import PostgresCluster, PostgresUnavailable
+from server.postgres import PostgresCluster, own_cluster
 
 GATED = 3  # tasks running at once when the replica dies; the supervisor's parallelism
 AUDIENCE = "privsep-failover-test"
@@ -66,13 +66,7 @@ def workflow(gate: Path) -> str:
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresCluster]:
-    try:
-        cluster = PostgresCluster()
-    except PostgresUnavailable as exc:
-        if os.environ.get("PRIVSEP_REQUIRE_POSTGRES") == "1":
-            raise
-        pytest.skip(f"PostgreSQL not available: {exc}")
-    with cluster:
+    with own_cluster() as cluster:
         yield cluster
 
 

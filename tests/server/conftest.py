@@ -20,7 +20,6 @@ Fixtures (all yield URLs as strings unless noted):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import pytest
 
 from privsep.server.db import Database, sqlite_url_for, upgrade
 
-from .postgres import PostgresCluster, PostgresUnavailable
+from .postgres import PostgresCluster, own_cluster
 
 BACKENDS = ["sqlite", "postgresql"]
 TEMPLATE_DATABASE = "privsep_template"
@@ -37,13 +36,7 @@ TEMPLATE_DATABASE = "privsep_template"
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
     """A PostgreSQL cluster for the whole session, as an unprivileged user on 127.0.0.1."""
-    try:
-        cluster = PostgresCluster()
-    except PostgresUnavailable as exc:
-        if os.environ.get("PRIVSEP_REQUIRE_POSTGRES") == "1":
-            raise
-        pytest.skip(f"PostgreSQL not available: {exc}")
-    with cluster:
+    with own_cluster() as cluster:
         yield cluster
 
 

@@ -17,6 +17,7 @@ with ``CREATE DATABASE``, which is cheap. The cluster:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -25,10 +26,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psycopg
+import pytest
 from psycopg import sql
 
 SUPERUSER = "privsep_test"
@@ -291,3 +293,17 @@ class PostgresCluster:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def own_cluster() -> Iterator[PostgresCluster]:
+    """A fresh cluster for as long as the block runs. Where PostgreSQL cannot run the test is
+    skipped, except under ``PRIVSEP_REQUIRE_POSTGRES=1`` (CI), where that is an error."""
+    try:
+        cluster = PostgresCluster()
+    except PostgresUnavailable as exc:
+        if os.environ.get("PRIVSEP_REQUIRE_POSTGRES") == "1":
+            raise
+        pytest.skip(f"PostgreSQL not available: {exc}")
+    with cluster:
+        yield cluster
