@@ -28,6 +28,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runner"))
 from stack import Stack, free_port
+from test_failover_e2e import HAPROXY_CFG
 
 from faults.netns import Node
 from faults.proxy import ClaimDropper
@@ -68,31 +69,6 @@ WORKFLOW = textwrap.dedent(f"""
     def last(ctx: Context) -> None:
         mark(ctx)
 """)
-
-HAPROXY_CFG = """\
-global
-    maxconn 256
-
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 120s
-    timeout server 120s
-    retries 3
-    option redispatch 1
-
-frontend api
-{binds}
-    default_backend replicas
-
-backend replicas
-    balance roundrobin
-    option httpchk GET /v1/health
-    http-check expect status 200
-    default-server inter 300ms fall 2 rise 2
-    server a 127.0.0.1:{a} check
-    server b 127.0.0.1:{b} check
-"""
 
 
 def _healthy(url: str) -> bool:

@@ -184,7 +184,7 @@ defaults
     option redispatch 1
 
 frontend api
-    bind 127.0.0.1:{lb}
+{binds}
     default_backend replicas
 
 backend replicas
@@ -214,7 +214,8 @@ def test_a_replica_killed_behind_haproxy_loses_no_task_and_runs_none_twice(
     binary = haproxy_binary()
     lb_port = free_port()
     cfg = stack.home / "haproxy.cfg"
-    cfg.write_text(HAPROXY_CFG.format(lb=lb_port, a=replicas.ports["a"], b=replicas.ports["b"]))
+    binds = f"    bind 127.0.0.1:{lb_port}"
+    cfg.write_text(HAPROXY_CFG.format(binds=binds, a=replicas.ports["a"], b=replicas.ports["b"]))
     checked = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     replicas.start("a")
