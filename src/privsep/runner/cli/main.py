@@ -133,11 +133,9 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from privsep.runner.supervisor.health import check_health
+    from privsep.runner.cli.health import check
 
-    cfg = _load(args)
-    max_age = args.max_age or 3 * float(cfg.get("supervisor.heartbeat_interval")) + 10
-    result = check_health(str(cfg.path_of("core.state_dir")), max_age)
+    result = check(_load(args), args.component, args.max_age)
     print(result.reason)
     return 0 if result.ok else 1
 
@@ -253,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = action(sub, "health", "is the supervisor's loop turning? exit 0 or 1", cmd_health)
     seconds_option(
         p, "--max-age", "oldest acceptable heartbeat (default: 3 heartbeat intervals + 10 s)"
+    )
+    p.add_argument(
+        "--component",
+        choices=("supervisor", "server", "auto"),
+        default="supervisor",
+        help="what to check: the supervisor's heartbeat, the server's /v1/health on "
+        "server.bind, or auto: whichever of them PID 1 runs (a container's HEALTHCHECK)",
     )
 
     p = action(sub, "logs", "show an attempt's log", cmd_logs)
