@@ -22,13 +22,15 @@ PID1_CMDLINE = Path("/proc/1/cmdline")
 
 
 def component_of(cmdline: bytes) -> str | None:
-    """The runner command in a NUL-separated command line (``runner server``, or the same
-    behind an init such as ``docker-init --``), or None when it runs none of them."""
+    """The component a NUL-separated command line runs (``runner server``, ``python runner
+    --config F supervisor``, the same behind an init such as ``docker-init --``), or None.
+
+    The first word after ``runner`` that names a component decides: options and their values
+    come before it, and no option value is a component's name in a container's command."""
     args = [arg.decode(errors="replace") for arg in cmdline.split(b"\0") if arg]
-    for index, arg in enumerate(args[:-1]):
+    for index, arg in enumerate(args):
         if Path(arg).name == "runner":
-            command = next((a for a in args[index + 1 :] if not a.startswith("-")), None)
-            return command if command in COMPONENTS else None
+            return next((a for a in args[index + 1 :] if a in COMPONENTS), None)
     return None
 
 

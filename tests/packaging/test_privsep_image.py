@@ -1,0 +1,405 @@
+"""The OCI image of privsep itself (``packaging/image/build-image``), run as a deployment would.
+
+Against a real PostgreSQL cluster on 127.0.0.1 (this Docker engine has no bridge, so every
+container uses the host's network):
+
+- ``runner keys rotate``, ``runner db upgrade`` and the registrations run as one-shot
+  containers of the image, like the Kubernetes Job;
+- the server runs from the image as its default user (privsep, 10001), with a read-only root,
+  every capability dropped and ``no-new-privileges``; it reads the database URL from a mounted
+  file (``database.url_file``), never from its environment;
+- the supervisor runs from the image too, as root inside the container with only the nine
+  capabilities its unit keeps (docs/deployment.md), a read-only root and ``no-new-privileges``,
+  plus ``seccomp=unconfined``: Docker's default profile never allows ``pivot_root``, which every
+  process-backend sandbox needs;
+- an operator on the host triggers a workflow, which runs in a real sandbox to success;
+- both containers' ``HEALTHCHECK`` (the image's own, ``runner health --component auto``) turns
+  ``healthy``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from docker_kit import strict
+from server.postgres import PostgresCluster, free_port, own_cluster
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD = ROOT / "packaging" / "image" / "build-image"
+IMAGE_UID = 10001
+# What the supervisor's unit keeps (packaging/systemd/privsep-supervisor.service), and no more.
+SUPERVISOR_CAPS = (
+    "SETUID",
+    "SETGID",
+    "SYS_ADMIN",
+    "SETPCAP",
+    "NET_ADMIN",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "KILL",
+)
+HARDENED = ("--read-only", "--tmpfs", "/tmp", "--security-opt", "no-new-privileges")
+WORKFLOW = textwrap.dedent("""
+    from privsep.client import Context, Workflow
+
+    wf = Workflow("image_wf")
+
+    @wf.task
+    def hello(ctx: Context) -> int:
+        import os
+        ctx.log.info("sandbox uid %d", os.getuid())
+        return os.getuid()
+""")
+
+
+def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
+    done = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    """The image this checkout builds (``scripts/test`` built it; here only the digest is
+    checked, or what changed is rebuilt)."""
+    why = None
+    if os.geteuid() != 0:
+        why = "the image tests run as root (debootstrap, files owned by the image's uids)"
+    elif (
+        shutil.which("docker") is None
+        or subprocess.run(
+            ["docker", "info"], capture_output=True, check=False, timeout=60
+        ).returncode
+    ):
+        why = "no Docker engine answers"
+    if why is not None:
+        if strict():
+            pytest.fail(f"PRIVSEP_TESTS_STRICT=1 and the image tests cannot run: {why}")
+        pytest.skip(why)
+    done = subprocess.run(
+        [str(BUILD)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def write(path: Path, text: str, mode: int, uid: int = 0) -> Path:
+    path.write_text(text)
+    os.chown(path, uid, uid)
+    path.chmod(mode)
+    return path
+
+
+@dataclass
+class Deployment:
+    """The host side of one deployment: files to mount, ports, and the containers started."""
+
+    image: str
+    root: Path
+    port: int
+    containers: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def server_mounts(self) -> list[str]:
+        etc = self.root / "server-etc"
+        return [
+            "-v",
+            f"{self.root / 'server-home'}:/var/lib/privsep",
+            "-v",
+            f"{etc / 'server.toml'}:/etc/privsep/server.toml:ro",
+            "-v",
+            f"{etc / 'database-url'}:/etc/privsep/database-url:ro",
+            "-v",
+            f"{etc / 'fernet.key'}:/etc/privsep/fernet.key:ro",
+            "-e",
+            "PRIVSEP_CONFIG=/etc/privsep/server.toml",
+        ]
+
+    def one_shot(self, *args: str, mounts: tuple[str, ...] = ()) -> str:
+        """``runner ARGS`` in a throwaway container of the image, as the server's user."""
+        return docker(
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            "--cap-drop",
+            "ALL",
+            *HARDENED,
+            *self.server_mounts(),
+            *mounts,
+            self.image,
+            *args,
+        )
+
+    def start(self, name: str, *args: str) -> str:
+        container = f"{name}-{secrets.token_hex(4)}"
+        docker("run", "-d", "--name", container, "--network", "host", *args)
+        self.containers.append(container)
+        return container
+
+    def host_runner(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """An operator command on the host, with the operator key registered in the image."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVSEP")}
+        env.update(PRIVSEP_HOME=str(self.root / "operator"), PRIVSEP__SERVER__URL=self.url)
+        return subprocess.run(
+            [sys.executable, "-m", "privsep", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def logs(self) -> str:
+        out = []
+        for container in self.containers:
+            done = subprocess.run(
+                ["docker", "logs", "--tail", "80", container],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            out.append(f"--- {container}\n{done.stdout}")
+        return "\n".join(out)
+
+    def inspect(self, container: str) -> dict[str, object]:
+        result: list[dict[str, object]] = json.loads(docker("inspect", container))
+        return result[0]
+
+    def wait_healthy(self, container: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        status = ""
+        while time.monotonic() < deadline:
+            state = self.inspect(container)["State"]
+            assert isinstance(state, dict)
+            if not state.get("Running"):
+                raise AssertionError(f"{container} exited:\n{self.logs()}")
+            status = state.get("Health", {}).get("Status", "")
+            if status == "healthy":
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"{container} is {status!r}, not healthy\n{self.logs()}")
+
+
+@pytest.fixture(scope="module")
+def deployment(image: str) -> Iterator[Deployment]:
+    with own_cluster() as cluster:
+        root = Path(tempfile.mkdtemp(prefix="privsep-image-", dir="/tmp"))
+        root.chmod(0o755)
+        dep = Deployment(image=image, root=root, port=free_port())
+        try:
+            prepare(dep, cluster)
+            yield dep
+        finally:
+            for container in dep.containers:
+                docker("rm", "-f", container, check=False, timeout=60)
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def prepare(dep: Deployment, cluster: PostgresCluster) -> None:
+    """The files a deployment mounts: the server's (owned by the image's user, secrets 0400),
+    the supervisor's (root's), the operator's on the host; then the one-shot set-up runs."""
+    from cryptography.fernet import Fernet
+
+    root = dep.root
+    server_home = root / "server-home"
+    server_home.mkdir(mode=0o700)
+    os.chown(server_home, IMAGE_UID, IMAGE_UID)
+    etc = root / "server-etc"
+    etc.mkdir(mode=0o755)
+    url = cluster.url(cluster.create_database())
+    write(etc / "database-url", url + "\n", 0o400, IMAGE_UID)
+    write(etc / "fernet.key", Fernet.generate_key().decode() + "\n", 0o400, IMAGE_UID)
+    write(
+        etc / "server.toml",
+        textwrap.dedent(f"""
+            [database]
+            url_file = "/etc/privsep/database-url"
+
+            [server]
+            bind = "127.0.0.1:{dep.port}"
+            url = "{dep.url}"
+            fernet_key_file = "/etc/privsep/fernet.key"
+        """),
+        0o644,
+    )
+    # Keys made on the host, as on an operator's or a node's machine.
+    for who in ("operator", "supervisor"):
+        home = root / who
+        home.mkdir(mode=0o700)
+        done = dep.host_runner(
+            "credentials", "create", "--out", str(home / "credentials" / f"{who}.key")
+        )
+        assert done.returncode == 0, done.stderr
+    sup = root / "supervisor"
+    workflows = root / "workflows"
+    workflows.mkdir(mode=0o755)
+    write(workflows / "image_wf.py", WORKFLOW, 0o644)
+    write(
+        sup / "supervisor.toml",
+        textwrap.dedent(f"""
+            [core]
+            workflows_dir = "/opt/workflows"
+
+            [server]
+            url = "{dep.url}"
+
+            [supervisor]
+            name = "sup-image"
+            credential = "/etc/privsep/supervisor.key"
+            heartbeat_interval = 1.0
+            discovery_interval = 0.5
+            parallelism = 2
+
+            [sandbox]
+            uid_first = 180000
+            uid_count = 20
+            prewarm = 1
+        """),
+        0o644,
+    )
+    (sup / "home").mkdir(mode=0o700)
+    pubs = ("-v", f"{root}/supervisor/credentials/supervisor.key.pub:/etc/privsep/sup.pub:ro")
+    pubs += ("-v", f"{root}/operator/credentials/operator.key.pub:/etc/privsep/op.pub:ro")
+    dep.one_shot("keys", "rotate")
+    dep.one_shot("db", "upgrade")
+    dep.one_shot(
+        "supervisors", "register", "sup-image", "--public-key", "/etc/privsep/sup.pub", mounts=pubs
+    )
+    dep.one_shot(
+        "operators", "register", "alice", "--public-key", "/etc/privsep/op.pub", mounts=pubs
+    )
+
+
+def start_server(dep: Deployment) -> str:
+    return dep.start(
+        "privsep-image-server",
+        "--cap-drop",
+        "ALL",
+        *HARDENED,
+        "--health-interval",
+        "2s",
+        *dep.server_mounts(),
+        dep.image,
+        "server",
+    )
+
+
+def start_supervisor(dep: Deployment) -> str:
+    sup = dep.root / "supervisor"
+    caps = [arg for cap in SUPERVISOR_CAPS for arg in ("--cap-add", cap)]
+    return dep.start(
+        "privsep-image-supervisor",
+        "--user",
+        "0:0",
+        "--cap-drop",
+        "ALL",
+        *caps,
+        "--security-opt",
+        "seccomp=unconfined",
+        *HARDENED,
+        "--health-interval",
+        "2s",
+        "-v",
+        f"{sup / 'home'}:/var/lib/privsep",
+        "-v",
+        f"{sup / 'supervisor.toml'}:/etc/privsep/supervisor.toml:ro",
+        "-v",
+        f"{sup / 'credentials' / 'supervisor.key'}:/etc/privsep/supervisor.key:ro",
+        "-v",
+        f"{dep.root / 'workflows'}:/opt/workflows:ro",
+        "-e",
+        "PRIVSEP_CONFIG=/etc/privsep/supervisor.toml",
+        dep.image,
+        "supervisor",
+    )
+
+
+@pytest.fixture(scope="module")
+def running(deployment: Deployment) -> tuple[Deployment, str, str]:
+    server = start_server(deployment)
+    deployment.wait_healthy(server)
+    supervisor = start_supervisor(deployment)
+    deployment.wait_healthy(supervisor)
+    return deployment, server, supervisor
+
+
+def test_image_user_is_not_root(image: str) -> None:
+    config = json.loads(docker("image", "inspect", image))[0]["Config"]
+    assert config["User"] == f"{IMAGE_UID}:{IMAGE_UID}"
+    assert config["Healthcheck"]["Test"] == ["CMD", "runner", "health", "--component", "auto"]
+    out = docker("run", "--rm", "--network", "none", "--entrypoint", "id", image, "-u")
+    assert out.strip() == str(IMAGE_UID)
+
+
+def test_server_runs_as_non_root_with_database_url_from_a_file(
+    running: tuple[Deployment, str, str],
+) -> None:
+    dep, server, _ = running
+    assert docker("exec", server, "id", "-u").strip() == str(IMAGE_UID)
+    # The process itself, not just what `exec` gets: PID 1 of the container.
+    status = docker("exec", server, "cat", "/proc/1/status")
+    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+    assert uids == [str(IMAGE_UID)] * 4
+    caps = next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1]
+    assert int(caps, 16) == 0
+    env = dep.inspect(server)["Config"]
+    assert isinstance(env, dict)
+    assert not any("postgresql" in e or "DATABASE" in e for e in env["Env"]), env["Env"]
+    url = (dep.root / "server-etc" / "database-url").read_text().strip()
+    assert url not in docker("logs", server, timeout=30)
+
+
+def test_workflow_runs_to_success_from_the_image(running: tuple[Deployment, str, str]) -> None:
+    dep, _, supervisor = running
+    deadline = time.monotonic() + 120
+    while True:  # the definition file is parsed in a sandbox first
+        done = dep.host_runner("runs", "trigger", "image_wf", "--json")
+        if done.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{dep.logs()}"
+    run_id = str(json.loads(done.stdout)["id"])
+    while True:
+        shown = dep.host_runner("runs", "show", run_id, "--json")
+        assert shown.returncode == 0, shown.stderr
+        run = json.loads(shown.stdout)
+        if run["state"] not in ("queued", "running") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert run["state"] == "success", f"{run}\n{dep.logs()}"
+    tasks = dep.host_runner("tasks", "list", run_id, "--json")
+    assert tasks.returncode == 0, tasks.stderr
+    attempts = json.loads(tasks.stdout)["attempts"]
+    assert [a["state"] for a in attempts] == ["success"], attempts
+    # It ran as a pool uid, in a sandbox built inside the supervisor's container.
+    assert docker("exec", supervisor, "id", "-u").strip() == "0"
