@@ -55,6 +55,13 @@ SUPERVISOR_CAPS = (
     "KILL",
 )
 HARDENED = ("--read-only", "--tmpfs", "/tmp", "--security-opt", "no-new-privileges")
+# The server's containers start as the Kubernetes manifests start them.
+INSTALL_SECRETS = (
+    "/run/privsep/secrets=/etc/privsep/secret-src/server",
+    "/run/privsep/secrets/signing=/etc/privsep/secret-src/signing",
+    "--",
+)
+KUBELET_DATA_DIR = "..2026_12_07_00_00_00.000000001"
 WORKFLOW = textwrap.dedent("""
     from privsep.client import Context, Workflow
 
@@ -114,6 +121,23 @@ def write(path: Path, text: str, mode: int, uid: int = 0) -> Path:
     return path
 
 
+def kubelet_secret(path: Path, files: dict[str, bytes]) -> None:
+    """A directory laid out as the kubelet mounts a Secret volume for a pod with
+    ``fsGroup: 10001`` and ``defaultMode: 0440``: each name a symlink into ``..data/``, a
+    symlink to a timestamped directory holding root-owned files of group 10001, mode 0440."""
+    path.mkdir(mode=0o755)
+    os.chown(path, 0, IMAGE_UID)
+    data = path / KUBELET_DATA_DIR
+    data.mkdir(mode=0o755)
+    os.chown(data, 0, IMAGE_UID)
+    for name, content in files.items():
+        (data / name).write_bytes(content)
+        os.chown(data / name, 0, IMAGE_UID)
+        (data / name).chmod(0o440)
+        (path / name).symlink_to(f"..data/{name}")
+    (path / "..data").symlink_to(KUBELET_DATA_DIR)
+
+
 @dataclass
 class Deployment:
     """The host side of one deployment: files to mount, ports, and the containers started."""
@@ -128,22 +152,29 @@ class Deployment:
         return f"http://127.0.0.1:{self.port}"
 
     def server_mounts(self) -> list[str]:
-        etc = self.root / "server-etc"
+        """What the server's pod mounts: its config, its two Secrets as kubelet lays them
+        out (read-only sources), an in-memory directory for their private copies, a home."""
+        src = self.root / "secret-src"
         return [
             "-v",
             f"{self.root / 'server-home'}:/var/lib/privsep",
             "-v",
-            f"{etc / 'server.toml'}:/etc/privsep/server.toml:ro",
+            f"{self.root / 'server.toml'}:/etc/privsep/server.toml:ro",
             "-v",
-            f"{etc / 'database-url'}:/etc/privsep/database-url:ro",
+            f"{src / 'server'}:/etc/privsep/secret-src/server:ro",
             "-v",
-            f"{etc / 'fernet.key'}:/etc/privsep/fernet.key:ro",
+            f"{src / 'signing'}:/etc/privsep/secret-src/signing:ro",
+            "--tmpfs",
+            "/run/privsep:mode=1777",
             "-e",
             "PRIVSEP_CONFIG=/etc/privsep/server.toml",
+            "--entrypoint",
+            "privsep-install-secrets",
         ]
 
     def one_shot(self, *args: str, mounts: tuple[str, ...] = ()) -> str:
-        """``runner ARGS`` in a throwaway container of the image, as the server's user."""
+        """``runner ARGS`` in a throwaway container of the image, as the server's user, its
+        secrets installed as in the server's pod (the db-upgrade Job does the same)."""
         return docker(
             "run",
             "--rm",
@@ -155,6 +186,8 @@ class Deployment:
             *self.server_mounts(),
             *mounts,
             self.image,
+            *INSTALL_SECRETS,
+            "runner",
             *args,
         )
 
@@ -164,16 +197,17 @@ class Deployment:
         self.containers.append(container)
         return container
 
-    def host_runner(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def host_runner(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
         """An operator command on the host, with the operator key registered in the image."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVSEP")}
         env.update(PRIVSEP_HOME=str(self.root / "operator"), PRIVSEP__SERVER__URL=self.url)
+        env.update(extra)
         return subprocess.run(
             [sys.executable, "-m", "privsep", *args],
             env=env,
             capture_output=True,
             text=True,
-            timeout=timeout,
+            timeout=60,
             check=False,
         )
 
@@ -234,21 +268,30 @@ def prepare(dep: Deployment, cluster: PostgresCluster) -> None:
     server_home = root / "server-home"
     server_home.mkdir(mode=0o700)
     os.chown(server_home, IMAGE_UID, IMAGE_UID)
-    etc = root / "server-etc"
-    etc.mkdir(mode=0o755)
+    (root / "secret-src").mkdir(mode=0o755)
+    # The signing key ring is made where the operator works, then becomes a Secret.
+    ring = root / "ring"
+    done = dep.host_runner("keys", "rotate", PRIVSEP__SERVER__SIGNING_KEYRING=str(ring))
+    assert done.returncode == 0, done.stderr
+    kubelet_secret(
+        root / "secret-src" / "signing", {p.name: p.read_bytes() for p in ring.iterdir()}
+    )
     url = cluster.url(cluster.create_database())
-    write(etc / "database-url", url + "\n", 0o400, IMAGE_UID)
-    write(etc / "fernet.key", Fernet.generate_key().decode() + "\n", 0o400, IMAGE_UID)
+    kubelet_secret(
+        root / "secret-src" / "server",
+        {"database-url": url.encode(), "fernet.key": Fernet.generate_key()},
+    )
     write(
-        etc / "server.toml",
+        root / "server.toml",
         textwrap.dedent(f"""
             [database]
-            url_file = "/etc/privsep/database-url"
+            url_file = "/run/privsep/secrets/database-url"
 
             [server]
             bind = "127.0.0.1:{dep.port}"
             url = "{dep.url}"
-            fernet_key_file = "/etc/privsep/fernet.key"
+            fernet_key_file = "/run/privsep/secrets/fernet.key"
+            signing_keyring = "/run/privsep/secrets/signing"
         """),
         0o644,
     )
@@ -290,7 +333,6 @@ def prepare(dep: Deployment, cluster: PostgresCluster) -> None:
     (sup / "home").mkdir(mode=0o700)
     pubs = ("-v", f"{root}/supervisor/credentials/supervisor.key.pub:/etc/privsep/sup.pub:ro")
     pubs += ("-v", f"{root}/operator/credentials/operator.key.pub:/etc/privsep/op.pub:ro")
-    dep.one_shot("keys", "rotate")
     dep.one_shot("db", "upgrade")
     dep.one_shot(
         "supervisors", "register", "sup-image", "--public-key", "/etc/privsep/sup.pub", mounts=pubs
@@ -310,6 +352,8 @@ def start_server(dep: Deployment) -> str:
         "2s",
         *dep.server_mounts(),
         dep.image,
+        *INSTALL_SECRETS,
+        "runner",
         "server",
     )
 
@@ -375,7 +419,7 @@ def test_server_runs_as_non_root_with_database_url_from_a_file(
     env = dep.inspect(server)["Config"]
     assert isinstance(env, dict)
     assert not any("postgresql" in e or "DATABASE" in e for e in env["Env"]), env["Env"]
-    url = (dep.root / "server-etc" / "database-url").read_text().strip()
+    url = (dep.root / "secret-src" / "server" / "database-url").read_text().strip()
     assert url not in docker("logs", server, timeout=30)
 
 
@@ -403,3 +447,35 @@ def test_workflow_runs_to_success_from_the_image(running: tuple[Deployment, str,
     assert [a["state"] for a in attempts] == ["success"], attempts
     # It ran as a pool uid, in a sandbox built inside the supervisor's container.
     assert docker("exec", supervisor, "id", "-u").strip() == "0"
+
+
+def test_a_secret_volume_is_refused_as_mounted(deployment: Deployment) -> None:
+    """Why the manifests copy each Secret first: the server refuses the kubelet's layout."""
+    dep = deployment
+    done = subprocess.run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            "--cap-drop",
+            "ALL",
+            *HARDENED,
+            *dep.server_mounts(),
+            "-e",
+            "PRIVSEP__DATABASE__URL_FILE=/etc/privsep/secret-src/server/database-url",
+            dep.image,
+            *INSTALL_SECRETS,
+            "runner",
+            "db",
+            "check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "/etc/privsep/secret-src/server/database-url" in done.stderr
+    assert "Traceback" not in done.stderr
