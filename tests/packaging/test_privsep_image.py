@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -42,6 +43,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "packaging" / "image" / "build-image"
 IMAGE_UID = 10001
+POOL_FIRST = 180000
+POOL_COUNT = 20
 # What the supervisor's unit keeps (packaging/systemd/privsep-supervisor.service), and no more.
 SUPERVISOR_CAPS = (
     "SETUID",
@@ -324,8 +327,8 @@ def prepare(dep: Deployment, cluster: PostgresCluster) -> None:
             parallelism = 2
 
             [sandbox]
-            uid_first = 180000
-            uid_count = 20
+            uid_first = {POOL_FIRST}
+            uid_count = {POOL_COUNT}
             prewarm = 1
         """),
         0o644,
@@ -445,8 +448,11 @@ def test_workflow_runs_to_success_from_the_image(running: tuple[Deployment, str,
     assert tasks.returncode == 0, tasks.stderr
     attempts = json.loads(tasks.stdout)["attempts"]
     assert [a["state"] for a in attempts] == ["success"], attempts
-    # It ran as a pool uid, in a sandbox built inside the supervisor's container.
-    assert docker("exec", supervisor, "id", "-u").strip() == "0"
+    # The task ran in a sandbox the supervisor built inside its container, as a pool uid
+    # (its log is the node-local copy in the supervisor's state directory).
+    log = docker("exec", supervisor, "runner", "logs", str(attempts[0]["id"]))
+    uid = int(re.search(r"sandbox uid (\d+)", log).group(1))  # type: ignore[union-attr]
+    assert POOL_FIRST <= uid < POOL_FIRST + POOL_COUNT, log
 
 
 def test_a_secret_volume_is_refused_as_mounted(deployment: Deployment) -> None:
