@@ -248,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallelism", type=int, metavar="N", help="tasks run at once")
     p.add_argument("--json", action="store_true", help="with --once: the summary as JSON")
 
-    p = action(sub, "health", "is the supervisor's loop turning? exit 0 or 1", cmd_health)
+    p = action(
+        sub,
+        "health",
+        "is the supervisor's loop turning (or the server up)? exit 0 or 1",
+        cmd_health,
+    )
     seconds_option(
         p, "--max-age", "oldest acceptable heartbeat (default: 3 heartbeat intervals + 10 s)"
     )
