@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from privsep.runner.config.loader import ConfigError
 
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(keys_cmd.protect_leading_dash_kid(words))
     handler: Handler = args.handler
     try:
         return handler(args)
