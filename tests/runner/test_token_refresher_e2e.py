@@ -15,6 +15,7 @@ import base64
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -210,8 +211,19 @@ def test_a_supervisor_without_a_key_runs_work_through_the_refreshers_token(
         lambda: "no session token in" in stack.output("supervisor"), 30, "the supervisor to wait"
     )
     assert supervisor.poll() is None
+    # Type=notify: READY=1 once the first token is written.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_path = refresher.token_file.parent.parent / "notify"
+    notify.bind(str(notify_path))
+    notify_path.chmod(0o666)
+    notify.settimeout(30)
+    refresher.env["NOTIFY_SOCKET"] = str(notify_path)
     refresher.start()
-    stack.wait_for(lambda: refresher.token_file.exists(), 30, "the first token")
+    messages = []
+    while b"READY=1" not in b"".join(messages):
+        messages.append(notify.recv(4096))
+    assert refresher.token_file.exists()
+    notify.close()
 
     st = refresher.token_file.stat()
     assert stat.S_IMODE(st.st_mode) == 0o640
@@ -249,7 +261,12 @@ def test_a_supervisor_without_a_key_runs_work_through_the_refreshers_token(
             assert str(refresher.home) not in target, (pid, target)
     # Nothing of the token in either process's output.
     assert token.split('"')[3] not in stack.output("supervisor") + refresher.output()
+    health = stack.runner("health", "--token-refresher")  # the supervisor's configuration
+    assert health.returncode == 0, health.stdout + health.stderr
+    assert health.stdout.startswith("ok: session token valid for")
     assert stack.stop("supervisor") == 0
+    refresher.proc.send_signal(signal.SIGTERM)
+    assert refresher.proc.wait(timeout=10) == 0
 
 
 def _refresher_alone(

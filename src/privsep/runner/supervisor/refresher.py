@@ -90,24 +90,30 @@ class RefresherSettings:
                 ccache=str(cfg.path_of("token_refresher.ccache")),
                 interval=float(cfg.get("token_refresher.interval")),
             )
-        own = "token_refresher.token_file"
-        shared = own if cfg.get(own) else "supervisor.session_token_file"
-        if not cfg.get(shared):
-            raise ConfigError(
-                "token_refresher.token_file and supervisor.session_token_file are both empty: "
-                "set one to the file the supervisor reads its session token from"
-            )
         where = endpoints(cfg)
         return cls(
             mode=mode,
             gid=gid,
-            token_file=str(cfg.path_of(shared)),
+            token_file=token_file_of(cfg),
             credential=str(cfg.path_of("supervisor.credential")),
             name=str(cfg.get("supervisor.name")) or socket.gethostname(),
             server_urls=where.urls,
             audience=where.audience,
             api_socket=str(cfg.get("supervisor.api_socket")),
         )
+
+
+def token_file_of(cfg: Config) -> str:
+    """The shared token file: ``token_refresher.token_file``, else the supervisor's
+    ``supervisor.session_token_file`` (one configuration file can serve both processes)."""
+    own = "token_refresher.token_file"
+    shared = own if cfg.get(own) else "supervisor.session_token_file"
+    if not cfg.get(shared):
+        raise ConfigError(
+            "token_refresher.token_file and supervisor.session_token_file are both empty: "
+            "set one to the file the supervisor reads its session token from"
+        )
+    return str(cfg.path_of(shared))
 
 
 def renew_delay(expires_at: float, now: float, rng: random.Random) -> float:
@@ -218,8 +224,8 @@ def refresher_health(cfg: Config) -> tuple[bool, str]:
     """
     from privsep.runner.supervisor.kerberos import check_ccache
 
-    settings = RefresherSettings.from_config(cfg)
-    if settings.mode == "kerberos":
-        return check_ccache(settings.ccache)
-    result = check_token_file(settings.token_file)
+    if cfg.get("token_refresher.mode") == "kerberos":
+        return check_ccache(RefresherSettings.from_config(cfg).ccache)
+    # Only the file: the supervisor's host may not be able to resolve the key's path.
+    result = check_token_file(token_file_of(cfg))
     return result.ok, result.reason
