@@ -131,3 +131,41 @@ def test_the_sandbox_uid_must_not_open_the_token(tmp_path: Path) -> None:
         assert str(path) in result.stdout
     finally:
         shutil.rmtree(base)
+
+
+def _read_only_bind(path: Path):  # type: ignore[no-untyped-def]
+    """A ``preexec_fn``: in a private mount namespace, ``path`` is a read-only bind of itself
+    (as a pod's shared emptyDir is in the supervisor's container)."""
+    from privsep.sandbox import _libc as libc
+
+    def enter() -> None:
+        libc.unshare(libc.CLONE_NEWNS)
+        libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE, None)
+        libc.mount(str(path), str(path), None, libc.MS_BIND, None)
+        flags = libc.MS_BIND | libc.MS_REMOUNT | libc.MS_RDONLY
+        libc.mount(None, str(path), None, flags, None)
+
+    return enter
+
+
+def test_a_world_writable_token_directory_on_a_read_only_mount_is_allowed(
+    home: Path, token_dir: Path
+) -> None:
+    import subprocess
+    import sys
+
+    _token(token_dir)
+    token_dir.chmod(0o777)  # what Kubernetes makes of an emptyDir
+    argv = [sys.executable, "-m", "privsep", "check-perms"]
+    env = clean_env(home, _env(token_dir))
+    writable = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    assert writable.returncode == 1 and "token directory has mode 0777" in writable.stdout
+    read_only = subprocess.run(
+        argv,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=_read_only_bind(token_dir),
+    )
+    assert_clean(read_only)
