@@ -37,6 +37,7 @@ __all__ = [
     "SharedSession",
     "check_token_file",
     "group_id",
+    "make_token_dir",
     "publish",
     "write_session_token",
 ]
