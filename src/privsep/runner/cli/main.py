@@ -20,6 +20,7 @@ from privsep.runner.cli import keys as keys_cmd
 from privsep.runner.cli import manifest as manifest_cmd
 from privsep.runner.cli import operator as operator_cmd
 from privsep.runner.cli import principals as principals_cmd
+from privsep.runner.cli import refresher as refresher_cmd
 from privsep.runner.cli.parsers import Handler, action, group, seconds_option
 from privsep.runner.errors import EXIT_OK, EXIT_USAGE, CommandError
 from privsep.runner.selftest import command as selftest_cmd
@@ -93,7 +94,7 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 def cmd_check_perms(args: argparse.Namespace) -> int:
     from privsep.runner.config.check_perms import run_check_perms
 
-    return run_check_perms(_load(args), as_json=args.json)
+    return run_check_perms(_load(args), as_json=args.json, component=args.component)
 
 
 def cmd_credentials_create(args: argparse.Namespace) -> int:
@@ -136,6 +137,12 @@ def cmd_health(args: argparse.Namespace) -> int:
     from privsep.runner.supervisor.health import check_health
 
     cfg = _load(args)
+    if args.token_refresher:
+        from privsep.runner.supervisor.refresher import refresher_health
+
+        ok, reason = refresher_health(cfg)
+        print(reason)
+        return 0 if ok else 1
     max_age = args.max_age or 3 * float(cfg.get("supervisor.heartbeat_interval")) + 10
     result = check_health(str(cfg.path_of("core.state_dir")), max_age)
     print(result.reason)
@@ -196,7 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_config_reference,
     )
 
-    action(sub, "check-perms", "check every file that holds a secret", cmd_check_perms, json=True)
+    p = action(
+        sub, "check-perms", "check every file that holds a secret", cmd_check_perms, json=True
+    )
+    p.add_argument(
+        "--for",
+        dest="component",
+        choices=("token-refresher",),
+        default="",
+        help="check what runner token-refresher holds (the key or keytab), not the supervisor's",
+    )
 
     g = group(sub, "credentials", "create the supervisor's long-lived credential")
     p = action(
@@ -226,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     principals_cmd.register(sub)
 
+    refresher_cmd.register(sub)
     p = action(sub, "supervisor", "run the supervisor (claims and sandboxes work)", cmd_supervisor)
     p.add_argument(
         "--daemon",
@@ -253,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = action(sub, "health", "is the supervisor's loop turning? exit 0 or 1", cmd_health)
     seconds_option(
         p, "--max-age", "oldest acceptable heartbeat (default: 3 heartbeat intervals + 10 s)"
+    )
+    p.add_argument(
+        "--token-refresher",
+        action="store_true",
+        help="judge runner token-refresher instead: its token file or ticket cache is valid",
     )
 
     p = action(sub, "logs", "show an attempt's log", cmd_logs)
