@@ -154,7 +154,7 @@ class Task(Generic[R]):
         queue: str = DEFAULT_QUEUE,
     ) -> None:
         attrs = self.__dict__
-        if type(func) is _FunctionType and not func.__dict__:
+        if isinstance(func, _FunctionType) and not func.__dict__:
             # The common case in one dict update: a definition file of a thousand tasks is
             # imported again by every one of its task sandboxes (see _look_like).
             attrs.update(
