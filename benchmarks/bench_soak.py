@@ -121,9 +121,13 @@ def rows(
         if not points:
             continue
         kept = [p for p in points if p[0] >= points[-1][0] / 10] or points
+        # A cache filling up slows down and stops; a leak keeps its pace. The second half's
+        # slope beside the whole one tells them apart.
+        late = [p for p in points if p[0] >= points[-1][0] / 2] or points
         note = (
             f"{len(kept)} samples over {seconds / 60:g} min, {runs} runs; "
-            f"RSS {points[0][1]:.1f} → {points[-1][1]:.1f} MiB, "
+            f"RSS {points[0][1]:.1f} → {points[-1][1]:.1f} MiB "
+            f"(second half {slope([(p[0], p[1]) for p in late]):+.2f} MiB/min), "
             f"fds {points[0][2]:.0f} → {points[-1][2]:.0f}"
         )
         for index, unit, label in ((1, "MiB/min", "RSS"), (2, "fds/min", "open fds")):

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "packaging" / "systemd"
 SERVER = UNITS / "privsep-server.service"
 SUPERVISOR = UNITS / "privsep-supervisor.service"
+REFRESHER = UNITS / "privsep-token-refresher.service"
 TARGET = UNITS / "privsep.target"
 RUNNER = "/opt/privsep/venv/bin/runner"
 
@@ -31,7 +32,8 @@ RUNNER = "/opt/privsep/venv/bin/runner"
 # cgroups a sandbox is built from, and the network its API calls need; what it scores beyond
 # the server is exactly that (docs/deployment.md lists each remaining point, and
 # test_every_supervisor_exposure_is_documented holds the list to the tool's).
-MAX_EXPOSURE = {SERVER.name: 1.5, SUPERVISOR.name: 3.8}
+# The token refresher needs no more than the server: a user, a runtime directory, the network.
+MAX_EXPOSURE = {SERVER.name: 1.5, SUPERVISOR.name: 3.8, REFRESHER.name: 1.5}
 DEPLOYMENT = ROOT / "docs" / "deployment.md"
 
 ANALYZE = shutil.which("systemd-analyze")
@@ -66,7 +68,7 @@ def _exposure(unit: Path) -> float:
 
 
 @needs_analyze
-@pytest.mark.parametrize("unit", [SERVER, SUPERVISOR], ids=lambda u: u.name)
+@pytest.mark.parametrize("unit", [SERVER, SUPERVISOR, REFRESHER], ids=lambda u: u.name)
 def test_security_exposure_within_limit(unit: Path) -> None:
     score = _exposure(unit)
     assert score <= MAX_EXPOSURE[unit.name], f"{unit.name} scores {score}"
@@ -102,7 +104,7 @@ def test_units_verify(tmp_path: Path) -> None:
     """``verify`` insists that ExecStart's program exists: point it at this venv's."""
     runner = Path(sys.executable).parent / "runner"
     copies = []
-    for unit in (SERVER, SUPERVISOR, TARGET):
+    for unit in (SERVER, SUPERVISOR, REFRESHER, TARGET):
         copy = tmp_path / unit.name
         copy.write_text(unit.read_text().replace(RUNNER, str(runner)))
         copies.append(str(copy))
@@ -118,7 +120,7 @@ def test_units_verify(tmp_path: Path) -> None:
 
 
 def test_units_run_the_installed_runner() -> None:
-    for unit in (SERVER, SUPERVISOR):
+    for unit in (SERVER, SUPERVISOR, REFRESHER):
         assert _directives(unit, "ExecStart")[0].split()[0] == RUNNER
 
 
@@ -129,7 +131,7 @@ def test_supervisor_unit_is_type_notify_with_a_watchdog() -> None:
 
 def test_documentation_points_at_installed_docs() -> None:
     """``Documentation=`` names files that docs/deployment.md installs from docs/."""
-    for unit in (SERVER, SUPERVISOR, TARGET):
+    for unit in (SERVER, SUPERVISOR, REFRESHER, TARGET):
         urls = " ".join(_directives(unit, "Documentation")).split()
         assert urls, unit.name
         for url in urls:
@@ -185,6 +187,25 @@ def test_server_holds_no_privilege() -> None:
     assert _directives(SERVER, "NoNewPrivileges") == ["yes"]
 
 
+def test_token_refresher_holds_the_key_and_no_privilege() -> None:
+    """The refresher runs as its own user, with the key systemd hands it, Type=notify, and
+    keeps the shared token's directory (0750) across its own restarts."""
+    assert _directives(REFRESHER, "User") == ["privsep-refresher"]
+    assert _directives(REFRESHER, "CapabilityBoundingSet") == [""]
+    assert _directives(REFRESHER, "NoNewPrivileges") == ["yes"]
+    assert _directives(REFRESHER, "Type") == ["notify"]
+    assert _directives(REFRESHER, "ExecStart") == [f"{RUNNER} token-refresher"]
+    assert _directives(REFRESHER, "LoadCredential") == [
+        "supervisor.key:/etc/privsep/supervisor.key"
+    ]
+    assert "PRIVSEP__SUPERVISOR__CREDENTIAL=systemd:supervisor.key" in _directives(
+        REFRESHER, "Environment"
+    )
+    assert _directives(REFRESHER, "RuntimeDirectory") == ["privsep-token"]
+    assert _directives(REFRESHER, "RuntimeDirectoryMode") == ["0750"]
+    assert _directives(REFRESHER, "RuntimeDirectoryPreserve") == ["restart"]
+
+
 @pytest.mark.skipif(
     shutil.which("systemd-sysusers") is None and not _STRICT, reason="no systemd-sysusers"
 )
@@ -198,6 +219,7 @@ def test_sysusers_and_tmpfiles_apply(tmp_path: Path) -> None:
         timeout=60,
     )
     assert "privsep:" in (tmp_path / "etc" / "passwd").read_text()
+    assert "privsep-refresher:" in (tmp_path / "etc" / "passwd").read_text()
     subprocess.run(
         ["systemd-tmpfiles", "--create", f"--root={tmp_path}", str(UNITS / "privsep.tmpfiles")],
         check=True,

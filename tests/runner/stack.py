@@ -170,6 +170,13 @@ class Stack:
     # --- the operator ------------------------------------------------------------------------
 
     def operator(self, method: str, path: str, body: Any = None) -> requests.Response:
+        resp = self._as_operator(method, path, body)
+        if resp.status_code == 401:  # the session ran out (short session_token_ttl): a new one
+            self._operator_token = ""
+            resp = self._as_operator(method, path, body)
+        return resp
+
+    def _as_operator(self, method: str, path: str, body: Any = None) -> requests.Response:
         if not self._operator_token:
             key = load_private_key(str(self.home / "credentials/operator.key"))
             # The service's name when it has one (replicas), else its one URL, as the server.

@@ -219,6 +219,7 @@ def test_unreadable_record_names_the_fix(tmp_path: Path) -> None:
         (b"/opt/privsep/venv/bin/python3\0/opt/privsep/venv/bin/runner\0server\0", "server"),
         (b"runner\0--config\0/etc/privsep/s.toml\0supervisor\0", "supervisor"),
         (b"/sbin/docker-init\0--\0runner\0server\0", "server"),
+        (b"/opt/privsep/venv/bin/runner\0token-refresher\0", "token-refresher"),
         (b"runner\0db\0upgrade\0", None),
         (b"runner\0supervisors\0list\0", None),
         (b"/bin/sh\0-c\0server\0", None),

@@ -83,6 +83,9 @@ def test_metrics_after_a_real_run(stack: tuple[Stack, str]) -> None:
     assert total(server, "privsep_server_refusals_total", code="missing_token") >= 1
     route = "POST /v1/task/succeed"
     assert total(server, "privsep_server_request_duration_seconds_count", route=route) >= 2
+    # Each task's context came with its claim, through its supervisor: no task asked for it.
+    route = "GET /v1/task/context"
+    assert total(server, "privsep_server_request_duration_seconds_count", route=route) == 0
     # The scheduler runs in the server's main process, not in a worker: its values are there
     # only because every process writes to the shared directory.
     assert total(server, "privsep_server_scheduler_pass_duration_seconds_count") >= 1

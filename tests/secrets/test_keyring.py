@@ -331,3 +331,24 @@ def test_a_directory_without_index_is_not_a_ring(tmp_path: Path) -> None:
 def test_signing_key_repr_hides_the_private_key(ring: Path) -> None:
     signer = load_signer(ring)
     assert repr(signer) == f"SigningKey(kid='{signer.kid}')"
+
+
+def test_a_new_kid_never_begins_with_a_dash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kid beginning with ``-`` would read as an option on ``runner keys retire``: the ring
+    draws again rather than hand one out. The first key offered here is one such key (found by
+    drawing, about one in 64), so without the rule the ring would adopt it."""
+    dashed = Ed25519PrivateKey.generate()
+    while not key_id(dashed.public_key()).startswith("-"):
+        dashed = Ed25519PrivateKey.generate()
+    offered = iter([dashed])
+    real_generate = Ed25519PrivateKey.generate
+    monkeypatch.setattr(
+        "privsep.secrets.keyring.Ed25519PrivateKey.generate",
+        staticmethod(lambda: next(offered, None) or real_generate()),
+    )
+    kid = create_keyring(tmp_path / "keys", now=T0)
+    assert not kid.startswith("-")
+    assert kid != key_id(dashed.public_key())
+    assert load_signer(tmp_path / "keys").kid == kid

@@ -385,3 +385,17 @@ def test_a_task_token_the_fast_path_cached_is_refused_once_its_key_is_retired(
     assert refused.status_code == 401, refused.text
     assert old not in {k["kid"] for k in api.client.get("/v1/jwks").json()["keys"]}
     api.client.close()
+
+
+def test_a_kid_that_begins_with_a_dash_is_read_as_the_kid(
+    migrated_db_url: str, tmp_path: Path
+) -> None:
+    """Rings made before new kids stopped beginning with ``-`` may hold such a key; ``runner
+    keys retire`` takes it as `runner keys list` prints it, with no ``--`` needed (argparse would
+    otherwise call it an unrecognised option, with a usage error)."""
+    home = make_home(tmp_path / "a", migrated_db_url)
+    dashed = "-sVMFq0rY2abcdEF"
+    done = runner(home, migrated_db_url, "keys", "retire", dashed)
+    assert done.returncode == 1, done.stderr
+    assert "unrecognized arguments" not in done.stderr and "usage:" not in done.stderr
+    assert dashed in done.stderr and "Traceback" not in done.stderr

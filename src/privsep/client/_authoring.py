@@ -153,6 +153,27 @@ class Task(Generic[R]):
         timeout: float | None,
         queue: str = DEFAULT_QUEUE,
     ) -> None:
+        attrs = self.__dict__
+        if isinstance(func, _FunctionType) and not func.__dict__:
+            # The common case in one dict update: a definition file of a thousand tasks is
+            # imported again by every one of its task sandboxes (see _look_like).
+            attrs.update(
+                __module__=func.__module__,
+                __name__=func.__name__,
+                __qualname__=func.__qualname__,
+                __doc__=func.__doc__,
+                __annotations__=func.__annotations__,
+                __wrapped__=func,
+                func=func,
+                workflow=workflow,
+                task_id=task_id,
+                upstream=upstream,
+                retries=retries,
+                retry_delay=retry_delay,
+                timeout=timeout,
+                queue=queue,
+            )
+            return
         _look_like(self, func)  # first: the function's __dict__ must not win
         self.func = func
         self.workflow = workflow
@@ -285,6 +306,8 @@ class Workflow:
             else:
                 raise TypeError(f"upstream must hold tasks or task ids, not {item!r}")
 
+        unique_ups = tuple(dict.fromkeys(ups))
+
         def declare(fn: Callable[[Context], Any]) -> Task[Any]:
             if not callable(fn):
                 raise TypeError(f"@task decorates a function, not {fn!r}")
@@ -295,7 +318,7 @@ class Workflow:
                 fn,
                 workflow=self,
                 task_id=tid,
-                upstream=tuple(dict.fromkeys(ups)),
+                upstream=unique_ups,
                 retries=retries,
                 retry_delay=delay,
                 timeout=limit,

@@ -32,8 +32,20 @@ from privsep.client._loader import find_task, load_definitions
 __all__ = ["main", "run"]
 
 
-def _payload_strings(payload: Mapping[str, Any]) -> dict[str, str] | None:
-    out: dict[str, str] = {}
+_CONTEXT_FIELDS = {
+    "attempt_id": str,
+    "run_id": str,
+    "workflow_id": str,
+    "task_id": str,
+    "try_number": int,
+    "params": dict,
+}
+
+
+def _payload_strings(payload: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Where the task is (``path``/``module``, ``qualname``) and, when the supervisor passed
+    it on from the claim, the attempt's ``context``."""
+    out: dict[str, Any] = {}
     for name in ("path", "module", "qualname"):
         value = payload.get(name)
         if value is None:
@@ -43,10 +55,17 @@ def _payload_strings(payload: Mapping[str, Any]) -> dict[str, str] | None:
         out[name] = value
     if "path" not in out and "module" not in out:
         return None
+    context = payload.get("context")
+    if context is not None:
+        if not isinstance(context, dict) or not all(
+            isinstance(context.get(name), kind) for name, kind in _CONTEXT_FIELDS.items()
+        ):
+            return None
+        out["context"] = context
     return out
 
 
-def _call_task(ctx: Context, where: Mapping[str, str]) -> Any:
+def _call_task(ctx: Context, where: Mapping[str, Any]) -> Any:
     if "path" in where:
         _, workflows = load_definitions(where["path"])
     else:
@@ -73,10 +92,11 @@ def _call_task(ctx: Context, where: Mapping[str, str]) -> Any:
     return result
 
 
-def _run_task(client: Client, where: Mapping[str, str]) -> int:
+def _run_task(client: Client, where: Mapping[str, Any]) -> int:
     """Run the task the payload names for the attempt this sandbox's token belongs to."""
     try:
-        ctx = Context(client=client, info=client.task_context())
+        info = where.get("context") or client.task_context()
+        ctx = Context(client=client, info=dict(info))
     except PrivsepError as exc:
         kit.fatal("task", f"cannot fetch the attempt's context: {exc}")
         return kit.ExitCode.API_FAILED

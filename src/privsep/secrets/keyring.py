@@ -241,9 +241,17 @@ def _write_ring(
 
 
 def _add_key(directory: str) -> str:
-    """Generate a key and write its two files; the caller then adds it to the index."""
+    """Generate a key and write its two files; the caller then adds it to the index.
+
+    A kid that begins with ``-`` reads as an option on a command line (``runner keys retire
+    -x…``), so such a key is thrown away and another drawn: one draw in 64, and the kid stays
+    the plain digest of the key, so rings written before this rule still verify.
+    """
     key = Ed25519PrivateKey.generate()
     kid = key_id(key.public_key())
+    while kid.startswith("-"):
+        key = Ed25519PrivateKey.generate()
+        kid = key_id(key.public_key())
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

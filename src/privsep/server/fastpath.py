@@ -8,7 +8,7 @@ answers these requests itself when they have the ordinary shape. What it may ans
 claim; :data:`HANDLERS` maps each to its handler, and the middleware dispatches by looking the
 request up there:
 
-* ``GET /v1/task/context`` (every task's first request)
+* ``GET /v1/task/context`` (a task whose supervisor did not pass the claim's context on)
 * ``GET /v1/task/variables/{key}``
 * ``GET /v1/task/xcoms/{task_id}/{key}``
 * ``POST /v1/task/heartbeat`` without a body

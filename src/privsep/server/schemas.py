@@ -107,6 +107,9 @@ class TaskWork(Open):
     timeout: float | None
     bundle_version: str
     source_uri: str | None = None
+    # The rest of the task's context (see TaskContext), handed to the sandbox with its payload.
+    params: dict[str, JSONValue] = Field(default_factory=dict)
+    trigger_event: JSONValue | None = None
 
 
 class ParseWork(Open):

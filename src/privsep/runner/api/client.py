@@ -29,6 +29,8 @@ from privsep.runner.api.keepalive import HttpReply
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from privsep.runner.api.token_file import SharedSession
+
 __all__ = ["ASSERTION_TTL", "RENEW_AT_REMAINING", "SessionClient", "SessionRefused"]
 
 # Assertions are single-use and short; 30 s is plenty for one round trip.
@@ -60,7 +62,10 @@ class SessionClient:
     """Calls the API under a session opened with a signed assertion. Thread-safe.
 
     ``key`` is called each time a session is opened, so a caller can read its key file only
-    when it is needed (and report a bad one its own way). ``urls`` is one base URL or several
+    when it is needed (and report a bad one its own way). A supervisor behind
+    ``runner token-refresher`` has no key: ``shared`` is the file the refresher keeps its
+    session in, read instead of signing an assertion, again when it changes, and again on a
+    401 (then a token the server refused is no session). ``urls`` is one base URL or several
     replicas' in the order to try them. ``audience`` defaults to the first URL as given: the
     server compares it with its own audience (``server.audience``, else ``server.url``)
     verbatim. Raises
@@ -73,17 +78,21 @@ class SessionClient:
         urls: str | Sequence[str],
         *,
         name: str,
-        key: Callable[[], Ed25519PrivateKey],
+        key: Callable[[], Ed25519PrivateKey] | None,
         session_path: str,
         audience: str | None = None,
         timeout: float = 10.0,
         unix_socket: str | None = None,
+        shared: SharedSession | None = None,
     ) -> None:
         given = (urls,) if isinstance(urls, str) else tuple(urls)
+        if (key is None) == (shared is None):
+            raise ValueError("a session needs a key or a shared session file, not both")
         self.name = name
         self.audience = audience or (given[0] if given else "")
         self.timeout = timeout
         self._key = key
+        self._shared = shared
         self._session_path = session_path
         # One kept connection per calling thread and URL; see keepalive.py for why not
         # requests, and failover.py for when it moves to the next URL.
@@ -109,9 +118,20 @@ class SessionClient:
         """Exchange a fresh assertion for a session token; the server's answer."""
         return self._open()[1]
 
-    def _open(self) -> tuple[Token, dict[str, Any]]:
+    def session_token(self) -> Token | None:
+        """The session token held now (for ``runner token-refresher``, which passes it on)."""
+        with self._lock:
+            return self._session.token if self._session else None
+
+    def _open(self, refused: Token | None = None) -> tuple[Token, dict[str, Any]]:
+        if self._shared is not None:
+            token, body = self._shared.read(refused=refused)
+            with self._lock:
+                self._session = _Session(token, time.time())
+            return token, body
         from privsep.secrets.tokens import create_assertion
 
+        assert self._key is not None  # noqa: S101 - one of the two, checked in __init__
         assertion = create_assertion(
             self._key(),
             supervisor_name=self.name,
@@ -135,12 +155,20 @@ class SessionClient:
         """True when there is no session or it is close enough to its end to renew."""
         with self._lock:
             session = self._session
-        return session is None or session.due(time.time())
+        return session is None or session.due(time.time()) or self._shared_changed()
+
+    def _shared_changed(self) -> bool:
+        return self._shared is not None and self._shared.changed()
 
     def _token(self) -> Token:
         with self._lock:
             session = self._session
-        if session is None or session.due(time.time()):
+        if session is None or self._shared_changed():
+            return self._open()[0]
+        now = time.time()
+        # Behind a refresher, a token near its end is still used until it expires (the
+        # refresher renews it; a changed file was read above).
+        if session.due(now) if self._shared is None else session.token.expires_at <= now:
             return self._open()[0]
         return session.token
 
@@ -150,10 +178,11 @@ class SessionClient:
         A 401 means the server did not act on the request, so sending it again is safe even
         for a POST.
         """
-        reply = self._http.request(method, path, body, token=self._token().reveal())
+        sent = self._token()
+        reply = self._http.request(method, path, body, token=sent.reveal())
         if reply.status != 401:
             return reply
-        token, _ = self._open()
+        token, _ = self._open(refused=sent)
         return self._http.request(method, path, body, token=token.reveal())
 
     def close(self) -> None:

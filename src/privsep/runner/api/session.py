@@ -19,11 +19,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from privsep.runner.api.client import SessionClient, SessionRefused
 from privsep.runner.api.keepalive import HttpReply, HttpUnavailable
+from privsep.runner.api.token_file import SessionNotReady, SharedSession
 
 log = logging.getLogger("privsep.supervisor.api")
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 300.0
+# Waiting for the refresher's first token: it is on this host, so look again soon.
+SHARED_WAIT_MAX = 5.0
 
 
 class StopRequest(Protocol):
@@ -35,8 +38,9 @@ class StopRequest(Protocol):
 
 
 class ServerUnavailable(Exception):
-    """The server could not be reached, or answered 5xx: retry later, and not before
-    ``retry_after`` seconds when the server said so (a 503 during a database outage)."""
+    """The server could not be reached, or answered 5xx, or (behind a token refresher) there
+    is no valid session token yet: retry later, and not before ``retry_after`` seconds when
+    the server said so (a 503 during a database outage)."""
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -73,14 +77,19 @@ def backoff_delays(
 
 
 class SupervisorApi(SessionClient):
-    """Calls the internal API as one supervisor. Thread-safe."""
+    """Calls the internal API as one supervisor. Thread-safe.
+
+    ``key`` is the supervisor's own Ed25519 key; a supervisor behind ``runner token-refresher``
+    passes ``None`` and ``shared``, the file the refresher keeps its session token in.
+    """
 
     def __init__(
         self,
         urls: str | Sequence[str],
         name: str,
-        key: Ed25519PrivateKey,
+        key: Ed25519PrivateKey | None,
         *,
+        shared: SharedSession | None = None,
         audience: str | None = None,
         timeout: float = 10.0,
         unix_socket: str | None = None,
@@ -89,11 +98,12 @@ class SupervisorApi(SessionClient):
         super().__init__(
             urls,
             name=name,
-            key=lambda: key,
+            key=None if key is None else (lambda: key),
             session_path="/v1/supervisor/session",
             audience=audience or first.rstrip("/"),
             timeout=timeout,
             unix_socket=unix_socket,
+            shared=shared,
         )
         self.supervisor_id = ""
 
@@ -103,6 +113,8 @@ class SupervisorApi(SessionClient):
         """One attempt to exchange a fresh assertion for a session token."""
         try:
             body = self.new_session()
+        except SessionNotReady as exc:
+            raise ServerUnavailable(str(exc)) from exc
         except HttpUnavailable as exc:
             raise ServerUnavailable(str(exc)) from None
         except SessionRefused as exc:
@@ -122,6 +134,8 @@ class SupervisorApi(SessionClient):
                 return True
             except ServerUnavailable as exc:
                 delay = exc.not_before(delays())
+                if isinstance(exc.__cause__, SessionNotReady):
+                    delay = min(delay, SHARED_WAIT_MAX)
                 if on_wait:
                     on_wait(delay, str(exc))
                 log.warning(

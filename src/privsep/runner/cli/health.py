@@ -1,9 +1,11 @@
 """``runner health``: one probe for each long-running component, and ``auto`` for containers.
 
 The supervisor is judged by its heartbeat file (:mod:`privsep.runner.supervisor.health`); the
-server by its own ``GET /v1/health`` on the address it binds. An OCI image has a single
-``HEALTHCHECK`` for whatever its containers run, so ``--component auto`` asks the one process
-that decides a container's health, PID 1 of its PID namespace, which runner command it runs.
+server by its own ``GET /v1/health`` on the address it binds; the token-refresher by what it
+shares, a token file or ticket cache still valid (:mod:`privsep.runner.supervisor.refresher`).
+An OCI image has a single ``HEALTHCHECK`` for whatever its containers run, so ``--component
+auto`` asks the one process that decides a container's health, PID 1 of its PID namespace,
+which runner command it runs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from privsep.runner.config.loader import Config
 from privsep.runner.errors import CommandError
 from privsep.runner.supervisor.health import HealthResult, check_health
 
-COMPONENTS = ("supervisor", "server")
+COMPONENTS = ("supervisor", "server", "token-refresher")
 """The components ``--component`` names; ``auto`` picks one of them."""
 
 PID1_CMDLINE = Path("/proc/1/cmdline")
@@ -68,5 +70,10 @@ def check(cfg: Config, component: str, max_age: float | None) -> HealthResult:
         component = container_component()
     if component == "server":
         return server_health(cfg)
+    if component == "token-refresher":
+        from privsep.runner.supervisor.refresher import refresher_health
+
+        ok, reason = refresher_health(cfg)
+        return HealthResult(ok, reason)
     age = max_age or 3 * float(cfg.get("supervisor.heartbeat_interval")) + 10
     return check_health(str(cfg.path_of("core.state_dir")), age)

@@ -31,6 +31,23 @@ from privsep.secrets.files import InsecureFileError, make_private_dir
 _KID = re.compile(r"[A-Za-z0-9_-]{16}")
 
 
+def protect_leading_dash_kid(argv: list[str]) -> list[str]:
+    """``runner keys retire -x…`` with the kid moved after a ``--``, so argparse reads it as the
+    KID and not as an unknown option (options after it still parse). Keys made before new kids
+    stopped beginning with ``-`` (one in 64 did) retire as ``runner keys list`` prints them."""
+    for i in range(len(argv) - 2):
+        if argv[i : i + 2] == ["keys", "retire"]:
+            rest = argv[i + 2 :]
+            if "--" in rest:
+                return argv
+            for j, arg in enumerate(rest):
+                if arg.startswith("-") and _KID.fullmatch(arg):
+                    k = i + 2 + j
+                    return [*argv[:k], *argv[k + 1 :], "--", arg]
+            return argv
+    return argv
+
+
 def _ring(cfg: Config) -> str:
     return str(cfg.path_of("server.signing_keyring"))
 

@@ -20,6 +20,7 @@ from privsep.runner.cli import keys as keys_cmd
 from privsep.runner.cli import manifest as manifest_cmd
 from privsep.runner.cli import operator as operator_cmd
 from privsep.runner.cli import principals as principals_cmd
+from privsep.runner.cli import refresher as refresher_cmd
 from privsep.runner.cli.parsers import Handler, action, group, seconds_option
 from privsep.runner.errors import EXIT_OK, EXIT_USAGE, CommandError
 from privsep.runner.selftest import command as selftest_cmd
@@ -93,7 +94,7 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 def cmd_check_perms(args: argparse.Namespace) -> int:
     from privsep.runner.config.check_perms import run_check_perms
 
-    return run_check_perms(_load(args), as_json=args.json)
+    return run_check_perms(_load(args), as_json=args.json, component=args.component)
 
 
 def cmd_credentials_create(args: argparse.Namespace) -> int:
@@ -135,7 +136,8 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from privsep.runner.cli.health import check
 
-    result = check(_load(args), args.component, args.max_age)
+    component = "token-refresher" if args.token_refresher else args.component
+    result = check(_load(args), component, args.max_age)
     print(result.reason)
     return 0 if result.ok else 1
 
@@ -194,7 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_config_reference,
     )
 
-    action(sub, "check-perms", "check every file that holds a secret", cmd_check_perms, json=True)
+    p = action(
+        sub, "check-perms", "check every file that holds a secret", cmd_check_perms, json=True
+    )
+    p.add_argument(
+        "--for",
+        dest="component",
+        choices=("token-refresher",),
+        default="",
+        help="check what runner token-refresher holds (the key or keytab), not the supervisor's",
+    )
 
     g = group(sub, "credentials", "create the supervisor's long-lived credential")
     p = action(
@@ -224,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     principals_cmd.register(sub)
 
+    refresher_cmd.register(sub)
     p = action(sub, "supervisor", "run the supervisor (claims and sandboxes work)", cmd_supervisor)
     p.add_argument(
         "--daemon",
@@ -259,10 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--component",
-        choices=("supervisor", "server", "auto"),
+        choices=("supervisor", "server", "token-refresher", "auto"),
         default="supervisor",
         help="what to check: the supervisor's heartbeat, the server's /v1/health on "
-        "server.bind, or auto: whichever of them PID 1 runs (a container's HEALTHCHECK)",
+        "server.bind, the token-refresher's token file or ticket cache, or auto: whichever "
+        "of them PID 1 runs (a container's HEALTHCHECK)",
+    )
+    p.add_argument(
+        "--token-refresher",
+        action="store_true",
+        help="the same as --component token-refresher",
     )
 
     p = action(sub, "logs", "show an attempt's log", cmd_logs)
@@ -280,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from privsep.runner.config.loader import ConfigError
 
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(keys_cmd.protect_leading_dash_kid(words))
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -47,7 +47,7 @@ class Target:
 
     path: str
     what: str  # human name: "supervisor.credential", "config file", ...
-    kind: str  # "file", "dir" or "state"
+    kind: str  # "file", "dir", "state" or "token" (a refresher's shared file)
     forbidden: int = 0o077
     probe: bool = True  # must the sandbox uid be unable to open it?
 
@@ -65,15 +65,36 @@ class Report:
         return not self.findings
 
 
-def targets(cfg: Config) -> list[Target]:
-    """Every secret-bearing path the effective configuration names."""
+def targets(cfg: Config, component: str = "") -> list[Target]:
+    """Every secret-bearing path the effective configuration names, for ``component``.
+
+    A supervisor behind a token refresher (``supervisor.session_token_file``) never reads
+    ``supervisor.credential``: its path is not even resolved, and the token file is checked
+    from the reader's side instead. ``runner token-refresher`` (``component``
+    ``"token-refresher"``) is the one that holds the key, or the keytab in Kerberos mode.
+    """
     out: list[Target] = []
     if cfg.secrets_in_file:
         out.append(
             Target(str(cfg.path), f"config file (holds {', '.join(cfg.secrets_in_file)})", "file")
         )
+    refresher = component == "token-refresher"
+    behind_refresher = bool(cfg.get("supervisor.session_token_file")) and not refresher
+    if behind_refresher:
+        out.append(
+            Target(
+                str(cfg.path_of("supervisor.session_token_file")),
+                "supervisor.session_token_file",
+                "token",
+            )
+        )
+    kerberos = cfg.get("token_refresher.mode") == "kerberos"
+    if refresher and kerberos and cfg.get("token_refresher.keytab"):
+        out.append(Target(str(cfg.path_of("token_refresher.keytab")), "keytab", "file"))
     credential_dirs: set[str] = set()
     for opt in OPTIONS:
+        if opt.name == "supervisor.credential" and (behind_refresher or (refresher and kerberos)):
+            continue
         if opt.secret_path:
             path = str(cfg.path_of(opt.name))
             out.append(Target(path, opt.name, "dir" if opt.directory else "file"))
@@ -102,6 +123,8 @@ def targets(cfg: Config) -> list[Target]:
 
 def _static(target: Target, report: Report) -> list[str]:
     """Check one target; return the paths (it and, for a key ring, its keys) to probe."""
+    if target.kind == "token":
+        return [target.path] if _check_one(target.path, report, check_token_file) else []
     if target.kind == "file":
         return [target.path] if _check_one(target.path, report, check_secret_file) else []
     if not _check_one(
@@ -148,6 +171,92 @@ def _check_one(path: str, report: Report, check: Callable[[str], list[Finding]])
     return True
 
 
+def _read_only_mount(path: str) -> bool:
+    """Whether ``path`` is on a mount that is read-only here (nobody here can change it)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _replaceable(st: os.stat_result, path: str) -> bool:
+    """Whether others than the owner could rename entries of directory ``path`` away."""
+    sticky_root = st.st_uid == 0 and bool(st.st_mode & stat.S_ISVTX)
+    return bool(st.st_mode & 0o022) and not sticky_root and not _read_only_mount(path)
+
+
+def check_token_file(path: str) -> list[Finding]:
+    """A refresher's shared token file, judged by the supervisor that reads it: readable by
+    it (as owner's group, or as root), by nobody else, and neither it nor its directory
+    changeable by the supervisor's user or by others. The refresher's user owns both.
+    ``FileNotFoundError`` when the file is not there yet (the refresher writes it).
+
+    A directory on a mount that is read-only here (a Kubernetes pod's shared emptyDir, mounted
+    read-only into the supervisor's container) cannot be changed from here, whatever its mode.
+    """
+    q = shlex.quote
+    directory = os.path.dirname(os.path.abspath(path))
+    euid = os.geteuid()
+    findings: list[Finding] = []
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dst = os.fstat(dfd)
+    finally:
+        os.close(dfd)
+    if _replaceable(dst, directory):
+        findings.append(
+            Finding(
+                directory,
+                f"token directory has mode {stat.S_IMODE(dst.st_mode):04o}: group or others "
+                "could replace the token",
+                f"chmod go-w {q(directory)}",
+            )
+        )
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISREG(st.st_mode):
+        findings.append(Finding(path, "is not a regular file", f"ls -l {q(path)}"))
+    if mode & 0o027:
+        findings.append(
+            Finding(
+                path,
+                f"has mode {mode:04o}: others can read it or the group can write it",
+                f"chmod 640 {q(path)}",
+            )
+        )
+    for what, owner in (("token file", st.st_uid), ("token directory", dst.st_uid)):
+        if euid != 0 and owner == euid:
+            findings.append(
+                Finding(
+                    path if what == "token file" else directory,
+                    f"{what} is owned by the supervisor's own user: it could write the token; "
+                    "the refresher's user should own it",
+                    "run runner token-refresher as its own user, and remove the file",
+                )
+            )
+    if (
+        euid != 0
+        and st.st_uid != euid
+        and not (mode & 0o040 and st.st_gid in (os.getegid(), *os.getgroups()))
+    ):
+        findings.append(
+            Finding(
+                path,
+                f"the supervisor (uid {euid}) cannot read it",
+                "set token_refresher.group to the supervisor's group",
+            )
+        )
+    seen = {f.path for f in findings}
+    for finding in check_parents(directory, "the token directory"):
+        if finding.path not in seen and not _read_only_mount(finding.path):
+            findings.append(finding)
+    return findings
+
+
 def probe_as_sandbox(paths: list[str], uid: int) -> list[str]:
     """Fork, drop to ``uid``, try to open each path; return the ones that opened.
 
@@ -190,11 +299,11 @@ def probe_as_sandbox(paths: list[str], uid: int) -> list[str]:
     return [str(p) for p in result]
 
 
-def check_permissions(cfg: Config) -> Report:
+def check_permissions(cfg: Config, component: str = "") -> Report:
     """Run the static checks and the sandbox-uid probe over every target."""
     report = Report()
     to_probe: list[str] = []
-    for target in targets(cfg):
+    for target in targets(cfg, component):
         report.checked.append(target.path)
         paths = _static(target, report)
         if target.probe:
@@ -330,8 +439,8 @@ def format_json(report: Report) -> str:
     )
 
 
-def run_check_perms(cfg: Config, *, as_json: bool = False) -> int:
-    report = check_permissions(cfg)
+def run_check_perms(cfg: Config, *, as_json: bool = False, component: str = "") -> int:
+    report = check_permissions(cfg, component)
     print(format_json(report) if as_json else format_text(report))
     return EXIT_CLEAN if report.clean else EXIT_VIOLATION
 
@@ -351,7 +460,7 @@ def enforce_at_start(cfg: Config, component: str) -> Report:
     ``core.strict_permissions = false`` (development only) violations are logged loudly and
     the component starts anyway.
     """
-    report = check_permissions(cfg)
+    report = check_permissions(cfg, component)
     if report.clean:
         return report
     if bool(cfg.get("core.strict_permissions")):

@@ -304,6 +304,16 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "supervisor",
+        "session_token_file",
+        "str",
+        "",
+        "Read the supervisor's session token from this file, which runner token-refresher "
+        "keeps fresh, instead of holding supervisor.credential: the supervisor then never "
+        "reads a key. Empty: the supervisor holds its own key.",
+        path=True,
+    ),
+    Option(
+        "supervisor",
         "executor",
         "str",
         "local",
@@ -458,6 +468,58 @@ OPTIONS: tuple[Option, ...] = (
         "server.wakeups_broker. Give a URL with a password as wakeups_broker_file or "
         "wakeups_broker_cmd.",
         secret=True,
+    ),
+    # [token_refresher]
+    Option(
+        "token_refresher",
+        "mode",
+        "str",
+        "privsep",
+        "What runner token-refresher keeps fresh: privsep (a supervisor session token bought "
+        "with supervisor.credential) or kerberos (a ticket cache from a keytab, via kinit).",
+        choices=("privsep", "kerberos"),
+    ),
+    Option(
+        "token_refresher",
+        "token_file",
+        "str",
+        "",
+        "Privsep mode: where the session token is written (mode 0640); empty means "
+        "supervisor.session_token_file.",
+        path=True,
+    ),
+    Option(
+        "token_refresher",
+        "group",
+        "str",
+        "",
+        "Group (name or number) that may read the token file or ticket cache: the "
+        "supervisor's; empty means the refresher's own group.",
+    ),
+    Option("token_refresher", "principal", "str", "", "Kerberos mode: the principal to kinit."),
+    Option(
+        "token_refresher",
+        "keytab",
+        "str",
+        "",
+        "Kerberos mode: the keytab holding the principal's key (mode 0600, the refresher's).",
+        path=True,
+    ),
+    Option(
+        "token_refresher",
+        "ccache",
+        "str",
+        "",
+        "Kerberos mode: the ticket cache file that is written (mode 0640), shared like the token.",
+        path=True,
+    ),
+    Option(
+        "token_refresher",
+        "interval",
+        "float",
+        3600.0,
+        "Kerberos mode: seconds between two kinit runs (keep it under the ticket lifetime).",
+        minimum=1,
     ),
     # [operator]
     Option(

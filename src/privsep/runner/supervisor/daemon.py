@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from privsep.runner.api.credential import load_credential
 from privsep.runner.api.failover import FailoverClient
 from privsep.runner.api.session import ApiRefused, ServerUnavailable, SupervisorApi
 from privsep.runner.config.check_perms import PermissionViolation, enforce_at_start
@@ -47,9 +46,10 @@ from privsep.runner.supervisor.launch import (
     LaunchFailed,
     make_backend,
 )
-from privsep.runner.supervisor.loopwake import LoopWaker
+from privsep.runner.supervisor.loopwake import LoopWaker, StopOnTerm
 from privsep.runner.supervisor.orphans import OrphanRecords
 from privsep.runner.supervisor.outcomes import Outcomes
+from privsep.runner.supervisor.sessions import supervisor_api
 from privsep.runner.supervisor.settings import SupervisorSettings
 from privsep.runner.supervisor.wakeups import WakeupConsumer
 from privsep.secrets.files import InsecureFileError, make_private_dir
@@ -85,42 +85,6 @@ class Chore:
     name: str
     due: Callable[[], float]
     run: Callable[[], None]
-
-
-class _StopOnTerm:
-    """Start-up's wait for the server, ended by SIGTERM or SIGINT.
-
-    The signal handler only enqueues (and wakes the waker's pipe), so start-up reads the same
-    queue the loop will: a stop ends the wait at once, and any other signal is left queued for
-    the loop. Without this a supervisor that cannot reach its server would wait out
-    ``TimeoutStopSec`` and be killed.
-    """
-
-    def __init__(self, waker: LoopWaker, signals: queue.SimpleQueue[int]) -> None:
-        self._waker = waker
-        self._signals = signals
-        self._stopped = False
-
-    def is_set(self) -> bool:
-        later = []
-        while True:
-            try:
-                sig = self._signals.get_nowait()
-            except queue.Empty:
-                break
-            if sig in (signal.SIGTERM, signal.SIGINT):
-                self._stopped = True
-            else:
-                later.append(sig)
-        for sig in later:
-            self._signals.put_nowait(sig)
-        return self._stopped
-
-    def wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.is_set() and (left := deadline - time.monotonic()) > 0:
-            self._waker.wait(left)
-        return self._stopped
 
 
 class Supervisor:
@@ -193,12 +157,7 @@ class Supervisor:
         from privsep.sandbox import set_non_dumpable
 
         enforce_at_start(self.cfg, "supervisor")
-        path = self.settings.credential
-        key = load_credential(
-            path,
-            role="supervisor",
-            missing_hint=f"create it with `runner credentials create --out {path}`",
-        )
+        self.api = supervisor_api(self.settings)  # reads the key, unless a refresher holds it
         set_non_dumpable()
         self.notifier = systemd.Notifier.from_environ()
         interval = systemd.watchdog_interval(os.environ)
@@ -217,25 +176,15 @@ class Supervisor:
         killed = self.records.reap_orphans()
         if killed:
             log.warning("killed %d sandbox processes left over from an earlier run", killed)
-        try:
-            self.api = SupervisorApi(
-                self.settings.server_urls,
-                self.settings.name,
-                key,
-                audience=self.settings.audience or None,
-                unix_socket=self.settings.api_socket or None,
-            )
-            # Proxied sandbox calls: 10 s, under the client SDK's own 10 s + 5 s wait. They
-            # fail over too: a task's own report must reach a live replica.
-            self._proxy_http = FailoverClient(
-                self.settings.server_urls, timeout=10, unix_socket=self.settings.api_socket or None
-            )
-        except ValueError as exc:
-            raise CommandError(f"server.url or server.urls: {exc}") from None
+        # Proxied sandbox calls: 10 s, under the client SDK's own 10 s + 5 s wait. They fail
+        # over too: a task's own report must reach a live replica.
+        self._proxy_http = FailoverClient(
+            self.settings.server_urls, timeout=10, unix_socket=self.settings.api_socket or None
+        )
         self.outcomes = Outcomes(self.api)
         if self.notifier:
             self.notifier.status("opening a session with the server")
-        if not self.api.open_session_with_backoff(_StopOnTerm(self._waker, self._signals)):
+        if not self.api.open_session_with_backoff(StopOnTerm(self._waker, self._signals)):
             raise CommandError("stopped before a session with the server could be opened")
         # Anything the server still thinks we run died with our previous process.
         self.api.call("POST", "/v1/supervisor/restarted", None)

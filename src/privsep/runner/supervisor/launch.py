@@ -194,6 +194,17 @@ class Launcher:
                 "module": item["callable"]["module"],
                 "qualname": item["callable"]["qualname"],
                 "path": source,
+                # The claim already told us the task's context: passing it on saves every task
+                # a round trip (sandbox, this supervisor, the server) before user code runs.
+                "context": {
+                    "attempt_id": item["id"],
+                    "run_id": item["run_id"],
+                    "workflow_id": item["workflow_id"],
+                    "task_id": item["task_id"],
+                    "try_number": item["try_number"],
+                    "params": item.get("params") or {},
+                    "trigger_event": item.get("trigger_event"),
+                },
             }
             timeout = float(item.get("timeout") or self.settings.task_timeout)
             return json.dumps(payload).encode(), timeout, self.settings.network

@@ -13,12 +13,14 @@ only enqueues; the C-level wakeup byte is what ends the wait), and a sandbox's e
 from __future__ import annotations
 
 import contextlib
+import queue
 import select
 import signal
 import socket
+import time
 from typing import Any
 
-__all__ = ["LoopWaker"]
+__all__ = ["LoopWaker", "StopOnTerm"]
 
 
 class LoopWaker:
@@ -70,3 +72,40 @@ class LoopWaker:
                 signal.set_wakeup_fd(-1)
         self._r.close()
         self._w.close()
+
+
+class StopOnTerm:
+    """A wait ended by SIGTERM or SIGINT: the supervisor's start-up wait for the server, and
+    ``runner token-refresher``'s waits between renewals.
+
+    The signal handler only enqueues (and wakes the waker's pipe), so start-up reads the same
+    queue the loop will: a stop ends the wait at once, and any other signal is left queued for
+    the loop. Without this a supervisor that cannot reach its server would wait out
+    ``TimeoutStopSec`` and be killed.
+    """
+
+    def __init__(self, waker: LoopWaker, signals: queue.SimpleQueue[int]) -> None:
+        self._waker = waker
+        self._signals = signals
+        self._stopped = False
+
+    def is_set(self) -> bool:
+        later = []
+        while True:
+            try:
+                sig = self._signals.get_nowait()
+            except queue.Empty:
+                break
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self._stopped = True
+            else:
+                later.append(sig)
+        for sig in later:
+            self._signals.put_nowait(sig)
+        return self._stopped
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.is_set() and (left := deadline - time.monotonic()) > 0:
+            self._waker.wait(left)
+        return self._stopped

@@ -65,7 +65,7 @@ RELOADABLE: tuple[str, ...] = (
 class SupervisorSettings:
     name: str
     server_urls: tuple[str, ...]  # in the order to try them: server.urls, else server.url
-    credential: str
+    credential: str  # "" behind a token refresher: then session_token_file is set
     state_dir: Path
     runtime_dir: Path
     workflows_dir: Path
@@ -95,6 +95,7 @@ class SupervisorSettings:
     poll_interval: float = 1.0  # the longest wait between claims that found nothing
     wakeups: str = "poll"  # poll, or celery: also claim when a wake-up arrives
     wakeups_broker: str = field(default="", repr=False)  # may carry a password
+    session_token_file: str = ""  # runner token-refresher's shared file ("" = our own key)
 
     @property
     def server_url(self) -> str:
@@ -107,12 +108,20 @@ class SupervisorSettings:
         parallelism = int(cfg.get("supervisor.parallelism")) or (os.cpu_count() or 1)
         if executor == "sequential":
             parallelism = 1
+        token_file = str(cfg.get("supervisor.session_token_file"))
+        # Behind a token refresher the key is not ours: it is never resolved (a systemd:
+        # credential would not even be there), and what sandboxes must not see is the token.
+        own = (
+            os.path.dirname(cfg.path_of("supervisor.session_token_file"))
+            if token_file
+            else cfg.path_of("supervisor.credential")
+        )
         hidden = {
             str(cfg.home / "credentials"),
             str(cfg.home / "keys"),
             str(cfg.path_of("server.signing_keyring")),
             str(cfg.path_of("core.state_dir")),
-            str(cfg.path_of("supervisor.credential")),
+            str(own),
             str(cfg.path_of("operator.credential")),
         }
         if cfg.file_exists:
@@ -132,7 +141,10 @@ class SupervisorSettings:
             name=str(cfg.get("supervisor.name")) or socket.gethostname(),
             server_urls=where.urls,
             audience=where.audience,
-            credential=str(cfg.path_of("supervisor.credential")),
+            credential="" if token_file else str(cfg.path_of("supervisor.credential")),
+            session_token_file=str(cfg.path_of("supervisor.session_token_file"))
+            if token_file
+            else "",
             state_dir=cfg.path_of("core.state_dir"),
             runtime_dir=cfg.path_of("core.runtime_dir"),
             workflows_dir=cfg.path_of("core.workflows_dir"),

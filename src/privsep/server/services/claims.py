@@ -127,6 +127,38 @@ def _still_granted(session: Session, me: SupervisorPrincipal) -> None:
         raise unauthorized("revoked", "this supervisor was revoked or re-keyed")
 
 
+# Built once, as Core statements on the tables (see privsep.server.routes._sql): a claim is
+# the server's busiest write, and an ORM statement rebuilt per call cost more than its SQL.
+_ATTEMPTS = table_of(TaskAttempt)
+_RUNS = table_of(Run)
+_TAKE_ATTEMPTS = (
+    update(_ATTEMPTS)
+    .where(
+        _ATTEMPTS.c.id.in_(bindparam("b_ids", expanding=True)),
+        _ATTEMPTS.c.state == AttemptState.QUEUED,
+    )
+    .values(
+        state=AttemptState.RUNNING,
+        supervisor_id=bindparam("b_supervisor_id"),
+        started_at=bindparam("b_now"),
+        heartbeat_at=bindparam("b_now"),
+        # A new execution: no token of an earlier claim of this row holds for it.
+        execution=_ATTEMPTS.c.execution + 1,
+    )
+    .returning(
+        _ATTEMPTS.c.id,
+        _ATTEMPTS.c.run_id,
+        _ATTEMPTS.c.task_id,
+        _ATTEMPTS.c.try_number,
+        _ATTEMPTS.c.execution,
+        _ATTEMPTS.c.trigger_event,
+    )
+)
+_RUNS_OF_ATTEMPTS = select(
+    _RUNS.c.id, _RUNS.c.workflow_id, _RUNS.c.workflow_version_id, _RUNS.c.conf
+).where(_RUNS.c.id.in_(bindparam("b_ids", expanding=True)))
+
+
 def _claim_tasks(
     session: Session,
     state: ServerState,
@@ -134,6 +166,10 @@ def _claim_tasks(
     limit: int,
     queues: list[str] | None,
 ) -> list[TaskWork | ParseWork | TriggerWork]:
+    """Queued attempts, taken in one conditional UPDATE for the lot: a row another claimer
+    took since the candidate query is no longer queued, so it is simply not updated (and not
+    returned). Each item carries what the task's context holds (its run's params, the event
+    that resumed it), so the sandbox need not ask for it before user code runs."""
     now = utcnow()
     candidates = claim_candidates(
         session,
@@ -145,47 +181,25 @@ def _claim_tasks(
     )
     if not candidates:
         return []
-    # One conditional UPDATE for the lot: a row another claimer took since the candidate query
-    # is no longer queued, so it is simply not updated (and not returned).
-    won = set(
-        session.scalars(
-            update(TaskAttempt)
-            .where(TaskAttempt.id.in_(candidates[:limit]), TaskAttempt.state == AttemptState.QUEUED)
-            .values(
-                state=AttemptState.RUNNING,
-                supervisor_id=me.supervisor_id,
-                started_at=now,
-                heartbeat_at=now,
-                # A new execution: no token of an earlier claim of this row holds for it.
-                execution=TaskAttempt.execution + 1,
-            )
-            .returning(TaskAttempt.id)
-            .execution_options(synchronize_session=False)
-        )
-    )
+    won = session.execute(
+        _TAKE_ATTEMPTS,
+        {"b_ids": candidates[:limit], "b_supervisor_id": me.supervisor_id, "b_now": now},
+    ).all()
     if not won:
         return []
-    rows = session.execute(
-        select(
-            TaskAttempt.id,
-            TaskAttempt.task_id,
-            TaskAttempt.try_number,
-            TaskAttempt.execution,
-            Run.id.label("run_id"),
-            Run.workflow_id,
-            Run.workflow_version_id,
-        )
-        .join(Run, Run.id == TaskAttempt.run_id)
-        .where(TaskAttempt.id.in_(sorted(won)))
-    ).all()
+    runs = {
+        row.id: row
+        for row in session.execute(_RUNS_OF_ATTEMPTS, {"b_ids": sorted({a.run_id for a in won})})
+    }
     order = {attempt_id: index for index, attempt_id in enumerate(candidates)}
     out: list[TaskWork | ParseWork | TriggerWork] = []
-    for row in sorted(rows, key=lambda row: order[row.id]):
-        graph = version_graph(session, row.workflow_version_id)
+    for row in sorted(won, key=lambda row: order[row.id]):
+        run = runs[row.run_id]
+        graph = version_graph(session, run.workflow_version_id)
         task = graph.tasks.get(row.task_id)
         if task is None:
             raise LookupError(
-                f"task {row.task_id!r} is not in workflow version {row.workflow_version_id}"
+                f"task {row.task_id!r} is not in workflow version {run.workflow_version_id}"
             )
         out.append(
             TaskWork(
@@ -193,13 +207,15 @@ def _claim_tasks(
                     state, me, "task", row.id, {"try": row.try_number, EXECUTION: row.execution}
                 ),
                 run_id=row.run_id,
-                workflow_id=row.workflow_id,
+                workflow_id=run.workflow_id,
                 task_id=row.task_id,
                 try_number=row.try_number,
                 callable={"module": task.module, "qualname": task.qualname},
                 timeout=task.timeout,
                 bundle_version=graph.bundle_version,
                 source_uri=graph.source_uri,
+                params=run.conf or {},
+                trigger_event=row.trigger_event,
             )
         )
     return out
