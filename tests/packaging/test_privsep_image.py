@@ -43,6 +43,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "packaging" / "image" / "build-image"
 IMAGE_UID = 10001
+NODE = "node-1"
 POOL_FIRST = 180000
 POOL_COUNT = 20
 # What the supervisor's unit keeps (packaging/systemd/privsep-supervisor.service), and no more.
@@ -149,6 +150,7 @@ class Deployment:
     root: Path
     port: int
     containers: list[str] = field(default_factory=list)
+    session_volume: str = field(default_factory=lambda: f"privsep-session-{secrets.token_hex(4)}")
 
     @property
     def url(self) -> str:
@@ -259,6 +261,7 @@ def deployment(image: str) -> Iterator[Deployment]:
         finally:
             for container in dep.containers:
                 docker("rm", "-f", container, check=False, timeout=60)
+            docker("volume", "rm", "-f", dep.session_volume, check=False, timeout=60)
             shutil.rmtree(root, ignore_errors=True)
 
 
@@ -310,6 +313,8 @@ def prepare(dep: Deployment, cluster: PostgresCluster) -> None:
     workflows = root / "workflows"
     workflows.mkdir(mode=0o755)
     write(workflows / "image_wf.py", WORKFLOW, 0o644)
+    # One supervisor.toml for both containers of the pair, as the DaemonSet's ConfigMap: the
+    # refresher reads the credential, the supervisor only the session token file.
     write(
         sup / "supervisor.toml",
         textwrap.dedent(f"""
@@ -320,8 +325,9 @@ def prepare(dep: Deployment, cluster: PostgresCluster) -> None:
             url = "{dep.url}"
 
             [supervisor]
-            name = "sup-image"
-            credential = "/etc/privsep/supervisor.key"
+            name = "{NODE}"
+            credential = "/run/privsep/key/supervisor.key"
+            session_token_file = "/run/privsep/session/session.token"
             heartbeat_interval = 1.0
             discovery_interval = 0.5
             parallelism = 2
@@ -330,15 +336,38 @@ def prepare(dep: Deployment, cluster: PostgresCluster) -> None:
             uid_first = {POOL_FIRST}
             uid_count = {POOL_COUNT}
             prewarm = 1
+
+            [token_refresher]
+            mode = "privsep"
+            token_file = "/run/privsep/session/session.token"
+            group = "{IMAGE_UID}"
         """),
         0o644,
     )
+    # The nodes' keys as one Secret, each under its node's name.
+    kubelet_secret(
+        root / "secret-src" / "supervisor-keys",
+        {NODE: (sup / "credentials" / "supervisor.key").read_bytes()},
+    )
     (sup / "home").mkdir(mode=0o700)
+    docker(
+        "volume",
+        "create",
+        "--driver",
+        "local",
+        "--opt",
+        "type=tmpfs",
+        "--opt",
+        "device=tmpfs",
+        "--opt",
+        "o=size=1m",
+        dep.session_volume,
+    )
     pubs = ("-v", f"{root}/supervisor/credentials/supervisor.key.pub:/etc/privsep/sup.pub:ro")
     pubs += ("-v", f"{root}/operator/credentials/operator.key.pub:/etc/privsep/op.pub:ro")
     dep.one_shot("db", "upgrade")
     dep.one_shot(
-        "supervisors", "register", "sup-image", "--public-key", "/etc/privsep/sup.pub", mounts=pubs
+        "supervisors", "register", NODE, "--public-key", "/etc/privsep/sup.pub", mounts=pubs
     )
     dep.one_shot(
         "operators", "register", "alice", "--public-key", "/etc/privsep/op.pub", mounts=pubs
@@ -361,7 +390,44 @@ def start_server(dep: Deployment) -> str:
     )
 
 
+def start_refresher(dep: Deployment) -> str:
+    """``runner token-refresher`` as the DaemonSet's sidecar runs it: the image's user, no
+    capability, the node's key copied from its Secret into a private in-memory directory."""
+    sup = dep.root / "supervisor"
+    key = dep.root / "secret-src" / "supervisor-keys" / KUBELET_DATA_DIR / NODE
+    return dep.start(
+        "privsep-image-refresher",
+        "--cap-drop",
+        "ALL",
+        *HARDENED,
+        "--health-interval",
+        "2s",
+        "--tmpfs",
+        "/run/privsep/key",
+        "--tmpfs",
+        f"/var/lib/privsep:uid={IMAGE_UID},gid={IMAGE_UID},mode=0700",
+        "-v",
+        f"{dep.session_volume}:/run/privsep/session",
+        # What subPathExpr: $(NODE_NAME) mounts: the one key file, not the Secret's links.
+        "-v",
+        f"{key}:/etc/privsep/key-src/supervisor.key:ro",
+        "-v",
+        f"{sup / 'supervisor.toml'}:/etc/privsep/supervisor.toml:ro",
+        "-e",
+        "PRIVSEP_CONFIG=/etc/privsep/supervisor.toml",
+        "--entrypoint",
+        "privsep-install-secrets",
+        dep.image,
+        "/run/privsep/key/supervisor.key=/etc/privsep/key-src/supervisor.key",
+        "--",
+        "runner",
+        "token-refresher",
+    )
+
+
 def start_supervisor(dep: Deployment) -> str:
+    """``runner supervisor`` beside it: root in its container with the unit's capabilities,
+    the session volume read-only, and no key anywhere in its view."""
     sup = dep.root / "supervisor"
     caps = [arg for cap in SUPERVISOR_CAPS for arg in ("--cap-add", cap)]
     return dep.start(
@@ -381,7 +447,7 @@ def start_supervisor(dep: Deployment) -> str:
         "-v",
         f"{sup / 'supervisor.toml'}:/etc/privsep/supervisor.toml:ro",
         "-v",
-        f"{sup / 'credentials' / 'supervisor.key'}:/etc/privsep/supervisor.key:ro",
+        f"{dep.session_volume}:/run/privsep/session:ro",
         "-v",
         f"{dep.root / 'workflows'}:/opt/workflows:ro",
         "-e",
@@ -391,13 +457,31 @@ def start_supervisor(dep: Deployment) -> str:
     )
 
 
+@dataclass
+class Running:
+    dep: Deployment
+    server: str
+    refresher: str
+    supervisor: str
+
+
 @pytest.fixture(scope="module")
-def running(deployment: Deployment) -> tuple[Deployment, str, str]:
+def running(deployment: Deployment) -> Running:
     server = start_server(deployment)
     deployment.wait_healthy(server)
+    refresher = start_refresher(deployment)
+    deployment.wait_healthy(refresher)
     supervisor = start_supervisor(deployment)
     deployment.wait_healthy(supervisor)
-    return deployment, server, supervisor
+    return Running(deployment, server, refresher, supervisor)
+
+
+def process_status(container: str) -> tuple[list[str], int]:
+    """The uids (real, effective, saved, fs) and effective capabilities of PID 1."""
+    status = docker("exec", container, "cat", "/proc/1/status").splitlines()
+    uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
+    caps = next(line for line in status if line.startswith("CapEff:")).split()[1]
+    return uids, int(caps, 16)
 
 
 def test_image_user_is_not_root(image: str) -> None:
@@ -408,17 +492,11 @@ def test_image_user_is_not_root(image: str) -> None:
     assert out.strip() == str(IMAGE_UID)
 
 
-def test_server_runs_as_non_root_with_database_url_from_a_file(
-    running: tuple[Deployment, str, str],
-) -> None:
-    dep, server, _ = running
+def test_server_runs_as_non_root_with_database_url_from_a_file(running: Running) -> None:
+    dep, server = running.dep, running.server
     assert docker("exec", server, "id", "-u").strip() == str(IMAGE_UID)
     # The process itself, not just what `exec` gets: PID 1 of the container.
-    status = docker("exec", server, "cat", "/proc/1/status")
-    uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
-    assert uids == [str(IMAGE_UID)] * 4
-    caps = next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1]
-    assert int(caps, 16) == 0
+    assert process_status(server) == ([str(IMAGE_UID)] * 4, 0)
     env = dep.inspect(server)["Config"]
     assert isinstance(env, dict)
     assert not any("postgresql" in e or "DATABASE" in e for e in env["Env"]), env["Env"]
@@ -426,8 +504,46 @@ def test_server_runs_as_non_root_with_database_url_from_a_file(
     assert url not in docker("logs", server, timeout=30)
 
 
-def test_workflow_runs_to_success_from_the_image(running: tuple[Deployment, str, str]) -> None:
-    dep, _, supervisor = running
+def test_the_refresher_holds_the_key_and_the_supervisor_does_not(running: Running) -> None:
+    dep = running.dep
+    # The refresher: the image's user, no capability, its private copy of the key.
+    assert process_status(running.refresher) == ([str(IMAGE_UID)] * 4, 0)
+    copy = docker(
+        "exec", running.refresher, "stat", "-c", "%a %u", "/run/privsep/key/supervisor.key"
+    )
+    assert copy.split() == ["400", str(IMAGE_UID)]
+    token = docker(
+        "exec", running.refresher, "stat", "-c", "%a %u %g", "/run/privsep/session/session.token"
+    )
+    assert token.split() == ["640", str(IMAGE_UID), str(IMAGE_UID)]
+    # The supervisor: no key mounted, none in what it can see, and it works (the workflow
+    # test) on the session token alone.
+    key = (dep.root / "supervisor" / "credentials" / "supervisor.key").read_text()
+    mounts = dep.inspect(running.supervisor)["Mounts"]
+    assert isinstance(mounts, list)
+    assert not any("supervisor-keys" in m["Source"] or "key" in m["Destination"] for m in mounts)
+    found = subprocess.run(
+        [
+            "docker",
+            "exec",
+            running.supervisor,
+            "grep",
+            "-rlF",
+            key.splitlines()[1],
+            "/run",
+            "/etc",
+            "/var/lib/privsep",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert found.returncode == 1 and found.stdout == "", found.stdout
+
+
+def test_workflow_runs_to_success_from_the_image(running: Running) -> None:
+    dep, supervisor = running.dep, running.supervisor
     deadline = time.monotonic() + 120
     while True:  # the definition file is parsed in a sandbox first
         done = dep.host_runner("runs", "trigger", "image_wf", "--json")
