@@ -11,47 +11,52 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007"
 down_revision: str | None = "0006"
 
-# Frozen copies of the model constants: a migration must not change when the models do.
-ID = 36
-NAME = 250
+# Frozen copies of the model constants (ids and names; the stream id the supervisor makes):
+# a migration must not change when the models do.
+SUPERVISOR_ID, ITEM_ID, STREAM_ID = sa.String(36), sa.String(250), sa.String(64)
 
 
-def _ts() -> sa.DateTime:
-    return sa.DateTime(timezone=True)
+def _required(name: str, kind: Any) -> sa.Column[Any]:
+    """Every column of these tables is NOT NULL."""
+    return sa.Column(name, kind, nullable=False)
+
+
+def _belongs_to_log(table: str) -> sa.ForeignKeyConstraint:
+    return sa.ForeignKeyConstraint(
+        ["item_id"], ["attempt_logs.item_id"], name=op.f(f"fk_{table}_item_id_attempt_logs")
+    )
 
 
 def upgrade() -> None:
     op.create_table(
         "attempt_logs",
-        sa.Column("item_id", sa.String(NAME), nullable=False),
-        sa.Column("kind", sa.String(16), nullable=False),
-        sa.Column("size_bytes", sa.BigInteger(), nullable=False),
-        sa.Column("last_seq", sa.Integer(), nullable=False),
-        sa.Column("truncated", sa.Boolean(), nullable=False),
-        sa.Column("final_execution", sa.Integer(), nullable=False),
-        sa.Column("created_at", _ts(), nullable=False),
-        sa.Column("updated_at", _ts(), nullable=False),
+        _required("item_id", ITEM_ID),
+        _required("kind", sa.String(16)),
+        _required("size_bytes", sa.BigInteger()),
+        _required("last_seq", sa.Integer()),
+        _required("truncated", sa.Boolean()),
+        _required("final_execution", sa.Integer()),
+        _required("created_at", sa.DateTime(timezone=True)),
+        _required("updated_at", sa.DateTime(timezone=True)),
         sa.PrimaryKeyConstraint("item_id", name=op.f("pk_attempt_logs")),
     )
     op.create_index(op.f("ix_attempt_logs_updated_at"), "attempt_logs", ["updated_at"])
     op.create_table(
         "attempt_log_streams",
-        sa.Column("item_id", sa.String(NAME), nullable=False),
-        sa.Column("stream", sa.String(64), nullable=False),
-        sa.Column("supervisor_id", sa.String(ID), nullable=False),
-        sa.Column("end_offset", sa.BigInteger(), nullable=False),
-        sa.Column("final", sa.Boolean(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["item_id"],
-            ["attempt_logs.item_id"],
-            name=op.f("fk_attempt_log_streams_item_id_attempt_logs"),
-        ),
+        _required("item_id", ITEM_ID),
+        _required("stream", STREAM_ID),
+        _required("supervisor_id", SUPERVISOR_ID),
+        _required("end_offset", sa.BigInteger()),
+        _required("final", sa.Boolean()),
+        _belongs_to_log("attempt_log_streams"),
         sa.ForeignKeyConstraint(
             ["supervisor_id"],
             ["supervisors.id"],
@@ -61,14 +66,10 @@ def upgrade() -> None:
     )
     op.create_table(
         "attempt_log_chunks",
-        sa.Column("item_id", sa.String(NAME), nullable=False),
+        _required("item_id", ITEM_ID),
         sa.Column("seq", sa.Integer(), autoincrement=False, nullable=False),
-        sa.Column("text", sa.Text(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["item_id"],
-            ["attempt_logs.item_id"],
-            name=op.f("fk_attempt_log_chunks_item_id_attempt_logs"),
-        ),
+        _required("text", sa.Text()),
+        _belongs_to_log("attempt_log_chunks"),
         sa.PrimaryKeyConstraint("item_id", "seq", name=op.f("pk_attempt_log_chunks")),
     )
     op.create_index(op.f("ix_audit_log_subject"), "audit_log", ["subject"])
