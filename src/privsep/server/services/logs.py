@@ -76,15 +76,21 @@ def append_chunks(
     """Store one request's chunks (of any number of items) in one transaction: all of them,
     or none when one names a stream the caller may not write (403 ``not_owner``)."""
     chunks = list(chunks)
-    acks: list[LogAck] = []
+    ends: dict[int, int] = {}
     with state.db.write_session() as session:
         now = utcnow()
-        for chunk in chunks:
+        # Items are locked in one order whoever sends them, so two supervisors shipping the
+        # same two items at once cannot each wait for the other's lock.
+        for index in sorted(range(len(chunks)), key=lambda i: chunks[i].item_id):
+            chunk = chunks[index]
             log = _locked_log(session, chunk, now)
             stream = _own_stream(session, me, chunk)
             _apply(log, stream, chunk, session, state.settings.log_max_item_bytes, now)
-            acks.append(LogAck(item_id=chunk.item_id, stream=chunk.stream, end=stream.end_offset))
-    return acks
+            ends[index] = stream.end_offset
+    return [
+        LogAck(item_id=chunk.item_id, stream=chunk.stream, end=ends[index])
+        for index, chunk in enumerate(chunks)
+    ]
 
 
 def _locked_log(session: Session, chunk: LogChunkIn, now: datetime) -> AttemptLog:
