@@ -216,6 +216,7 @@ def _claim_tasks(
                 source_uri=graph.source_uri,
                 params=run.conf or {},
                 trigger_event=row.trigger_event,
+                execution=row.execution,
             )
         )
     return out
