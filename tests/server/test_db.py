@@ -59,8 +59,8 @@ from privsep.server.db.models import (
 
 from .postgres import PostgresCluster, free_port
 
-HEAD = "0006"
-ALL = ("0001", "0002", "0003", "0004", "0005", "0006")  # every revision, oldest first
+HEAD = "0007"
+ALL = ("0001", "0002", "0003", "0004", "0005", "0006", "0007")  # every revision, oldest first
 THREAD_TIMEOUT_S = 60
 
 

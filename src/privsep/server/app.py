@@ -28,6 +28,7 @@ from privsep.server.routes import (
     operator,
     operator_session,
     parse_trigger,
+    status,
     supervisor,
     task,
 )
@@ -119,6 +120,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     operator_session.router,
     operator.router,
     observability.router,
+    status.router,
 )
 
 
