@@ -24,6 +24,7 @@ from privsep.server.errors import ERROR_RESPONSES, UNAVAILABLE_HEADERS, install_
 from privsep.server.fastpath import TaskFastPath
 from privsep.server.metrics import Metered
 from privsep.server.routes import (
+    logs,
     observability,
     operator,
     operator_session,
@@ -121,6 +122,8 @@ ROUTERS: tuple[APIRouter, ...] = (
     operator.router,
     observability.router,
     status.router,
+    logs.supervisor_router,
+    logs.operator_router,
 )
 
 

@@ -117,6 +117,9 @@ class TaskWork(Open):
     timeout: float | None
     bundle_version: str
     source_uri: str | None = None
+    # Which claim of the attempt this is: the supervisor's last log chunk of an execution
+    # names it, so the central log knows when the newest execution's output is all in.
+    execution: int = 0
 
 
 class ParseWork(Open):
@@ -487,3 +490,67 @@ class OperatorConnectionResponse(Open):
 
 class ConnectionsResponse(Open):
     connections: list[OperatorConnectionResponse]
+
+
+# --- central logs ----------------------------------------------------------------------------
+
+LOG_CHUNK_MAX_BYTES = 65_536
+"""The most text one shipped chunk carries (the supervisor cuts its reads to this)."""
+LOG_CHUNKS_PER_REQUEST = 100
+
+
+class LogChunkIn(Strict):
+    """Bytes ``[offset, offset + length)`` of one node-local log file (``stream``), as text.
+
+    ``length`` is their size in the file (``text`` encoded as UTF-8 unless the file held
+    bytes that are not UTF-8). ``final`` says the execution that wrote the file has ended and
+    this chunk reaches the file's end; ``execution`` is the attempt's claim it belongs to."""
+
+    kind: WorkKind
+    item_id: str = Field(min_length=1, max_length=250)
+    stream: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    offset: JsonInt = Field(ge=0, le=2**62)
+    length: JsonInt = Field(ge=0, le=4 * LOG_CHUNK_MAX_BYTES)
+    text: str = Field(max_length=LOG_CHUNK_MAX_BYTES)
+    final: bool = False
+    execution: JsonInt = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class LogAppendRequest(Strict):
+    chunks: list[LogChunkIn] = Field(min_length=1, max_length=LOG_CHUNKS_PER_REQUEST)
+
+
+class LogAck(Open):
+    """How many bytes of the stream the server holds now: where the next chunk starts (lower
+    than what was sent when the server lost some, and the supervisor sends them again)."""
+
+    item_id: str
+    stream: str
+    end: int
+
+
+class LogAppendResponse(Open):
+    acks: list[LogAck]
+
+
+class LogChunkOut(Open):
+    seq: int
+    text: str
+
+
+class LogResponse(Open):
+    """One page of an item's central log. ``next`` is the ``after`` of the next poll;
+    ``complete`` is true once the item has ended, its supervisors have shipped all of it and
+    this page reaches its end. ``text`` is as the sandbox's capture wrote it (control
+    characters escaped there), never unescaped by the server; whoever shows it escapes it
+    for its own medium."""
+
+    attempt_id: str
+    kind: str | None
+    chunks: list[LogChunkOut]
+    next: int
+    complete: bool
+    # The item has ended (its log may still be waiting for its supervisor's last chunk).
+    ended: bool = False
+    truncated: bool = False
+    size_bytes: int = 0

@@ -144,10 +144,11 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from privsep.runner.cli.logs import show_log
+    from privsep.runner.cli.remote_logs import show_logs
 
-    cfg = _load(args)
-    return show_log(cfg.path_of("core.state_dir"), args.attempt, follow=args.follow)
+    return show_logs(
+        _load(args), args.attempt, follow=args.follow, as_json=args.json, local=args.local
+    )
 
 
 def cmd_standalone(args: argparse.Namespace) -> int:
@@ -256,9 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
         p, "--max-age", "oldest acceptable heartbeat (default: 3 heartbeat intervals + 10 s)"
     )
 
-    p = action(sub, "logs", "show an attempt's log", cmd_logs)
+    p = action(sub, "logs", "show an attempt's log (from the server)", cmd_logs, json=True)
     p.add_argument("attempt", metavar="ATTEMPT")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing while it runs")
+    p.add_argument("--local", action="store_true", help="read this node's copy, not the server's")
 
     api_cmd.register(sub)
     keys_cmd.register(sub)

@@ -249,6 +249,33 @@ OPTIONS: tuple[Option, ...] = (
     Option("server", "workers", "int", 1, "Number of pre-forked API worker processes.", minimum=1),
     Option(
         "server",
+        "log_retention_days",
+        "float",
+        30.0,
+        "Central logs (what supervisors ship) are deleted this many days after their last "
+        "write, by the scheduler's pass; 0 keeps them forever.",
+        minimum=0,
+    ),
+    Option(
+        "server",
+        "log_retention_bytes",
+        "int",
+        10 * 1024**3,
+        "Byte budget of all central logs together: past it, the scheduler deletes the logs "
+        "written to longest ago first; 0 means no budget.",
+        minimum=0,
+    ),
+    Option(
+        "server",
+        "log_max_item_bytes",
+        "int",
+        64 * 1024**2,
+        "Most bytes of one attempt's (parse job's, trigger batch's) central log; the rest is "
+        "cut, with a marker line saying so.",
+        minimum=4096,
+    ),
+    Option(
+        "server",
         "operator_public_key",
         "str",
         "credentials/operator.key.pub",

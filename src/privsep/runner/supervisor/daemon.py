@@ -48,6 +48,7 @@ from privsep.runner.supervisor.launch import (
     LaunchFailed,
     make_backend,
 )
+from privsep.runner.supervisor.logship import LogShipper
 from privsep.runner.supervisor.loopwake import LoopWaker
 from privsep.runner.supervisor.orphans import OrphanRecords
 from privsep.runner.supervisor.outcomes import Outcomes
@@ -160,6 +161,7 @@ class Supervisor:
         self.backend: Backend | None = None
         self.creds: CredentialServer | None = None
         self.launcher: Launcher | None = None
+        self.shipper: LogShipper | None = None
         self._metrics: metrics.Listener | None = None
         self.notifier: Notifier | None = None
         self.watchdog: LoopWatchdog | None = None
@@ -249,8 +251,10 @@ class Supervisor:
             on_violation=self._on_violation,
         )
         self.creds.start()
+        self.shipper = LogShipper(self.api, self.settings.state_dir / "logship")
+        self.shipper.start()
         self.launcher = Launcher(
-            self.settings, self.backend, self.creds, self.bundles, self.records
+            self.settings, self.backend, self.creds, self.bundles, self.records, self.shipper
         )
         if self.settings.discovery:
             self.discovery = Discovery(
@@ -508,7 +512,8 @@ class Supervisor:
             item.socket.end()  # from here on its token is gone and proxying out of turn
             self._cleaner.submit(self._clean_up, sandbox_id)
             self.records.remove(sandbox_id)
-            assert self.outcomes is not None  # noqa: S101 - nothing is active before start()
+            assert self.outcomes is not None and self.shipper is not None  # noqa: S101
+            self.shipper.closed(item.kind, item.item_id)
             self.outcomes.finished(sandbox_id, item.kind, item.item_id, status)
             self._poll = POLL_MIN  # a finished task may have made its downstream runnable
             self._next_claim = 0.0
@@ -588,16 +593,9 @@ class Supervisor:
     def _apply_retention(self) -> None:
         self._next_retention = time.monotonic() + RETENTION_INTERVAL
         days = self.settings.log_retention_days
-        if days <= 0:
-            return
-        cutoff = time.time() - days * 86400
-        self.bundles.prune(days * 86400, time.time())
-        for entry in os.scandir(self.settings.logs_dir):
-            try:
-                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
-            except OSError:
-                continue
+        if days > 0 and self.shipper is not None:  # never a log the server lacks some of
+            self.bundles.prune(days * 86400, time.time())
+            self.shipper.prune(self.settings.logs_dir, days * 86400, time.time())
 
     # --- callbacks from the credential server (other threads) ---------------------------------
 
@@ -639,6 +637,8 @@ class Supervisor:
             time.sleep(0.05)
         if self.outcomes is not None:
             self.outcomes.last_try()
+        if self.shipper is not None:
+            self.shipper.stop()
         if self.watchdog:
             self.watchdog.stop()
         self._cleaner.shutdown(wait=True)

@@ -200,6 +200,7 @@ def _claim_tasks(
                 timeout=task.timeout,
                 bundle_version=graph.bundle_version,
                 source_uri=graph.source_uri,
+                execution=row.execution,
             )
         )
     return out
