@@ -252,19 +252,19 @@ def read_log(state: ServerState, item_id: str, after: int, limit: int) -> LogRes
                 )
             )
         )
-    chunks = [LogChunkOut(seq=row.seq, text=row.text) for row in rows]
-    next_seq = chunks[-1].seq if chunks else after
-    shipped = _all_shipped(state, log, item, open_streams)
-    return LogResponse(
-        attempt_id=item_id,
-        kind=log.kind if log is not None else (item.kind if item else None),
-        chunks=chunks,
-        next=next_seq,
-        complete=shipped and (log is None or next_seq >= log.last_seq),
-        ended=item.ended if item is not None else shipped,
-        truncated=bool(log and log.truncated),
-        size_bytes=log.size_bytes if log is not None else 0,
-    )
+        chunks = [LogChunkOut(seq=row.seq, text=row.text) for row in rows]
+        next_seq = chunks[-1].seq if chunks else after
+        shipped = _all_shipped(state, log, item, open_streams)
+        return LogResponse(
+            attempt_id=item_id,
+            kind=log.kind if log is not None else (item.kind if item else None),
+            chunks=chunks,
+            next=next_seq,
+            complete=shipped and (log is None or next_seq >= log.last_seq),
+            ended=item.ended if item is not None else shipped,
+            truncated=bool(log and log.truncated),
+            size_bytes=log.size_bytes if log is not None else 0,
+        )
 
 
 def _all_shipped(
