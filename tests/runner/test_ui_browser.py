@@ -173,6 +173,7 @@ def test_runs_tasks_and_a_log_in_the_browser(stack: Stack, signed_in: WebDriver)
     screenshot(browser, "run")
 
     tasks.find_element(By.XPATH, ".//tr[td[1]='greet']//a[text()='try 1']").click()
+    assert browser.find_elements(By.ID, "log"), browser.find_element(By.TAG_NAME, "main").text
     log = browser.find_element(By.ID, "log")
     WebDriverWait(browser, 10).until(
         lambda b: b.find_element(By.ID, "log-state").text == "complete"
