@@ -248,3 +248,30 @@ def test_definition_file_errors_supervisors_and_refusals(
     refusals = browser.find_element(By.ID, "refusals").text
     assert "/v1/operator/workflows" in refusals and "401" in refusals
     screenshot(browser, "refusals")
+
+
+def test_a_supervisor_whose_discovery_fails_shows_as_failing_to_sync(
+    stack: Stack, signed_in: WebDriver
+) -> None:
+    browser = signed_in
+    manifest = stack.home / "workflows" / "manifest.json"
+
+    def discovery_cells() -> list[str]:
+        browser.get(origin(browser) + "/supervisors")
+        row = browser.find_element(By.XPATH, "//table[@id='supervisors']//tr[td[1]='sup-test']")
+        return [td.text for td in row.find_elements(By.TAG_NAME, "td")][2:4]
+
+    stack.wait_for(lambda: discovery_cells()[0] == "up to date", 30, "discovery up to date")
+    # A malformed manifest fails every scan (and deletes nothing): the next heartbeat says so.
+    manifest.write_text('{"workflows": {"shown": <script>window.pwnedParse=1</script>')
+    try:
+        stack.wait_for(
+            lambda: discovery_cells()[0] == "failing to sync", 30, "discovery to be failing"
+        )
+        error = discovery_cells()[1]
+        assert "manifest.json" in error, error
+        no_script_ran(browser)
+        screenshot(browser, "supervisors-failing")
+    finally:
+        manifest.unlink()
+    stack.wait_for(lambda: discovery_cells() == ["up to date", ""], 30, "discovery to recover")
