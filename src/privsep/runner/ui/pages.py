@@ -24,7 +24,6 @@ from privsep.runner.ui.markup import Html, join, link, table, tag
 # its page shows (the live tail then goes on from there).
 LOG_PAGE = 1000
 LOG_SHOWN_CHARS = 4_000_000
-RUNS_SHOWN = 100
 AUDIT_SHOWN = 100
 
 DISCOVERY_TEXT = {
@@ -68,26 +67,46 @@ def _age(moment: str | None, now: datetime) -> float | None:
     return max(0.0, (now - then).total_seconds())
 
 
-def runs(client: OperatorClient, params: dict[str, str], query: dict[str, str]) -> Page:
-    data = client.call("GET", "/v1/operator/runs", what="list runs", params={"limit": RUNS_SHOWN})
-    rows = [
-        (
-            link(f"/runs/{seg(r['id'])}", r["id"]),
-            r["workflow_id"],
-            tag("span", r["state"], class_=f"state {r['state']}"),
-            when(r["created_at"]),
-            when(r["ended_at"]),
-            format_duration(duration_seconds(r["created_at"], r["ended_at"])),
-        )
-        for r in data["runs"]
-    ]
-    body = table(
-        ("run", "workflow", "state", "created", "ended", "duration"),
-        rows,
-        empty="no runs yet",
-        id_="runs",
-    )
-    return Page("Runs", body)
+def _listing(
+    title: str,
+    path: str,
+    key: str,
+    row: Callable[[dict[str, Any], dict[str, Any]], dict[str, object]],
+    *,
+    empty: str,
+    params: dict[str, Any] | None = None,
+    id_: str = "",
+) -> View:
+    """A page that is one table of one listing: ``row`` turns each item (and the whole
+    answer, for what it says beside the list) into its cells, by column name."""
+
+    def view(client: OperatorClient, _params: dict[str, str], _query: dict[str, str]) -> Page:
+        data = client.call("GET", path, what=f"read {path}", params=params)
+        rows = [row(item, data) for item in data[key]]
+        headers = tuple(rows[0]) if rows else ()
+        cells = [tuple(r.values()) for r in rows]
+        return Page(title, table(headers, cells, empty=empty, id_=id_ or key))
+
+    return view
+
+
+def _state(value: str) -> Html:
+    return tag("span", value, class_=f"state {value}")
+
+
+def _run_row(r: dict[str, Any], _: dict[str, Any]) -> dict[str, object]:
+    return {
+        "run": link(f"/runs/{seg(r['id'])}", r["id"]),
+        "workflow": r["workflow_id"],
+        "state": _state(r["state"]),
+        "created": when(r["created_at"]),
+        "ended": when(r["ended_at"]),
+        "duration": format_duration(duration_seconds(r["created_at"], r["ended_at"])),
+    }
+
+
+# The newest 100 runs: the server's default page.
+runs = _listing("Runs", "/v1/operator/runs", "runs", _run_row, empty="no runs yet")
 
 
 def _tasks(run_id: str, attempts: list[dict[str, Any]]) -> Html:
@@ -111,7 +130,7 @@ def _tasks(run_id: str, attempts: list[dict[str, Any]]) -> Html:
         rows.append(
             (
                 task_id,
-                tag("span", last["state"], class_=f"state {last['state']}"),
+                _state(last["state"]),
                 last["try_number"],
                 format_duration(duration_seconds(last["started_at"], last["ended_at"])),
                 logs,
@@ -140,7 +159,7 @@ def run(client: OperatorClient, params: dict[str, str], query: dict[str, str]) -
     )["attempts"]
     fields = [
         ("workflow", found["workflow_id"]),
-        ("state", tag("span", found["state"], class_=f"state {found['state']}")),
+        ("state", _state(found["state"])),
         ("trigger", found["trigger_kind"]),
         ("created", when(found["created_at"])),
         ("started", when(found["started_at"])),
@@ -253,56 +272,41 @@ def _heartbeat(s: dict[str, Any], timeout: float, now: datetime) -> Html:
     return tag("span", text if age <= timeout else f"stale: {text}", class_="state")
 
 
-def supervisors(client: OperatorClient, params: dict[str, str], query: dict[str, str]) -> Page:
-    data = client.call("GET", "/v1/operator/supervisors", what="list supervisors")
-    now = datetime.now(UTC)
-    rows = [
-        (
-            s["name"],
-            _heartbeat(s, float(data["heartbeat_timeout"]), now),
-            DISCOVERY_TEXT.get(s["discovery_state"], s["discovery_state"]),
-            s["discovery_error"],
-            when(s["discovery_at"]),
-            when(s["registered_at"]),
-        )
-        for s in data["supervisors"]
-    ]
-    body = table(
-        ("supervisor", "heartbeat", "discovery", "discovery error", "reported", "registered"),
-        rows,
-        empty="no supervisors registered",
-        id_="supervisors",
-    )
-    return Page("Supervisors", body)
+def _supervisor_row(s: dict[str, Any], data: dict[str, Any]) -> dict[str, object]:
+    return {
+        "supervisor": s["name"],
+        "heartbeat": _heartbeat(s, float(data["heartbeat_timeout"]), datetime.now(UTC)),
+        "discovery": DISCOVERY_TEXT.get(s["discovery_state"], s["discovery_state"]),
+        "discovery error": s["discovery_error"],
+        "reported": when(s["discovery_at"]),
+        "registered": when(s["registered_at"]),
+    }
 
 
-def refusals(client: OperatorClient, params: dict[str, str], query: dict[str, str]) -> Page:
-    data = client.call(
-        "GET",
-        "/v1/operator/audit",
-        what="read the audit log",
-        params={"event": "request_denied", "limit": AUDIT_SHOWN},
-    )
-    rows = []
-    for e in data["entries"]:
-        detail = e["detail"] or {}
-        rows.append(
-            (
-                when(e["at"]),
-                detail.get("code"),
-                detail.get("status"),
-                detail.get("path"),
-                e["actor"],
-                e["subject"],
-            )
-        )
-    body = table(
-        ("at", "reason", "status", "path", "actor", "subject"),
-        rows,
-        empty="no refusals recorded",
-        id_="refusals",
-    )
-    return Page("Recent refusals", body)
+def _refusal_row(entry: dict[str, Any], _: dict[str, Any]) -> dict[str, object]:
+    detail = entry["detail"] or {}
+    return {
+        "at": when(entry["at"]),
+        "reason": detail.get("code"),
+        "status": detail.get("status"),
+        "path": detail.get("path"),
+        "actor": entry["actor"],
+        "subject": entry["subject"],
+    }
+
+
+supervisors = _listing(
+    "Supervisors", "/v1/operator/supervisors", "supervisors", _supervisor_row, empty="no one"
+)
+refusals = _listing(
+    "Recent refusals",
+    "/v1/operator/audit",
+    "entries",
+    _refusal_row,
+    empty="no refusals recorded",
+    params={"event": "request_denied", "limit": AUDIT_SHOWN},
+    id_="refusals",
+)
 
 
 # Path patterns (on the raw path; each group is one segment, decoded) and their views.

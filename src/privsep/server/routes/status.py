@@ -7,9 +7,10 @@ command that works on the database directly, so nothing here changes anything.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
+from pydantic import ConfigDict
 from sqlalchemy import select
 
 from privsep.server.auth import Operator_, OperatorPrincipal, State_
@@ -20,22 +21,28 @@ from privsep.server.state import ServerState
 
 router = APIRouter(prefix="/v1/operator", tags=["operator"], responses=ERROR_RESPONSES)
 
-# Bounded like every listing: a typo'd limit must not make the server build a huge answer.
+# Bounded like every listing: a huge limit is refused (422), not built.
 MAX_AUDIT_ENTRIES = 1000
 
 
-class SupervisorStatus(Open):
+class _FromRow(Open):
+    """A response read straight from a row's attributes (timestamps as ISO 8601)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, from_attributes=True)
+
+
+class SupervisorStatus(_FromRow):
     id: str
     name: str
     active: bool
-    registered_at: str
-    last_heartbeat_at: str | None
-    revoked_at: str | None
+    registered_at: datetime
+    last_heartbeat_at: datetime | None
+    revoked_at: datetime | None
     # What the supervisor's last heartbeat said of its discovery: None when it never said
-    # (discovery is off there, or the supervisor predates the report).
+    # (it predates the report, or has not scanned yet).
     discovery_state: str | None
     discovery_error: str | None
-    discovery_at: str | None
+    discovery_at: datetime | None
 
 
 class SupervisorsResponse(Open):
@@ -43,9 +50,9 @@ class SupervisorsResponse(Open):
     heartbeat_timeout: float
 
 
-class AuditEntry(Open):
+class AuditEntry(_FromRow):
     id: int
-    at: str
+    at: datetime
     event: str
     actor: str | None
     subject: str | None
@@ -54,10 +61,6 @@ class AuditEntry(Open):
 
 class AuditResponse(Open):
     entries: list[AuditEntry]
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment else None
 
 
 @router.get("/supervisors", response_model=SupervisorsResponse)
@@ -70,48 +73,23 @@ def list_supervisors(
     with state.db.read_session() as session:
         rows = session.scalars(select(Supervisor).order_by(Supervisor.name))
         return SupervisorsResponse(
-            supervisors=[
-                SupervisorStatus(
-                    id=s.id,
-                    name=s.name,
-                    active=s.active,
-                    registered_at=s.registered_at.isoformat(),
-                    last_heartbeat_at=_iso(s.last_heartbeat_at),
-                    revoked_at=_iso(s.revoked_at),
-                    discovery_state=s.discovery_state,
-                    discovery_error=s.discovery_error,
-                    discovery_at=_iso(s.discovery_at),
-                )
-                for s in rows
-            ],
+            supervisors=[SupervisorStatus.model_validate(row) for row in rows],
             heartbeat_timeout=state.settings.supervisor_heartbeat_timeout,
         )
 
 
 @router.get("/audit", response_model=AuditResponse)
 def list_audit(
-    event: str | None = None,
-    limit: int = 100,
     me: OperatorPrincipal = Operator_,
     state: ServerState = State_,
+    event: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_AUDIT_ENTRIES)] = 100,
 ) -> AuditResponse:
     """The newest audit entries first, of one ``event`` (``request_denied`` for refusals)
     or of all."""
     query = select(AuditLog).order_by(AuditLog.id.desc())
     if event:
         query = query.where(AuditLog.event == event)
-    query = query.limit(max(1, min(limit, MAX_AUDIT_ENTRIES)))
+    query = query.limit(limit)
     with state.db.read_session() as session:
-        return AuditResponse(
-            entries=[
-                AuditEntry(
-                    id=e.id,
-                    at=e.at.isoformat(),
-                    event=e.event,
-                    actor=e.actor,
-                    subject=e.subject,
-                    detail=e.detail,
-                )
-                for e in session.scalars(query)
-            ]
-        )
+        return AuditResponse(entries=[AuditEntry.model_validate(e) for e in session.scalars(query)])
