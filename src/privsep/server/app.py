@@ -29,6 +29,7 @@ from privsep.server.routes import (
     operator,
     operator_session,
     parse_trigger,
+    status,
     supervisor,
     task,
 )
@@ -120,6 +121,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     operator_session.router,
     operator.router,
     observability.router,
+    status.router,
     logs.supervisor_router,
     logs.operator_router,
 )

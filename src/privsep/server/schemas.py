@@ -72,6 +72,14 @@ HeldIds = Annotated[
 ]
 
 
+class DiscoveryStatus(Strict):
+    """Discovery's state on a supervisor: ``up_to_date`` (its last scan was reported),
+    ``failing`` (its last scan or report failed; ``error`` says why) or ``off``."""
+
+    state: Literal["up_to_date", "failing", "off"]
+    error: str | None = Field(default=None, max_length=2000)
+
+
 class HeartbeatRequest(Strict):
     """The work the supervisor really holds. The server keeps these alive and takes back the
     rest of what it thinks this supervisor runs (a lost claim answer) after a grace period."""
@@ -79,6 +87,8 @@ class HeartbeatRequest(Strict):
     tasks: HeldIds = Field(default_factory=list)
     parse_jobs: HeldIds = Field(default_factory=list)
     triggers: HeldIds = Field(default_factory=list)
+    # What discovery says now, for the status page; None from a supervisor that says nothing.
+    discovery: DiscoveryStatus | None = None
 
 
 QUEUE_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"

@@ -21,6 +21,7 @@ from privsep.runner.cli import manifest as manifest_cmd
 from privsep.runner.cli import operator as operator_cmd
 from privsep.runner.cli import principals as principals_cmd
 from privsep.runner.cli import refresher as refresher_cmd
+from privsep.runner.cli import ui as ui_cmd
 from privsep.runner.cli.parsers import Handler, action, group, seconds_option
 from privsep.runner.errors import EXIT_OK, EXIT_USAGE, CommandError
 from privsep.runner.selftest import command as selftest_cmd
@@ -288,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     manifest_cmd.register(sub)
     selftest_cmd.register(sub)
     operator_cmd.register(sub)
+    ui_cmd.register(sub)
     return parser
 
 

@@ -39,6 +39,7 @@ from privsep.runner.sources.discovery import Discovery, DiscoveryError, load_sou
 from privsep.runner.supervisor import metrics
 from privsep.runner.supervisor.credsock import CredentialServer
 from privsep.runner.supervisor.discovery_reports import queue_parse_jobs, report_deleted
+from privsep.runner.supervisor.heartbeat import DiscoveryHealth
 from privsep.runner.supervisor.launch import (
     Active,
     Backend,
@@ -114,7 +115,7 @@ class Supervisor:
         self._next_claim = 0.0
         self._next_heartbeat = 0.0
         self._next_discovery = 0.0
-        self._discovery_failure = ""  # the last scan's error, logged once
+        self.discovery_health = DiscoveryHealth(settings.discovery)
         self._next_retention = 0.0
         self._next_health = 0.0
         self._next_watchdog = 0.0
@@ -481,7 +482,7 @@ class Supervisor:
         assert self.api is not None  # noqa: S101
         self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
         try:
-            self.api.call("POST", "/v1/supervisor/heartbeat", self._held())
+            self.discovery_health.send_heartbeat(self.api, self._held())
         except (ServerUnavailable, ApiRefused) as exc:
             log.warning("heartbeat failed: %s", exc)
 
@@ -507,14 +508,9 @@ class Supervisor:
             changes = self.discovery.scan()
         except DiscoveryError as exc:
             # Nothing is reported, so nothing is deleted: a broken manifest must not read as
-            # "every workflow is gone". Said once, not at every scan.
-            if str(exc) != self._discovery_failure:
-                log.error("discovery found nothing this time: %s", exc)
-            self._discovery_failure = str(exc)
+            # "every workflow is gone".
+            self.discovery_health.failed(str(exc))
             return
-        if self._discovery_failure:
-            log.info("discovery works again")
-            self._discovery_failure = ""
         try:
             # Deletions first: a file renamed within one scan is the old one deleted and a
             # new one declaring the same workflow, which the server gives the new file only
@@ -539,6 +535,7 @@ class Supervisor:
                 jobs.append(job)
             self._batch_parse_jobs = queue_parse_jobs(self.api, jobs, batch=self._batch_parse_jobs)
             self.discovery.commit(changes)
+            self.discovery_health.worked()
         except (ServerUnavailable, ApiRefused) as exc:
             log.warning("discovery could not reach the server (%s); will rescan", exc)
 

@@ -321,6 +321,11 @@ class Supervisor(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     key_generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     revoked_at: Mapped[datetime | None] = mapped_column()
+    # What its discovery said in its last heartbeat that said anything (the status page
+    # shows it): ``up_to_date``, ``failing`` with the scan's error, or ``off``.
+    discovery_state: Mapped[str | None] = mapped_column(String(32))
+    discovery_error: Mapped[str | None] = mapped_column(Text)
+    discovery_at: Mapped[datetime | None] = mapped_column()
 
 
 class Operator(Base):
