@@ -79,14 +79,14 @@ def cmd_config_get(args: argparse.Namespace) -> int:
 
 
 def cmd_config_default(args: argparse.Namespace) -> int:
-    from privsep.runner.config.schema import render_default_toml
+    from privsep.runner.config.rendering import render_default_toml
 
     sys.stdout.write(render_default_toml())
     return EXIT_OK
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
-    from privsep.runner.config.schema import render_reference_markdown
+    from privsep.runner.config.rendering import render_reference_markdown
 
     sys.stdout.write(render_reference_markdown())
     return EXIT_OK
