@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from privsep.runner.config.loader import ConfigError, load_config
-from privsep.runner.config.schema import OPTIONS, render_default_toml
+from privsep.runner.config.rendering import render_default_toml
+from privsep.runner.config.schema import OPTIONS
 
 SRC_DEFAULT = Path(__file__).parent.parent / "src/privsep/runner/config/default_config.toml"
 

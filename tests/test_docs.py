@@ -10,7 +10,8 @@ from urllib.parse import unquote
 import pytest
 
 from helpers import clean_env, run_runner
-from privsep.runner.config.schema import OPTIONS, render_reference_markdown
+from privsep.runner.config.rendering import render_reference_markdown
+from privsep.runner.config.schema import OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

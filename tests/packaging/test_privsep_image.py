@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from docker_kit import strict
+from helpers import clean_env, run_runner
 from server.postgres import PostgresCluster, free_port, own_cluster
 
 pytestmark = pytest.mark.slow
@@ -204,17 +205,8 @@ class Deployment:
 
     def host_runner(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
         """An operator command on the host, with the operator key registered in the image."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVSEP")}
-        env.update(PRIVSEP_HOME=str(self.root / "operator"), PRIVSEP__SERVER__URL=self.url)
-        env.update(extra)
-        return subprocess.run(
-            [sys.executable, "-m", "privsep", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        env = clean_env(self.root / "operator", {"PRIVSEP__SERVER__URL": self.url, **extra})
+        return run_runner(*args, env=env)
 
     def logs(self) -> str:
         out = []

@@ -59,8 +59,9 @@ from privsep.server.db.models import (
 
 from .postgres import PostgresCluster, free_port
 
-HEAD = "0006"
-ALL = ("0001", "0002", "0003", "0004", "0005", "0006")  # every revision, oldest first
+HEAD = "0008"
+# Every revision, oldest first.
+ALL = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008")
 THREAD_TIMEOUT_S = 60
 
 

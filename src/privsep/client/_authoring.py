@@ -110,18 +110,21 @@ def _json_check(value: object, what: str) -> None:
 # --- workflows and tasks ------------------------------------------------------------------
 
 
-def _look_like(wrapper: object, func: object) -> None:
-    """``functools.update_wrapper(wrapper, func)``, in one dict update for plain functions.
+def _look_like(wrapper: object, func: object, /, **attributes: object) -> None:
+    """``functools.update_wrapper(wrapper, func)`` plus ``attributes``, in one dict update for
+    plain functions.
 
     Every task sandbox imports its whole definition file again, so a workflow of a thousand
     tasks pays this a thousand times per task run; the generic version's per-attribute
     ``getattr``/``setattr`` loop was a third of a declaration's cost.
     """
+    attrs = wrapper.__dict__
     if type(func) is not _FunctionType:
         functools.update_wrapper(wrapper, func)  # type: ignore[arg-type]
+        attrs.update(attributes)
         return
-    attrs = wrapper.__dict__
-    attrs.update(func.__dict__)
+    if func.__dict__:  # first: the function's own attributes must not win
+        attrs.update(func.__dict__)
     attrs.update(
         __module__=func.__module__,
         __name__=func.__name__,
@@ -129,6 +132,7 @@ def _look_like(wrapper: object, func: object) -> None:
         __doc__=func.__doc__,
         __annotations__=func.__annotations__,
         __wrapped__=func,
+        **attributes,
     )
 
 
@@ -140,6 +144,16 @@ class Task(Generic[R]):
 
     Calling it calls the function. Pass it in another task's ``upstream``.
     """
+
+    # Set by __init__ in one dict update (see _look_like).
+    func: Callable[[Context], R]
+    workflow: Workflow
+    task_id: str
+    upstream: tuple[str, ...]
+    retries: int
+    retry_delay: float
+    timeout: float | None
+    queue: str
 
     def __init__(
         self,
@@ -153,36 +167,18 @@ class Task(Generic[R]):
         timeout: float | None,
         queue: str = DEFAULT_QUEUE,
     ) -> None:
-        attrs = self.__dict__
-        if isinstance(func, _FunctionType) and not func.__dict__:
-            # The common case in one dict update: a definition file of a thousand tasks is
-            # imported again by every one of its task sandboxes (see _look_like).
-            attrs.update(
-                __module__=func.__module__,
-                __name__=func.__name__,
-                __qualname__=func.__qualname__,
-                __doc__=func.__doc__,
-                __annotations__=func.__annotations__,
-                __wrapped__=func,
-                func=func,
-                workflow=workflow,
-                task_id=task_id,
-                upstream=upstream,
-                retries=retries,
-                retry_delay=retry_delay,
-                timeout=timeout,
-                queue=queue,
-            )
-            return
-        _look_like(self, func)  # first: the function's __dict__ must not win
-        self.func = func
-        self.workflow = workflow
-        self.task_id = task_id
-        self.upstream = upstream
-        self.retries = retries
-        self.retry_delay = retry_delay
-        self.timeout = timeout
-        self.queue = queue
+        _look_like(
+            self,
+            func,
+            func=func,
+            workflow=workflow,
+            task_id=task_id,
+            upstream=upstream,
+            retries=retries,
+            retry_delay=retry_delay,
+            timeout=timeout,
+            queue=queue,
+        )
 
     def __call__(self, ctx: Context) -> R:
         return self.func(ctx)

@@ -61,9 +61,11 @@ def release_workdir(path: str) -> None:
 
 
 def open_log(path: str) -> int:
-    """The sandbox's log file, truncated, readable by the supervisor only; never a symlink."""
+    """The sandbox's log file, appended to (an item that runs again, such as a deferred
+    task resumed, keeps one log with each execution's output in order, and what was already
+    shipped from it stays where it was), readable by the supervisor only; never a symlink."""
     return os.open(
-        path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
     )
 
 

@@ -24,10 +24,12 @@ from privsep.server.errors import ERROR_RESPONSES, UNAVAILABLE_HEADERS, install_
 from privsep.server.fastpath import TaskFastPath
 from privsep.server.metrics import Metered
 from privsep.server.routes import (
+    logs,
     observability,
     operator,
     operator_session,
     parse_trigger,
+    status,
     supervisor,
     task,
 )
@@ -119,6 +121,9 @@ ROUTERS: tuple[APIRouter, ...] = (
     operator_session.router,
     operator.router,
     observability.router,
+    status.router,
+    logs.supervisor_router,
+    logs.operator_router,
 )
 
 

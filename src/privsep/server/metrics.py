@@ -75,6 +75,11 @@ SCHEDULER_PASS_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
     registry=REGISTRY,
 )
+LOG_BYTES_STORED = Counter(
+    "privsep_server_log_bytes_stored",
+    "Bytes of sandbox output stored in the central logs (after de-duplication and the cap)",
+    registry=REGISTRY,
+)
 
 UNMATCHED: Final = "unmatched"
 """The route label of a request no route matched (a 404): one series, whatever the path."""

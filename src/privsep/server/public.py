@@ -110,7 +110,7 @@ def start_scheduler(settings: ServerSettings) -> Stoppable:
     forked after it starts and a thread does not survive a fork), and stops it on exit. Several
     servers may each run one: every write the scheduler makes is a conditional one."""
     from privsep.server.db.engine import Database
-    from privsep.server.scheduler import SchedulerThread
+    from privsep.server.scheduler import LogRetention, SchedulerThread
 
     db = Database.from_url(settings.database_url)
     if settings.wakeups_broker:  # scheduled runs and repairs queue work too
@@ -121,6 +121,7 @@ def start_scheduler(settings: ServerSettings) -> Stoppable:
         db,
         settings.scheduler_interval,
         running_grace=settings.running_timeout_grace,
+        log_retention=LogRetention(settings.log_retention_days, settings.log_retention_bytes),
     )
     thread.start()
     return thread

@@ -72,6 +72,14 @@ HeldIds = Annotated[
 ]
 
 
+class DiscoveryStatus(Strict):
+    """Discovery's state on a supervisor: ``up_to_date`` (its last scan was reported),
+    ``failing`` (its last scan or report failed; ``error`` says why) or ``off``."""
+
+    state: Literal["up_to_date", "failing", "off"]
+    error: str | None = Field(default=None, max_length=2000)
+
+
 class HeartbeatRequest(Strict):
     """The work the supervisor really holds. The server keeps these alive and takes back the
     rest of what it thinks this supervisor runs (a lost claim answer) after a grace period."""
@@ -79,6 +87,8 @@ class HeartbeatRequest(Strict):
     tasks: HeldIds = Field(default_factory=list)
     parse_jobs: HeldIds = Field(default_factory=list)
     triggers: HeldIds = Field(default_factory=list)
+    # What discovery says now, for the status page; None from a supervisor that says nothing.
+    discovery: DiscoveryStatus | None = None
 
 
 QUEUE_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
@@ -110,6 +120,9 @@ class TaskWork(Open):
     # The rest of the task's context (see TaskContext), handed to the sandbox with its payload.
     params: dict[str, JSONValue] = Field(default_factory=dict)
     trigger_event: JSONValue | None = None
+    # Which claim of the attempt this is: the supervisor's last log chunk of an execution
+    # names it, so the central log knows when the newest execution's output is all in.
+    execution: int = 0
 
 
 class ParseWork(Open):
@@ -480,3 +493,67 @@ class OperatorConnectionResponse(Open):
 
 class ConnectionsResponse(Open):
     connections: list[OperatorConnectionResponse]
+
+
+# --- central logs ----------------------------------------------------------------------------
+
+LOG_CHUNK_MAX_BYTES = 65_536
+"""The most text one shipped chunk carries (the supervisor cuts its reads to this)."""
+LOG_CHUNKS_PER_REQUEST = 100
+
+
+class LogChunkIn(Strict):
+    """Bytes ``[offset, offset + length)`` of one node-local log file (``stream``), as text.
+
+    ``length`` is their size in the file (``text`` encoded as UTF-8 unless the file held
+    bytes that are not UTF-8). ``final`` says the execution that wrote the file has ended and
+    this chunk reaches the file's end; ``execution`` is the attempt's claim it belongs to."""
+
+    kind: WorkKind
+    item_id: str = Field(min_length=1, max_length=250)
+    stream: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    offset: JsonInt = Field(ge=0, le=2**62)
+    length: JsonInt = Field(ge=0, le=4 * LOG_CHUNK_MAX_BYTES)
+    text: str = Field(max_length=LOG_CHUNK_MAX_BYTES)
+    final: bool = False
+    execution: JsonInt = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class LogAppendRequest(Strict):
+    chunks: list[LogChunkIn] = Field(min_length=1, max_length=LOG_CHUNKS_PER_REQUEST)
+
+
+class LogAck(Open):
+    """How many bytes of the stream the server holds now: where the next chunk starts (lower
+    than what was sent when the server lost some, and the supervisor sends them again)."""
+
+    item_id: str
+    stream: str
+    end: int
+
+
+class LogAppendResponse(Open):
+    acks: list[LogAck]
+
+
+class LogChunkOut(Open):
+    seq: int
+    text: str
+
+
+class LogResponse(Open):
+    """One page of an item's central log. ``next`` is the ``after`` of the next poll;
+    ``complete`` is true once the item has ended, its supervisors have shipped all of it and
+    this page reaches its end. ``text`` is as the sandbox's capture wrote it (control
+    characters escaped there), never unescaped by the server; whoever shows it escapes it
+    for its own medium."""
+
+    attempt_id: str
+    kind: str | None
+    chunks: list[LogChunkOut]
+    next: int
+    complete: bool
+    # The item has ended (its log may still be waiting for its supervisor's last chunk).
+    ended: bool = False
+    truncated: bool = False
+    size_bytes: int = 0

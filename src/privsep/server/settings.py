@@ -35,5 +35,11 @@ class ServerSettings:
     running_timeout_grace: float = 60.0
     max_running_per_workflow: int = 0  # 0: no limit
     max_running_total: int = 0  # 0: no limit
+    # Central logs: kept this many days after their last write (0: forever), the oldest
+    # dropped first once all of them pass the byte budget (0: no budget), and each item's
+    # log cut (with a marker line) at the per-item cap.
+    log_retention_days: float = 30.0
+    log_retention_bytes: int = 10 * 1024**3
+    log_max_item_bytes: int = 64 * 1024**2
     # Celery broker for wake-ups ("": publish none); may carry a password.
     wakeups_broker: str = field(default="", repr=False)

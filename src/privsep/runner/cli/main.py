@@ -21,6 +21,7 @@ from privsep.runner.cli import manifest as manifest_cmd
 from privsep.runner.cli import operator as operator_cmd
 from privsep.runner.cli import principals as principals_cmd
 from privsep.runner.cli import refresher as refresher_cmd
+from privsep.runner.cli import ui as ui_cmd
 from privsep.runner.cli.parsers import Handler, action, group, seconds_option
 from privsep.runner.errors import EXIT_OK, EXIT_USAGE, CommandError
 from privsep.runner.selftest import command as selftest_cmd
@@ -78,14 +79,14 @@ def cmd_config_get(args: argparse.Namespace) -> int:
 
 
 def cmd_config_default(args: argparse.Namespace) -> int:
-    from privsep.runner.config.schema import render_default_toml
+    from privsep.runner.config.rendering import render_default_toml
 
     sys.stdout.write(render_default_toml())
     return EXIT_OK
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
-    from privsep.runner.config.schema import render_reference_markdown
+    from privsep.runner.config.rendering import render_reference_markdown
 
     sys.stdout.write(render_reference_markdown())
     return EXIT_OK
@@ -143,10 +144,11 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from privsep.runner.cli.logs import show_log
+    from privsep.runner.cli.remote_logs import show_logs
 
-    cfg = _load(args)
-    return show_log(cfg.path_of("core.state_dir"), args.attempt, follow=args.follow)
+    return show_logs(
+        _load(args), args.attempt, follow=args.follow, as_json=args.json, local=args.local
+    )
 
 
 def cmd_standalone(args: argparse.Namespace) -> int:
@@ -283,15 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same as --component token-refresher",
     )
 
-    p = action(sub, "logs", "show an attempt's log", cmd_logs)
+    p = action(sub, "logs", "show an attempt's log (from the server)", cmd_logs, json=True)
     p.add_argument("attempt", metavar="ATTEMPT")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing while it runs")
+    p.add_argument("--local", action="store_true", help="read this node's copy, not the server's")
 
     api_cmd.register(sub)
     keys_cmd.register(sub)
     manifest_cmd.register(sub)
     selftest_cmd.register(sub)
     operator_cmd.register(sub)
+    ui_cmd.register(sub)
     return parser
 
 

@@ -22,12 +22,12 @@ def _escape_char(ch: str) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-def clean(text: str, *, keep_newlines: bool = False) -> str:
+def clean(text: str, *, keep_newlines: bool = False, keep_tabs: bool = False) -> str:
     """``text`` safe for a terminal: control and format characters (escape sequences, bidi
     overrides) are shown as ``\\x1b``-style escapes."""
     out = []
     for ch in text:
-        if keep_newlines and ch == "\n":
+        if (keep_newlines and ch == "\n") or (keep_tabs and ch == "\t"):
             out.append(ch)
         elif ch == "\t":
             out.append("    ")

@@ -54,6 +54,9 @@ _SETTINGS: tuple[tuple[str, str, type], ...] = (
     ("max_running_per_workflow", "server.max_running_per_workflow", int),
     ("max_running_total", "server.max_running_total", int),
     ("wakeups_broker", "server.wakeups_broker", str),
+    ("log_retention_days", "server.log_retention_days", float),
+    ("log_retention_bytes", "server.log_retention_bytes", int),
+    ("log_max_item_bytes", "server.log_max_item_bytes", int),
 )
 
 

@@ -39,6 +39,7 @@ from privsep.runner.sources.discovery import Discovery, DiscoveryError, load_sou
 from privsep.runner.supervisor import metrics
 from privsep.runner.supervisor.credsock import CredentialServer
 from privsep.runner.supervisor.discovery_reports import queue_parse_jobs, report_deleted
+from privsep.runner.supervisor.heartbeat import DiscoveryHealth
 from privsep.runner.supervisor.launch import (
     Active,
     Backend,
@@ -46,6 +47,7 @@ from privsep.runner.supervisor.launch import (
     LaunchFailed,
     make_backend,
 )
+from privsep.runner.supervisor.logship import LogShipper
 from privsep.runner.supervisor.loopwake import LoopWaker, StopOnTerm
 from privsep.runner.supervisor.orphans import OrphanRecords
 from privsep.runner.supervisor.outcomes import Outcomes
@@ -113,7 +115,7 @@ class Supervisor:
         self._next_claim = 0.0
         self._next_heartbeat = 0.0
         self._next_discovery = 0.0
-        self._discovery_failure = ""  # the last scan's error, logged once
+        self.discovery_health = DiscoveryHealth(settings.discovery)
         self._next_retention = 0.0
         self._next_health = 0.0
         self._next_watchdog = 0.0
@@ -123,6 +125,7 @@ class Supervisor:
         self.backend: Backend | None = None
         self.creds: CredentialServer | None = None
         self.launcher: Launcher | None = None
+        self.shipper: LogShipper | None = None
         self._metrics: metrics.Listener | None = None
         self.notifier: Notifier | None = None
         self.watchdog: LoopWatchdog | None = None
@@ -197,8 +200,10 @@ class Supervisor:
             on_violation=self._on_violation,
         )
         self.creds.start()
+        self.shipper = LogShipper(self.api, self.settings.state_dir / "logship")
+        self.shipper.start()
         self.launcher = Launcher(
-            self.settings, self.backend, self.creds, self.bundles, self.records
+            self.settings, self.backend, self.creds, self.bundles, self.records, self.shipper
         )
         if self.settings.discovery:
             self.discovery = Discovery(
@@ -456,7 +461,8 @@ class Supervisor:
             item.socket.end()  # from here on its token is gone and proxying out of turn
             self._cleaner.submit(self._clean_up, sandbox_id)
             self.records.remove(sandbox_id)
-            assert self.outcomes is not None  # noqa: S101 - nothing is active before start()
+            assert self.outcomes is not None and self.shipper is not None  # noqa: S101
+            self.shipper.closed(item.kind, item.item_id)
             self.outcomes.finished(sandbox_id, item.kind, item.item_id, status)
             self._poll = POLL_MIN  # a finished task may have made its downstream runnable
             self._next_claim = 0.0
@@ -476,7 +482,7 @@ class Supervisor:
         assert self.api is not None  # noqa: S101
         self._next_heartbeat = time.monotonic() + self.settings.heartbeat_interval
         try:
-            self.api.call("POST", "/v1/supervisor/heartbeat", self._held())
+            self.discovery_health.send_heartbeat(self.api, self._held())
         except (ServerUnavailable, ApiRefused) as exc:
             log.warning("heartbeat failed: %s", exc)
 
@@ -502,14 +508,9 @@ class Supervisor:
             changes = self.discovery.scan()
         except DiscoveryError as exc:
             # Nothing is reported, so nothing is deleted: a broken manifest must not read as
-            # "every workflow is gone". Said once, not at every scan.
-            if str(exc) != self._discovery_failure:
-                log.error("discovery found nothing this time: %s", exc)
-            self._discovery_failure = str(exc)
+            # "every workflow is gone".
+            self.discovery_health.failed(str(exc))
             return
-        if self._discovery_failure:
-            log.info("discovery works again")
-            self._discovery_failure = ""
         try:
             # Deletions first: a file renamed within one scan is the old one deleted and a
             # new one declaring the same workflow, which the server gives the new file only
@@ -534,22 +535,16 @@ class Supervisor:
                 jobs.append(job)
             self._batch_parse_jobs = queue_parse_jobs(self.api, jobs, batch=self._batch_parse_jobs)
             self.discovery.commit(changes)
+            self.discovery_health.worked()
         except (ServerUnavailable, ApiRefused) as exc:
             log.warning("discovery could not reach the server (%s); will rescan", exc)
 
     def _apply_retention(self) -> None:
         self._next_retention = time.monotonic() + RETENTION_INTERVAL
         days = self.settings.log_retention_days
-        if days <= 0:
-            return
-        cutoff = time.time() - days * 86400
-        self.bundles.prune(days * 86400, time.time())
-        for entry in os.scandir(self.settings.logs_dir):
-            try:
-                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
-            except OSError:
-                continue
+        if days > 0 and self.shipper is not None:  # never a log the server lacks some of
+            self.bundles.prune(days * 86400, time.time())
+            self.shipper.prune(self.settings.logs_dir, days * 86400, time.time())
 
     # --- callbacks from the credential server (other threads) ---------------------------------
 
@@ -591,6 +586,8 @@ class Supervisor:
             time.sleep(0.05)
         if self.outcomes is not None:
             self.outcomes.last_try()
+        if self.shipper is not None:
+            self.shipper.stop()
         if self.watchdog:
             self.watchdog.stop()
         self._cleaner.shutdown(wait=True)

@@ -22,6 +22,7 @@ from privsep.runner.errors import CommandError
 from privsep.runner.sources.bundles import BundleStore
 from privsep.runner.supervisor import metrics
 from privsep.runner.supervisor.credsock import CredentialServer, SocketEntry
+from privsep.runner.supervisor.logship import LogShipper, mark_resumed
 from privsep.runner.supervisor.orphans import OrphanRecords
 from privsep.runner.supervisor.settings import SupervisorSettings
 
@@ -105,6 +106,7 @@ class Launcher:
     creds: CredentialServer
     bundles: BundleStore
     records: OrphanRecords
+    shipper: LogShipper | None = None
     _rng: random.Random = field(default_factory=random.Random, repr=False)  # jitter only
 
     def next_refresh(self, issued: float, expires: float) -> float:
@@ -154,6 +156,7 @@ class Launcher:
                 log_path=log_path,
                 sandbox_id=sandbox_id,
             )
+            mark_resumed(log_path, now)
             handle = self.backend.launch(spec)
         except Exception as exc:
             if entry is not None:
@@ -170,6 +173,8 @@ class Launcher:
         expires = int(item["expires_at"])
         entry.set_token(item["token"], expires)
         self.records.add(sandbox_id, pid=handle.pid, item=f"{kind}:{item_id}")
+        if self.shipper is not None:
+            self.shipper.opened(kind, item_id, log_path, int(item.get("execution") or 0))
         return Active(
             kind=kind,
             item_id=item_id,

@@ -57,6 +57,27 @@ RUNNING = Gauge(
     ["kind"],
     registry=REGISTRY,
 )
+LOG_SHIP_LAG = Gauge(
+    "privsep_supervisor_log_shipping_lag_seconds",
+    "How long the oldest sandbox output not yet on the server has waited (0: all shipped)",
+    registry=REGISTRY,
+)
+LOG_PENDING_BYTES = Gauge(
+    "privsep_supervisor_log_pending_bytes",
+    "Bytes of sandbox output written on this node and not yet shipped to the server",
+    registry=REGISTRY,
+)
+LOG_SHIPPED_BYTES = Counter(
+    "privsep_supervisor_log_shipped_bytes",
+    "Bytes of sandbox output the server acknowledged",
+    registry=REGISTRY,
+)
+LOG_SHIP_REQUESTS = Counter(
+    "privsep_supervisor_log_ship_requests",
+    "Log shipping requests, by result: ok, failed (server unavailable), refused",
+    ["result"],
+    registry=REGISTRY,
+)
 for _kind in KINDS:  # every series from the start: a scrape before any work reads 0
     CLAIMED.labels(_kind)
     RUNNING.labels(_kind)
@@ -64,6 +85,8 @@ for _kind in KINDS:  # every series from the start: a scrape before any work rea
         LAUNCHES.labels(_kind, _result)
 for _result in ("work", "empty", "failed"):
     CLAIMS.labels(_result)
+for _result in ("ok", "failed", "refused"):
+    LOG_SHIP_REQUESTS.labels(_result)
 
 
 class _HasKind(Protocol):

@@ -321,6 +321,11 @@ class Supervisor(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     key_generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     revoked_at: Mapped[datetime | None] = mapped_column()
+    # What its discovery said in its last heartbeat that said anything (the status page
+    # shows it): ``up_to_date``, ``failing`` with the scan's error, or ``off``.
+    discovery_state: Mapped[str | None] = mapped_column(String(32))
+    discovery_error: Mapped[str | None] = mapped_column(Text)
+    discovery_at: Mapped[datetime | None] = mapped_column()
 
 
 class Operator(Base):
@@ -581,7 +586,12 @@ class AuditLog(Base):
     """
 
     __tablename__ = "audit_log"
-    __table_args__ = (Index("ix_audit_log_event_at", "event", "at"),)
+    __table_args__ = (
+        Index("ix_audit_log_event_at", "event", "at"),
+        # "Was this item's token ever issued to this supervisor?": how the central logs tell
+        # a supervisor that held an item (and may still ship its output) from one that never did.
+        Index("ix_audit_log_subject", "subject"),
+    )
 
     # BIGINT on PostgreSQL; on SQLite only INTEGER PRIMARY KEY is the auto-incrementing rowid.
     id: Mapped[int] = mapped_column(
@@ -592,6 +602,55 @@ class AuditLog(Base):
     actor: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     subject: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
     detail: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
+
+
+class AttemptLog(Base):
+    """The central copy of one work item's output (a task attempt's, a parse job's or a
+    trigger batch's), one per item however many executions and supervisors wrote it.
+
+    ``size_bytes`` counts what is stored, for the per-item cap and the retention's byte
+    budget; ``last_seq`` is the newest chunk's ``seq``, taken under this row's lock, so appends
+    from two supervisors (the end of a deferred execution and its resumption elsewhere)
+    interleave without colliding. ``final_execution`` is the newest task execution whose
+    supervisor said "that was all of it".
+    """
+
+    __tablename__ = "attempt_logs"
+    __table_args__ = (Index("ix_attempt_logs_updated_at", "updated_at"),)
+
+    item_id: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False)
+    final_execution: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AttemptLogStream(Base):
+    """One node-local log file feeding an item's central log: its supervisor, and how many of
+    its bytes the server has (``end_offset``). A chunk names its starting offset in the file,
+    so a chunk sent twice (its answer was lost, the supervisor restarted) is acknowledged and
+    not stored twice."""
+
+    __tablename__ = "attempt_log_streams"
+
+    item_id: Mapped[str] = mapped_column(ForeignKey("attempt_logs.item_id"), primary_key=True)
+    stream: Mapped[str] = mapped_column(String(64), primary_key=True)
+    supervisor_id: Mapped[str] = mapped_column(ForeignKey("supervisors.id"))
+    end_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    final: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class AttemptLogChunk(Base):
+    """A piece of an item's central log, in the order the server stored it (``seq``)."""
+
+    __tablename__ = "attempt_log_chunks"
+
+    item_id: Mapped[str] = mapped_column(ForeignKey("attempt_logs.item_id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    text: Mapped[str] = mapped_column(Text)
 
 
 AUDIT_LOG_APPEND_ONLY_MESSAGE = "audit_log is append-only"

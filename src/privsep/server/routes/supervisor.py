@@ -123,11 +123,14 @@ def heartbeat(
     now = utcnow()
     taken_back = 0
     with state.db.write_session() as session:
-        session.execute(
-            update(Supervisor)
-            .where(Supervisor.id == me.supervisor_id)
-            .values(last_heartbeat_at=now)
-        )
+        seen: dict[str, object] = {"last_heartbeat_at": now}
+        if body is not None and body.discovery is not None:
+            seen.update(
+                discovery_state=body.discovery.state,
+                discovery_error=body.discovery.error,
+                discovery_at=now,
+            )
+        session.execute(update(Supervisor).where(Supervisor.id == me.supervisor_id).values(seen))
         if body is None:
             session.execute(
                 update(TaskAttempt)

@@ -12,6 +12,7 @@ One module per reason to change:
 * :mod:`.scheduled_runs`: which ticks are due, and creating each tick's run exactly once.
 * :mod:`.timeouts`: expired deferrals, and the server's backstop for running attempts.
 * :mod:`.admission`: which queued attempts a claim may start under the running limits.
+* :mod:`.log_retention`: deleting central logs by age and by a byte budget.
 * :mod:`.loop`: one pass over all of the above, and the thread that repeats it.
 
 What this package does *not* do, because it already happens elsewhere and must stay there:
@@ -28,6 +29,7 @@ move without their callers noticing.
 from __future__ import annotations
 
 from privsep.server.scheduler.admission import CLAIM_LOCK_KEY, admit, claim_candidates
+from privsep.server.scheduler.log_retention import LogRetention, prune_logs
 from privsep.server.scheduler.loop import PassResult, SchedulerThread, scheduler_pass
 from privsep.server.scheduler.scheduled_runs import (
     DueRun,
@@ -58,6 +60,7 @@ __all__ = [
     "DueRun",
     "IntervalSchedule",
     "InvalidSchedule",
+    "LogRetention",
     "PassResult",
     "Schedule",
     "SchedulerThread",
@@ -70,5 +73,6 @@ __all__ = [
     "expire_running",
     "next_deferral_deadline",
     "parse_schedule",
+    "prune_logs",
     "scheduler_pass",
 ]

@@ -19,6 +19,7 @@ from privsep.server.db.engine import Database
 from privsep.server.db.outage import pass_failed
 from privsep.server.metrics import SCHEDULER_PASS_SECONDS
 from privsep.server.scheduler.clock import require_aware
+from privsep.server.scheduler.log_retention import LogRetention, prune_logs
 from privsep.server.scheduler.repair import repair_open_runs
 from privsep.server.scheduler.scheduled_runs import create_due_runs
 from privsep.server.scheduler.timeouts import (
@@ -43,6 +44,7 @@ class PassResult:
     next_wakeup: datetime | None = None
     errors: tuple[str, ...] = field(default_factory=tuple)
     runs_repaired: int = 0
+    logs_pruned: int = 0
 
 
 def _earliest(moments: Iterable[datetime | None]) -> datetime | None:
@@ -51,7 +53,11 @@ def _earliest(moments: Iterable[datetime | None]) -> datetime | None:
 
 
 def scheduler_pass(
-    db: Database, now: datetime, *, running_grace: float = DEFAULT_RUNNING_GRACE_S
+    db: Database,
+    now: datetime,
+    *,
+    running_grace: float = DEFAULT_RUNNING_GRACE_S,
+    log_retention: LogRetention | None = None,
 ) -> PassResult:
     """Run every part of the scheduler once at ``now``. Never raises.
 
@@ -61,7 +67,7 @@ def scheduler_pass(
     """
     now = require_aware(now)
     errors: list[str] = []
-    created = deferrals = running = repaired = 0
+    created = deferrals = running = repaired = pruned = 0
     next_tick: datetime | None = None
     deadline: datetime | None = None
     try:
@@ -89,6 +95,12 @@ def scheduler_pass(
     except Exception as exc:
         pass_failed(log, db.incidents, exc, "repairing open runs")
         errors.append(f"repair: {exc.__class__.__name__}")
+    if log_retention is not None:
+        try:
+            pruned = prune_logs(db, now, log_retention)
+        except Exception as exc:
+            pass_failed(log, db.incidents, exc, "pruning central logs")
+            errors.append(f"logs: {exc.__class__.__name__}")
     return PassResult(
         created,
         deferrals,
@@ -96,6 +108,7 @@ def scheduler_pass(
         _earliest([next_tick, deadline]),
         tuple(errors),
         runs_repaired=repaired,
+        logs_pruned=pruned,
     )
 
 
@@ -117,6 +130,7 @@ class SchedulerThread(threading.Thread):
         clock: Callable[[], float] = time.time,
         *,
         running_grace: float = DEFAULT_RUNNING_GRACE_S,
+        log_retention: LogRetention | None = None,
     ) -> None:
         super().__init__(name="privsep-scheduler", daemon=True)
         if interval <= 0:
@@ -125,6 +139,7 @@ class SchedulerThread(threading.Thread):
         self.interval = interval
         self.clock = clock
         self.running_grace = running_grace
+        self.log_retention = log_retention
         self.last_result: PassResult | None = None
         self._passes = 0
         self._done = threading.Condition()
@@ -147,7 +162,12 @@ class SchedulerThread(threading.Thread):
             try:
                 now = self.now()
                 with SCHEDULER_PASS_SECONDS.time():
-                    result = scheduler_pass(self.db, now, running_grace=self.running_grace)
+                    result = scheduler_pass(
+                        self.db,
+                        now,
+                        running_grace=self.running_grace,
+                        log_retention=self.log_retention,
+                    )
                 self.last_result = result
                 if result.next_wakeup is not None:
                     until = (result.next_wakeup - now).total_seconds()

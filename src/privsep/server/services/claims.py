@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from pydantic_core import to_json
-from sqlalchemy import Integer, bindparam, insert, select, update
+from sqlalchemy import Integer, Table, Update, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from privsep.secrets.tokens import Token, issue_token
@@ -131,28 +131,34 @@ def _still_granted(session: Session, me: SupervisorPrincipal) -> None:
 # the server's busiest write, and an ORM statement rebuilt per call cost more than its SQL.
 _ATTEMPTS = table_of(TaskAttempt)
 _RUNS = table_of(Run)
-_TAKE_ATTEMPTS = (
-    update(_ATTEMPTS)
-    .where(
-        _ATTEMPTS.c.id.in_(bindparam("b_ids", expanding=True)),
-        _ATTEMPTS.c.state == AttemptState.QUEUED,
+
+
+def _take_queued(table: Table, queued: object, running: object, **values: Any) -> Update:
+    """The conditional UPDATE of a claim, built once: the rows named in ``b_ids`` that are
+    still ``queued`` become ``running`` (plus ``values``) for ``b_supervisor_id``. A row
+    another claimer took since the candidate query is simply not updated, nor returned."""
+    return (
+        update(table)
+        .where(table.c.id.in_(bindparam("b_ids", expanding=True)), table.c.state == queued)
+        .values(state=running, supervisor_id=bindparam("b_supervisor_id"), **values)
     )
-    .values(
-        state=AttemptState.RUNNING,
-        supervisor_id=bindparam("b_supervisor_id"),
-        started_at=bindparam("b_now"),
-        heartbeat_at=bindparam("b_now"),
-        # A new execution: no token of an earlier claim of this row holds for it.
-        execution=_ATTEMPTS.c.execution + 1,
-    )
-    .returning(
-        _ATTEMPTS.c.id,
-        _ATTEMPTS.c.run_id,
-        _ATTEMPTS.c.task_id,
-        _ATTEMPTS.c.try_number,
-        _ATTEMPTS.c.execution,
-        _ATTEMPTS.c.trigger_event,
-    )
+
+
+_TAKE_ATTEMPTS = _take_queued(
+    _ATTEMPTS,
+    AttemptState.QUEUED,
+    AttemptState.RUNNING,
+    started_at=bindparam("b_now"),
+    heartbeat_at=bindparam("b_now"),
+    # A new execution: no token of an earlier claim of this row holds for it.
+    execution=_ATTEMPTS.c.execution + 1,
+).returning(
+    _ATTEMPTS.c.id,
+    _ATTEMPTS.c.run_id,
+    _ATTEMPTS.c.task_id,
+    _ATTEMPTS.c.try_number,
+    _ATTEMPTS.c.execution,
+    _ATTEMPTS.c.trigger_event,
 )
 _RUNS_OF_ATTEMPTS = select(
     _RUNS.c.id, _RUNS.c.workflow_id, _RUNS.c.workflow_version_id, _RUNS.c.conf
@@ -216,6 +222,7 @@ def _claim_tasks(
                 source_uri=graph.source_uri,
                 params=run.conf or {},
                 trigger_event=row.trigger_event,
+                execution=row.execution,
             )
         )
     return out
@@ -229,19 +236,9 @@ _QUEUED_PARSE_JOBS = (
     .order_by(_JOBS.c.created_at)
     .limit(bindparam("b_limit", type_=Integer))
 )
-_TAKE_PARSE_JOBS = (
-    update(_JOBS)
-    .where(
-        _JOBS.c.id.in_(bindparam("b_ids", expanding=True)),
-        _JOBS.c.state == ParseJobState.QUEUED,
-    )
-    .values(
-        state=ParseJobState.RUNNING,
-        supervisor_id=bindparam("b_supervisor_id"),
-        claimed_at=bindparam("b_now"),
-    )
-    .returning(_JOBS.c.id, _JOBS.c.uri, _JOBS.c.bundle_version)
-)
+_TAKE_PARSE_JOBS = _take_queued(
+    _JOBS, ParseJobState.QUEUED, ParseJobState.RUNNING, claimed_at=bindparam("b_now")
+).returning(_JOBS.c.id, _JOBS.c.uri, _JOBS.c.bundle_version)
 
 
 def _claim_parse(
