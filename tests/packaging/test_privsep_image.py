@@ -264,8 +264,11 @@ def prepare(dep: Deployment, cluster: PostgresCluster) -> None:
 
     root = dep.root
     server_home = root / "server-home"
-    server_home.mkdir(mode=0o700)
-    os.chown(server_home, IMAGE_UID, IMAGE_UID)
+    # The homes are what a disk-backed emptyDir is: 0777, and for fsGroup 10001 its group
+    # and setgid bit; runner makes its own private directories inside.
+    server_home.mkdir()
+    os.chown(server_home, 0, IMAGE_UID)
+    server_home.chmod(0o2777)
     (root / "secret-src").mkdir(mode=0o755)
     # The signing key ring is made where the operator works, then becomes a Secret.
     ring = root / "ring"
@@ -341,7 +344,8 @@ def prepare(dep: Deployment, cluster: PostgresCluster) -> None:
         root / "secret-src" / "supervisor-keys",
         {NODE: (sup / "credentials" / "supervisor.key").read_bytes()},
     )
-    (sup / "home").mkdir(mode=0o700)
+    (sup / "home").mkdir()
+    (sup / "home").chmod(0o777)
     docker(
         "volume",
         "create",
