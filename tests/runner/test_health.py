@@ -208,3 +208,45 @@ def test_unreadable_record_names_the_fix(tmp_path: Path) -> None:
         f"cannot read heartbeat file {tmp_path / HEARTBEAT_FILE}: Permission denied "
         "(run as the supervisor's user or root)"
     )
+
+
+# --- runner health --component: the server, and auto for a container's HEALTHCHECK ---------
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "component"),
+    [
+        (b"/opt/privsep/venv/bin/python3\0/opt/privsep/venv/bin/runner\0server\0", "server"),
+        (b"runner\0--config\0/etc/privsep/s.toml\0supervisor\0", "supervisor"),
+        (b"/sbin/docker-init\0--\0runner\0server\0", "server"),
+        (b"/opt/privsep/venv/bin/runner\0token-refresher\0", "token-refresher"),
+        (b"runner\0db\0upgrade\0", None),
+        (b"runner\0supervisors\0list\0", None),
+        (b"/bin/sh\0-c\0server\0", None),
+        (b"", None),
+    ],
+)
+def test_component_of_pid1(cmdline: bytes, component: str | None) -> None:
+    from privsep.runner.cli.health import component_of
+
+    assert component_of(cmdline) == component
+
+
+def _health(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PRIVSEP")}
+    return subprocess.run(
+        [sys.executable, "-m", "privsep", "health", *args],
+        env={**base, "PRIVSEP_HOME": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_auto_outside_a_container_says_what_pid1_runs(tmp_path: Path) -> None:
+    done = _health(tmp_path, "--component", "auto")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("runner: --component auto: PID 1 runs no runner component")

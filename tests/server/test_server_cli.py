@@ -84,6 +84,20 @@ def test_keys_rotate_creates_then_adds(home: Path) -> None:
     assert runner(home, "check-perms").returncode == 0
 
 
+def test_keys_rotate_where_the_ring_cannot_be_written_is_one_line(home: Path) -> None:
+    # A path below a file: mkdir fails for root too, as a home volume owned by another uid
+    # does for a container's user.
+    (home / "blocker").write_text("")
+    done = runner(
+        home, "keys", "rotate", PRIVSEP__SERVER__SIGNING_KEYRING=str(home / "blocker/ring")
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"runner: cannot write the key ring at {home / 'blocker/ring'}: Not a directory"
+    ]
+
+
 def test_registering_twice_needs_replace(home: Path) -> None:
     key = prepared(home)
     again = runner(home, "supervisors", "register", "sup1", "--public-key", f"{key}.pub")
@@ -172,6 +186,22 @@ def test_server_listens_on_tcp_and_a_private_unix_socket(
     assert status == 404
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+
+
+def test_runner_health_for_the_server_asks_its_health_endpoint(
+    server: tuple[subprocess.Popen[str], int, Path], home: Path
+) -> None:
+    proc, port, _ = server
+    # A wildcard bind (a container's) is probed on loopback.
+    up = runner(home, "health", "--component", "server", PRIVSEP__SERVER__BIND=f"0.0.0.0:{port}")
+    assert (up.returncode, up.stdout) == (0, f"server answers /v1/health on 127.0.0.1:{port}\n")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    down = runner(
+        home, "health", "--component", "server", PRIVSEP__SERVER__BIND=f"127.0.0.1:{port}"
+    )
+    assert down.returncode == 1
+    assert down.stdout == f"server does not answer /v1/health on 127.0.0.1:{port}\n"
 
 
 def test_strict_mode_opt_out_is_loud(home: Path) -> None:

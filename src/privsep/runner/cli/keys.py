@@ -67,6 +67,9 @@ def keys_rotate(cfg: Config) -> int:
             print(f"created key ring {ring} with signing key {kid}")
     except InsecureFileError as exc:
         raise CommandError(f"refusing the key ring: {exc}") from None
+    except OSError as exc:  # e.g. a home this user cannot write (a volume owned by another uid)
+        where = exc.filename or ring
+        raise CommandError(f"cannot write the key ring at {where}: {exc.strerror or exc}") from None
     return 0
 
 

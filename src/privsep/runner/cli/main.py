@@ -135,17 +135,10 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from privsep.runner.supervisor.health import check_health
+    from privsep.runner.cli.health import check
 
-    cfg = _load(args)
-    if args.token_refresher:
-        from privsep.runner.supervisor.refresher import refresher_health
-
-        ok, reason = refresher_health(cfg)
-        print(reason)
-        return 0 if ok else 1
-    max_age = args.max_age or 3 * float(cfg.get("supervisor.heartbeat_interval")) + 10
-    result = check_health(str(cfg.path_of("core.state_dir")), max_age)
+    component = "token-refresher" if args.token_refresher else args.component
+    result = check(_load(args), component, args.max_age)
     print(result.reason)
     return 0 if result.ok else 1
 
@@ -269,14 +262,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallelism", type=int, metavar="N", help="tasks run at once")
     p.add_argument("--json", action="store_true", help="with --once: the summary as JSON")
 
-    p = action(sub, "health", "is the supervisor's loop turning? exit 0 or 1", cmd_health)
+    p = action(
+        sub,
+        "health",
+        "is the supervisor's loop turning (or the server up)? exit 0 or 1",
+        cmd_health,
+    )
     seconds_option(
         p, "--max-age", "oldest acceptable heartbeat (default: 3 heartbeat intervals + 10 s)"
     )
     p.add_argument(
+        "--component",
+        choices=("supervisor", "server", "token-refresher", "auto"),
+        default="supervisor",
+        help="what to check: the supervisor's heartbeat, the server's /v1/health on "
+        "server.bind, the token-refresher's token file or ticket cache, or auto: whichever "
+        "of them PID 1 runs (a container's HEALTHCHECK)",
+    )
+    p.add_argument(
         "--token-refresher",
         action="store_true",
-        help="judge runner token-refresher instead: its token file or ticket cache is valid",
+        help="the same as --component token-refresher",
     )
 
     p = action(sub, "logs", "show an attempt's log (from the server)", cmd_logs, json=True)

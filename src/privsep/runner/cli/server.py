@@ -133,28 +133,39 @@ def notify_when_serving(bind: str) -> None:
     systemd.scrub_environ(os.environ)
     if notifier is None:
         return
-    host, _, port = bind.rpartition(":")
-    if not port.isdigit():
+    address = local_address(bind)
+    if address is None:
         return  # serve() refuses this bind in one line; there will be nothing to probe
-    # A wildcard bind is probed on loopback.
-    host = host.strip("[]")
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
 
     def probe() -> None:
-        while True:
-            conn = http.client.HTTPConnection(host, int(port), timeout=2)
-            try:
-                conn.request("GET", "/v1/health")
-                if conn.getresponse().status == 200:
-                    notifier.ready(status=f"serving on {bind}")
-                    return
-            except (OSError, http.client.HTTPException, ValueError):
-                pass
-            finally:
-                conn.close()
+        while not answers_health(*address):
             time.sleep(0.1)
+        notifier.ready(status=f"serving on {bind}")
 
     threading.Thread(target=probe, name="sd-ready", daemon=True).start()
+
+
+def local_address(bind: str) -> tuple[str, int] | None:
+    """Where this host reaches a server bound to ``bind`` (``host:port``): a wildcard bind is
+    reached on loopback. None for a bind with no port."""
+    host, _, port = bind.rpartition(":")
+    if not port.isdigit():
+        return None
+    host = host.strip("[]")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
+    return host, int(port)
+
+
+def answers_health(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether the API at ``host:port`` answers ``GET /v1/health`` with 200 (it can serve)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/v1/health")
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException, ValueError):
+        return False
+    finally:
+        conn.close()
 
 
 def start_scheduler(settings: ServerSettings) -> Stoppable:
