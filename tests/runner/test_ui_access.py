@@ -132,3 +132,11 @@ def test_ui_refuses_to_listen_beyond_loopback(stack: Stack) -> None:
         (line,) = done.stderr.splitlines()
         assert line.startswith(f"runner: --bind {bind}") and "ssh -L" in line
         assert done.stdout == ""
+
+
+def test_sigterm_stops_the_page_cleanly(stack: Stack) -> None:
+    """A service manager's SIGTERM ends the page at once, with exit 0 and no traceback."""
+    start_ui(stack, "ui-term")
+    assert stack.stop("ui-term", timeout=10) == 0
+    assert "Traceback" not in stack.output("ui-term")
+    del stack.procs["ui-term"]

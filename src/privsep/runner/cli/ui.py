@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from privsep.runner.cli.operator import _port as port_number
@@ -28,6 +29,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
             print(f"status page: {page.url}")
             print("the token in it works once, for one browser; Ctrl-C stops the page")
         sys.stdout.flush()
+        # SIGTERM (kill, a service manager) stops the page as Ctrl-C does; SIGINT is claimed
+        # too, because a shell starts background jobs with it ignored.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.default_int_handler)
         try:
             page.serve_forever()
         except KeyboardInterrupt:
