@@ -81,6 +81,29 @@ def test_a_run_flows_from_upstream_to_downstream(api: ApiHarness, two_runs: dict
         assert session.get(Run, two_runs["run_a"]).state == RunState.SUCCESS  # type: ignore[union-attr]
 
 
+def test_a_finished_attempts_tokens_leave_the_verified_token_cache(api: ApiHarness) -> None:
+    """A report that ends an execution drops its tokens from the cache at once, rather than
+    leaving them there for the rest of their lifetime (the server's memory grew by a token
+    lifetime's worth of them); a live attempt's token stays cached."""
+    sess = api.supervisor_session("sup-a")
+    op = api.operator_session()
+    api.define_workflow(sess, workflow("wf_cache", task("t1"), task("t2"), task("t3")))
+    api.trigger_run(op, "wf_cache")
+    a, b, c = api.claim(sess, ["task"], max_items=3)
+    for work in (a, b, c):  # verified once each, so each is in the cache
+        assert api.client.post("/v1/task/heartbeat", headers=bearer(work.token)).status_code == 200
+    cache = api.state.token_cache
+    cached = {claims.sub for claims in cache._entries.values()}
+    assert {a.id, b.id, c.id} <= cached
+    assert api.client.post("/v1/task/succeed", json={}, headers=bearer(a.token)).status_code == 200
+    assert (
+        api.client.post("/v1/task/retry", json={"error": "x"}, headers=bearer(b.token)).status_code
+        == 200
+    )
+    cached = {claims.sub for claims in cache._entries.values()}
+    assert a.id not in cached and b.id not in cached and c.id in cached
+
+
 def test_retry_queues_a_new_try_and_failure_skips_downstream(api: ApiHarness) -> None:
     sess = api.supervisor_session("sup-a")
     op = api.operator_session()

@@ -328,7 +328,9 @@ def report_once(
             if repeat is None:
                 raise
             return repeat
-        return work(session, attempt, me)
+        answer = work(session, attempt, me)
+    state.token_cache.forget_subject(token.attempt_id)  # committed: its tokens are spent
+    return answer
 
 
 def in_own_attempt(
@@ -405,6 +407,7 @@ def finish_success(state: ServerState, token: TaskToken, return_value: Any) -> N
         if return_value is not None:
             put_xcom(session, ended.run_id, ended.task_id, "return_value", return_value)
         advance_run(session, ended.run_id, ended.task_id)
+    state.token_cache.forget_subject(token.attempt_id)  # committed: its tokens are spent
 
 
 def finish_failure(
