@@ -179,6 +179,22 @@ def test_kill_9_then_restart_leaves_no_orphan_and_no_stuck_attempt(stack: Stack)
     stack.wait_for(lambda: stack.run_state(run_id) == "failed", 120, "the lost attempt to end")
     states = [a["state"] for a in stack.attempts(run_id)]
     assert "running" not in states
+    assert stack.stop("supervisor", timeout=60) == 0
+
+
+def test_a_second_supervisor_on_the_same_state_dir_stops_in_one_line(stack: Stack) -> None:
+    """It would kill the first one's sandboxes as orphans and tell the server that all the
+    supervisor held had died: it must not get that far."""
+    stack.start("supervisor", "supervisor")
+    stack.wait_for(lambda: "started" in stack.output("supervisor") or None, 60, "the first")
+    second = stack.runner("supervisor")
+    assert second.returncode == 1, second.stderr
+    (line,) = second.stderr.strip().splitlines()
+    first = stack.procs["supervisor"].pid
+    assert f"another supervisor (process {first}) already runs on" in line, line
+    assert "core.state_dir" in line
+    assert stack.procs["supervisor"].poll() is None  # the first is untouched
+    assert stack.stop("supervisor", timeout=60) == 0
 
 
 def test_sigterm_drains_running_work(stack: Stack) -> None:

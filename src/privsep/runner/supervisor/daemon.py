@@ -53,6 +53,7 @@ from privsep.runner.supervisor.orphans import OrphanRecords
 from privsep.runner.supervisor.outcomes import Outcomes
 from privsep.runner.supervisor.sessions import supervisor_api
 from privsep.runner.supervisor.settings import SupervisorSettings
+from privsep.runner.supervisor.statelock import hold_state_lock
 from privsep.runner.supervisor.wakeups import WakeupConsumer
 from privsep.secrets.files import InsecureFileError, make_private_dir
 
@@ -169,6 +170,8 @@ class Supervisor:
             self.watchdog = systemd.LoopWatchdog(self.notifier, interval)
         for d in (self.settings.state_dir, self.settings.logs_dir):
             make_private_dir(str(d))
+        # First, before the orphan records, the cgroups or the server hear from us.
+        self._state_lock = hold_state_lock(self.settings.state_dir)
         # Search-only (no listing) for others: a sandbox uid must traverse to its own socket
         # and work directories, which are 0700 and its own; it cannot see which others exist.
         for d in (self.settings.runtime_dir, self.settings.sockets_dir, self.settings.work_dir):
