@@ -80,6 +80,7 @@ from benchmarks.cpu_accounting import (
     CpuMeter,
     MachineMeter,
     kernel_thread_seconds,
+    kernel_threads_used,
     proc_stat_busy_seconds,
     process_tree,
 )
@@ -548,10 +549,8 @@ def measure_throughput(system: Standalone, scale: Scale) -> Throughput:
         span = time.time() - start
         machine_ms.append((machine.seconds() - machine_before - machine_idle * span) * per_task)
         proc_stat_ms.append((proc_stat_busy_seconds() - stat_before) * per_task)
-        threads_after = kernel_thread_seconds()
-        for name, value in threads_after.items():
-            used = max(0.0, value - threads_before.get(name, 0.0)) * per_task
-            kernel_threads[name] = kernel_threads.get(name, 0.0) + used / scale.rounds
+        for name, value in kernel_threads_used(threads_before, kernel_thread_seconds()).items():
+            kernel_threads[name] = kernel_threads.get(name, 0.0) + value * per_task / scale.rounds
         roles_after = system.cpu_by_role()
         elapsed = _timestamp(run.ended_at) - start
         rates.append(scale.tasks / elapsed)

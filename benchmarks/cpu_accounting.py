@@ -103,11 +103,12 @@ def proc_stat_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def kernel_thread_seconds() -> Counter[str]:
-    """CPU seconds so far of each live kernel thread (children of kthreadd), by name with its
-    numbers folded (``kworker/u4:2-netns`` → ``kworker/u*-netns``). Exact (``schedstat``), but
-    a worker that exits between two readings takes its time with it."""
-    out: Counter[str] = Counter()
+def kernel_thread_seconds() -> dict[int, tuple[str, float]]:
+    """Each live kernel thread (a child of kthreadd): its name with the numbers folded
+    (``kworker/u4:2-netns`` → ``kworker/u*:*-netns``) and its CPU seconds so far. Exact
+    (``schedstat``), but a worker that exits between two readings takes its time with it. Keyed
+    by pid, because a kworker's name changes with the work it picks up."""
+    out: dict[int, tuple[str, float]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -118,8 +119,19 @@ def kernel_thread_seconds() -> Counter[str]:
                 continue
             comm = stat[stat.index("(") + 1 : stat.rindex(")")]
             ns = int(Path(f"/proc/{entry.name}/schedstat").read_text().split()[0])
-            out[re.sub(r"\d+", "*", comm)] += ns / 1e9
+            out[int(entry.name)] = (re.sub(r"\d+", "*", comm), ns / 1e9)
     return out
+
+
+def kernel_threads_used(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> Counter[str]:
+    """CPU seconds each kernel thread used between two readings, summed by its later name; a
+    thread new since ``before`` counts from zero."""
+    used: Counter[str] = Counter()
+    for pid, (name, seconds) in after.items():
+        used[name] += max(0.0, seconds - before.get(pid, (name, 0.0))[1])
+    return used
 
 
 class MachineMeter:
@@ -147,6 +159,7 @@ __all__ = [
     "CpuMeter",
     "MachineMeter",
     "kernel_thread_seconds",
+    "kernel_threads_used",
     "proc_stat_busy_seconds",
     "process_tree",
 ]
