@@ -53,36 +53,43 @@ sandbox; the ≤ 5 % target compares against no sandbox at all.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import psutil
 
 from benchmarks.bench_baselines import fork_and_wait, spawn_python, trivial_task
 from benchmarks.cpu_accounting import (
-    CpuMeter,
     MachineMeter,
     kernel_thread_seconds,
     kernel_threads_used,
     proc_stat_busy_seconds,
-    process_tree,
+)
+from benchmarks.e2e_memory import SLEEP_MARK, Memory, MiB, measure_memory, uss
+from benchmarks.e2e_parse import (
+    ParseRound,
+    make_parse_rounds,
+    measure_parse_direct,
+    measure_parse_sandboxed,
+)
+from benchmarks.e2e_system import (
+    CHAIN,
+    SLEEPERS,
+    TRIVIAL,
+    Standalone,
+    set_file_parallelism,
+    standalone,
+    timestamp,
+    write_atomically,
 )
 from benchmarks.harness import Row, Stats, figure, progress, time_batches, time_each
 
@@ -92,9 +99,7 @@ DESCRIPTION = (
     "tasks/s, chain step latency, CPU and USS per task, parse throughput, isolation overhead"
 )
 
-MiB = 1 << 20
 CORES = len(os.sched_getaffinity(0))
-UID_FIRST = 180_000
 FLOOR_UID_FIRST = 178_000  # the sandbox floor's own pool, below the system's
 # The server takes at most this many items per claim (ClaimRequest.max_items), but the
 # supervisor asks for all its free slots at once, so with parallelism above it every claim is
@@ -102,7 +107,6 @@ FLOOR_UID_FIRST = 178_000  # the sandbox floor's own pool, below the system's
 # of at most this, through the supervisor's own SIGHUP reload of its configuration file.
 CLAIM_CAP = 100
 LOG_MARK = re.compile(r"E2E-STEP (\d+\.\d+) (\d+\.\d+)")
-SLEEP_MARK = "E2E-SLEEPING"
 
 
 @dataclass(frozen=True)
@@ -135,371 +139,6 @@ FULL = Scale(
     tasks=1000, rounds=3, chain=50, chain_runs=2, concurrent=500, files=500, parse_rounds=3
 )
 
-# --- the workflows --------------------------------------------------------------------------
-
-TRIVIAL = '''\
-"""{n} independent tasks that do nothing."""
-from privsep.client import Context, Workflow
-
-wf = Workflow("{workflow_id}", schedule=None)
-
-
-def trivial(ctx: Context) -> None:
-    return None
-
-
-for _i in range({n}):
-    wf.task(task_id=f"t{{_i:04d}}")(trivial)
-'''
-
-CHAIN = '''\
-"""A chain of {n} tasks; each logs when its user code starts and ends."""
-import time
-
-from privsep.client import Context, Workflow
-
-wf = Workflow("e2e_chain", schedule=None)
-
-
-def step(ctx: Context) -> None:
-    started = time.time()  # the first statement: "downstream user code running"
-    ctx.log.info("E2E-STEP %.6f %.6f", started, time.time())
-
-
-_previous = None
-for _i in range({n}):
-    _previous = wf.task(task_id=f"c{{_i:03d}}", upstream=[_previous] if _previous else [])(step)
-'''
-
-SLEEPERS = '''\
-"""{n} independent tasks that sleep until the benchmark sends them SIGUSR1."""
-import signal
-import time
-
-from privsep.client import Context, Workflow
-
-wf = Workflow("e2e_sleep", schedule=None)
-
-
-def sleeper(ctx: Context) -> None:
-    released = []
-    signal.signal(signal.SIGUSR1, lambda *_: released.append(True))
-    ctx.log.info("{mark} %.6f", time.time())
-    while not released:
-        time.sleep(0.5)
-
-
-for _i in range({n}):
-    wf.task(task_id=f"s{{_i:04d}}")(sleeper)
-'''
-
-SMALL = '''\
-"""A small definition file: one workflow, two tasks."""
-from privsep.client import Context, Workflow
-
-wf = Workflow("{workflow_id}", schedule=None)
-
-
-@wf.task
-def extract(ctx: Context) -> int:
-    return 1
-
-
-@wf.task(upstream=[extract])
-def load(ctx: Context) -> int:
-    return int(ctx.xcom_pull("extract")) + 1
-'''
-
-
-def write_atomically(folder: Path, name: str, text: str) -> Path:
-    """Discovery skips dot files, so a file written under a dot name and renamed is never
-    seen half-written."""
-    tmp = folder / f".{name}.tmp"
-    tmp.write_text(text)
-    tmp.chmod(0o644)
-    path = folder / name
-    os.rename(tmp, path)
-    return path
-
-
-def _cpu(proc: psutil.Process, *, children: bool = False) -> float:
-    try:
-        t = proc.cpu_times()
-    except psutil.Error:
-        return 0.0
-    used = t.children_user + t.children_system if children else t.user + t.system
-    return float(used)
-
-
-# --- runner standalone ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Standalone:
-    """``runner standalone`` serving (no ``--once``) until :meth:`stop`; the operator's API and
-    a read-only view of its database."""
-
-    def __init__(
-        self, home: Path, workflows: Path, parallelism: int | None, uid_count: int
-    ) -> None:
-        self.home = home
-        self.workflows = workflows
-        self.parallelism = parallelism
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVSEP")}
-        self.env.update(
-            {
-                "PRIVSEP__SERVER__BIND": f"127.0.0.1:{self.port}",
-                "PRIVSEP__SERVER__URL": self.url,
-                "PRIVSEP__SANDBOX__UID_FIRST": str(UID_FIRST),
-                "PRIVSEP__SANDBOX__UID_COUNT": str(uid_count),
-                "PRIVSEP__SUPERVISOR__DISCOVERY_INTERVAL": "0.2",
-                "PRIVSEP__SUPERVISOR__DRAIN_GRACE": "10",
-            }
-        )
-        self.cpu = CpuMeter()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.op: Any = None
-        self.db: Any = None
-        self.log = home.parent / f"standalone-{self.port}.log"
-
-    # lifecycle
-
-    def start(self) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "privsep",
-            "standalone",
-            "--home",
-            str(self.home),
-            "--workflows",
-            str(self.workflows),
-        ]
-        if self.parallelism is not None:
-            argv += ["--parallelism", str(self.parallelism)]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.cpu.wrap(argv),
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.cpu.pid = self.proc.pid
-        self.op = self._operator_when_ready()
-        from privsep.server.db import Database, sqlite_url_for
-
-        self.db = Database.from_url(sqlite_url_for(self.home / "state" / "privsep.db"))
-
-    def _operator_when_ready(self, timeout: float = 120.0) -> Any:
-        from privsep.runner.cli.operator_client import OperatorClient
-        from privsep.runner.errors import CommandError
-        from privsep.secrets.keys import KeyFormatError
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            op = OperatorClient(self.url, str(self.home / "credentials" / "operator.key"))
-            try:
-                op.call("GET", "/v1/operator/policy")
-                return op
-            except (CommandError, OSError, KeyFormatError):
-                op.close()
-                time.sleep(0.2)  # not up yet, or the key is still being written
-        raise RuntimeError(f"runner standalone did not come up in {timeout:.0f} s\n{self.output()}")
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(
-                f"runner standalone exited with status {self.proc.returncode}\n{self.output()}"
-            )
-
-    def output(self) -> str:
-        parts = []
-        logs = [self.log]
-        logs += sorted((self.home / "state" / "standalone").glob("*.log"))
-        for path in logs:
-            with contextlib.suppress(OSError):
-                parts.append(f"--- {path.name}\n" + path.read_text(errors="replace")[-3000:])
-        return "\n".join(parts)
-
-    def stop(self) -> None:
-        if self.db is not None:
-            self.db.dispose()
-        if self.proc is None or self.proc.poll() is not None:
-            self.cpu.close()
-            return
-        tree = process_tree(self.proc.pid)
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        for proc in tree[1:]:  # only what this run started, by pid, if it outlived the stop
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        psutil.wait_procs(tree[1:], timeout=10)
-        self.cpu.close()
-
-    # processes
-
-    def processes(self) -> dict[str, list[psutil.Process]]:
-        """The live tree by role: standalone, server (and any workers), supervisor, zygote,
-        sandboxes (everything under the zygote) and other (anything else)."""
-        assert self.proc is not None
-        roles: dict[str, list[psutil.Process]] = {
-            name: [] for name in ("standalone", "server", "supervisor", "zygote", "sandboxes")
-        }
-        roles["other"] = []
-        known: dict[int, tuple[psutil.Process, str, int]] = {}
-        for proc in process_tree(self.proc.pid):
-            with contextlib.suppress(psutil.Error):
-                known[proc.pid] = (proc, " ".join(proc.cmdline()), proc.ppid())
-
-        root = self.proc.pid
-
-        def role(pid: int) -> str:
-            _, cmd, ppid = known[pid]
-            if pid == root:
-                return "standalone"
-            if cmd.endswith("privsep server"):
-                return "server"
-            if cmd.endswith("privsep supervisor"):
-                return "supervisor"
-            parent = role(ppid) if ppid in known else "other"
-            if parent == "supervisor" and "privsep.sandbox._zygote" in cmd:
-                return "zygote"
-            if parent in ("zygote", "sandboxes"):
-                return "sandboxes"
-            if parent == "server":
-                return "server"  # its workers, if it runs more than one
-            return "other"
-
-        for pid, (proc, _, _) in known.items():
-            roles[role(pid)].append(proc)
-        return roles
-
-    def cpu_by_role(self) -> dict[str, float]:
-        """CPU seconds so far of the long-lived processes, and of the sandboxes the zygote
-        has reaped (the zygote or each sandbox's monitor reaps its user process)."""
-        roles = self.processes()
-        out = {
-            name: sum(_cpu(p) for p in roles[name])
-            for name in ("standalone", "server", "supervisor", "zygote", "other")
-        }
-        out["sandboxes"] = sum(_cpu(p, children=True) for p in roles["zygote"]) + sum(
-            _cpu(p) + _cpu(p, children=True) for p in roles["sandboxes"]
-        )
-        return out
-
-    # the operator's side
-
-    def trigger(self, workflow_id: str) -> str:
-        return str(
-            self.op.call("POST", f"/v1/operator/workflows/{workflow_id}/runs", body={})["id"]
-        )
-
-    def wait_parsed(self, workflow_ids: Sequence[str], timeout: float = 120.0) -> None:
-        from sqlalchemy import select
-
-        from privsep.server.db.models import Workflow
-
-        wanted = set(workflow_ids)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            with self.db.read_session() as session:
-                active = set(
-                    session.scalars(
-                        select(Workflow.id).where(Workflow.id.in_(wanted), Workflow.active)
-                    )
-                )
-            if active == wanted:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"not parsed in {timeout:.0f} s: {sorted(wanted - active)[:5]}")
-
-    def wait_run(self, run_id: str, timeout: float, *, must_succeed: bool = True) -> Any:
-        """Poll the run in the database until it ends; fail loudly unless it succeeded (or,
-        with ``must_succeed=False``, return it whatever its end, or None on a timeout)."""
-        from sqlalchemy import select
-
-        from privsep.server.db.models import Run, RunState, TaskAttempt
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            with self.db.read_session() as session:
-                run = session.get(Run, run_id)
-                if run is not None and run.state in (RunState.SUCCESS, RunState.FAILED):
-                    if run.state != RunState.SUCCESS and must_succeed:
-                        errors = session.scalars(
-                            select(TaskAttempt.error).where(
-                                TaskAttempt.run_id == run_id, TaskAttempt.error.is_not(None)
-                            )
-                        ).all()
-                        raise RuntimeError(f"run {run_id} failed: {errors[:3]}\n{self.output()}")
-                    session.expunge(run)
-                    return run
-            time.sleep(0.1)
-        if not must_succeed:
-            return None
-        raise RuntimeError(f"run {run_id} not done in {timeout:.0f} s\n{self.output()}")
-
-    def attempts(self, run_id: str) -> list[Any]:
-        from sqlalchemy import select
-
-        from privsep.server.db.models import TaskAttempt
-
-        with self.db.read_session() as session:
-            rows = list(session.scalars(select(TaskAttempt).where(TaskAttempt.run_id == run_id)))
-            for row in rows:
-                session.expunge(row)
-        return rows
-
-    def attempt_log(self, attempt_id: str) -> str:
-        path = self.home / "state" / "logs" / f"task-{attempt_id}.log"
-        try:
-            return path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-
-def set_file_parallelism(home: Path, parallelism: int) -> None:
-    """Set ``[supervisor] parallelism`` in the home's privsep.toml (kept private)."""
-    config = home / "privsep.toml"
-    text = config.read_text()
-    line = f"parallelism = {parallelism}"
-    if re.search(r"(?m)^parallelism = \d+$", text):
-        text = re.sub(r"(?m)^parallelism = \d+$", line, text)
-    else:
-        text += f"\n# Set by the e2e benchmark.\n[supervisor]\n{line}\n"
-    config.write_text(text)
-    config.chmod(0o600)
-
-
-@contextlib.contextmanager
-def standalone(
-    home: Path, workflows: Path, *, parallelism: int | None, uid_count: int
-) -> Iterator[Standalone]:
-    """``parallelism=None``: the supervisor's parallelism comes from the home's privsep.toml
-    (see :func:`set_file_parallelism`), so that a SIGHUP can change it."""
-    system = Standalone(home, workflows, parallelism, uid_count)
-    try:
-        system.start()
-        yield system
-    finally:
-        system.stop()
-
-
 # --- the figures, instance A: throughput, CPU, chain, parse -----------------------------------
 
 
@@ -515,12 +154,6 @@ class Throughput:
     machine_method: str  # how the whole machine's CPU was read
     proc_stat_ms: list[float]  # /proc/stat's busy ms per task per run (ticks, steal), raw
     kernel_threads_ms: dict[str, float]  # ms per task by kernel thread name, over the runs
-
-
-def _timestamp(value: datetime | None) -> float:
-    if value is None:
-        raise RuntimeError("an attempt has no timestamp")
-    return value.timestamp()
 
 
 def measure_throughput(system: Standalone, scale: Scale) -> Throughput:
@@ -552,7 +185,7 @@ def measure_throughput(system: Standalone, scale: Scale) -> Throughput:
         for name, value in kernel_threads_used(threads_before, kernel_thread_seconds()).items():
             kernel_threads[name] = kernel_threads.get(name, 0.0) + value * per_task / scale.rounds
         roles_after = system.cpu_by_role()
-        elapsed = _timestamp(run.ended_at) - start
+        elapsed = timestamp(run.ended_at) - start
         rates.append(scale.tasks / elapsed)
         cpu_ms.append(cpu_used * per_task)
         for name, value in roles_after.items():
@@ -607,330 +240,14 @@ def measure_chain(system: Standalone, scale: Scale) -> Chain:
         for up, down, up_mark, down_mark in zip(
             attempts, attempts[1:], marks, marks[1:], strict=False
         ):
-            ended = _timestamp(up.ended_at)
-            claimed = _timestamp(down.started_at)
+            ended = timestamp(up.ended_at)
+            claimed = timestamp(down.started_at)
             out.step_ms.append((down_mark[0] - ended) * 1e3)
             out.claim_ms.append((claimed - ended) * 1e3)
             out.launch_ms.append((down_mark[0] - claimed) * 1e3)
             out.user_to_user_ms.append((down_mark[0] - up_mark[1]) * 1e3)
         progress(f"  step p50 {statistics.median(out.step_ms):.1f} ms so far")
     return out
-
-
-@dataclass
-class ParseRound:
-    files: list[Path]  # the sources, outside the workflows folder
-    wall_s: float = 0.0
-    cpu_s: float = 0.0
-
-
-def make_parse_rounds(root: Path, scale: Scale) -> list[ParseRound]:
-    rounds = []
-    for index in range(scale.parse_rounds):
-        folder = root / "parse-src" / f"r{index}"
-        folder.mkdir(parents=True)
-        files = [
-            write_atomically(
-                folder, f"p{index}_{n:04d}.py", SMALL.format(workflow_id=f"p{index}_{n:04d}")
-            )
-            for n in range(scale.files)
-        ]
-        rounds.append(ParseRound(files))
-    return rounds
-
-
-def measure_parse_sandboxed(system: Standalone, rounds: list[ParseRound]) -> None:
-    from sqlalchemy import select
-
-    from privsep.server.db.models import ParseJob, ParseJobState, Workflow
-
-    done_states = (ParseJobState.SUCCESS, ParseJobState.FAILED)
-    for index, parse_round in enumerate(rounds):
-        progress(
-            f"parse round {index + 1}/{len(rounds)}: {len(parse_round.files)} files, sandboxed"
-        )
-        cpu_before = system.cpu.seconds()
-        placed = [
-            write_atomically(system.workflows, src.name, src.read_text())
-            for src in parse_round.files
-        ]
-        start = time.time()
-        since = datetime.fromtimestamp(start - 5, UTC)
-        uris = {p.resolve().as_uri() for p in placed}
-        deadline = time.monotonic() + 60 + len(placed)
-        while True:
-            system.check_alive()
-            with system.db.read_session() as session:
-                jobs = session.execute(
-                    select(ParseJob.uri, ParseJob.state, ParseJob.finished_at).where(
-                        ParseJob.created_at >= since
-                    )
-                ).all()
-            # A job's URI may carry a "#sha256=..." pin after the file's URI.
-            finished = {
-                j.uri.split("#", 1)[0]: j
-                for j in jobs
-                if j.state in done_states and j.uri.split("#", 1)[0] in uris
-            }
-            if len(finished) == len(uris):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{len(uris) - len(finished)} files not parsed in time\n{system.output()}"
-                )
-            time.sleep(0.1)
-        failed = [j.uri for j in finished.values() if j.state != ParseJobState.SUCCESS]
-        if failed:
-            raise RuntimeError(f"parse jobs failed: {failed[:3]}\n{system.output()}")
-        parse_round.cpu_s = system.cpu.seconds() - cpu_before
-        parse_round.wall_s = max(_timestamp(j.finished_at) for j in finished.values()) - start
-        progress(f"  {parse_round.wall_s / len(placed) * 1e3:.1f} ms per file")
-        # Take the files away again, so every round starts from the same folder.
-        ids = [p.stem for p in placed]
-        for path in placed:
-            path.unlink()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with system.db.read_session() as session:
-                still = session.scalars(
-                    select(Workflow.id).where(Workflow.id.in_(ids), Workflow.active)
-                ).first()
-            if still is None:
-                break
-            time.sleep(0.1)
-
-
-# --- the direct path: parse and sync in-process, no sandbox, no API ---------------------------
-
-_direct: dict[str, Any] = {}
-
-
-def _direct_init(url: str, supervisor_id: str) -> None:
-    """Pool worker start: a database engine and what the handler needs, imported once."""
-    from privsep.client._loader import serialize_module
-    from privsep.server.auth import ParsePrincipal
-    from privsep.server.db import Database
-    from privsep.server.db.models import ParseJob, ParseJobState, utcnow
-    from privsep.server.schemas import ParseResultRequest
-    from privsep.server.services.parse_results import store_result
-
-    db = Database.from_url(url)
-
-    class _State:  # the handler reads only ``state.db``
-        pass
-
-    state = _State()
-    state.db = db  # type: ignore[attr-defined]
-    _direct.update(
-        db=db,
-        state=state,
-        supervisor_id=supervisor_id,
-        serialize_module=serialize_module,
-        ParsePrincipal=ParsePrincipal,
-        ParseJob=ParseJob,
-        ParseJobState=ParseJobState,
-        utcnow=utcnow,
-        store_result=store_result,
-        ParseResultRequest=ParseResultRequest,
-    )
-
-
-def _direct_parse_and_sync(path: str) -> float:
-    """What the API path does for one file, minus the sandbox, the HTTP and the tokens: queue
-    the job, claim it, import the file, validate and store the result with the same handler.
-    Returns the CPU seconds it took in this worker."""
-    d = _direct
-    cpu = time.process_time()
-    with d["db"].write_session() as session:  # POST /v1/supervisor/parse-jobs
-        job = d["ParseJob"](uri=Path(path).as_uri(), content_hash=None, bundle_version="")
-        session.add(job)
-        session.flush()
-        job_id = job.id
-    with d["db"].write_session() as session:  # POST /v1/supervisor/claim
-        job = session.get(d["ParseJob"], job_id)
-        job.state = d["ParseJobState"].RUNNING
-        job.supervisor_id = d["supervisor_id"]
-        job.claimed_at = d["utcnow"]()
-    workflows = d["serialize_module"](path)  # the parse sandbox's import
-    # As JSON, as the API receives it.
-    body = d["ParseResultRequest"].model_validate_json(json.dumps({"workflows": workflows}))
-    d["store_result"](d["state"], d["ParsePrincipal"](job_id, d["supervisor_id"]), body)
-    return time.process_time() - cpu
-
-
-def measure_parse_direct(
-    root: Path, rounds: list[ParseRound], parallelism: int
-) -> tuple[list[float], list[float]]:
-    """Wall seconds and CPU seconds of each round, parsed and synced in-process by
-    ``parallelism`` forked workers into a fresh migrated database."""
-    import multiprocessing
-
-    from privsep.server.db import Database, sqlite_url_for, upgrade
-    from privsep.server.db.models import Supervisor
-
-    url = sqlite_url_for(root / "direct" / "direct.db")
-    (root / "direct").mkdir()
-    upgrade(url)
-    db = Database.from_url(url)
-    try:
-        with db.write_session() as session:
-            sup = Supervisor(name="direct", public_key_pem="-")
-            session.add(sup)
-            session.flush()
-            supervisor_id = sup.id
-    finally:
-        db.dispose()
-    warm = root / "direct" / "warm"
-    warm.mkdir()
-    warm_files = [
-        str(write_atomically(warm, f"w_{n}.py", SMALL.format(workflow_id=f"w_{n}")))
-        for n in range(parallelism * 2)
-    ]
-    walls: list[float] = []
-    cpus: list[float] = []
-    with ProcessPoolExecutor(
-        max_workers=parallelism,
-        mp_context=multiprocessing.get_context("fork"),
-        initializer=_direct_init,
-        initargs=(url, supervisor_id),
-    ) as pool:
-        list(pool.map(_direct_parse_and_sync, warm_files))
-        for index, parse_round in enumerate(rounds):
-            progress(f"parse round {index + 1}/{len(rounds)}: in-process, direct DB session")
-            start = time.perf_counter()
-            cpu = sum(pool.map(_direct_parse_and_sync, [str(p) for p in parse_round.files]))
-            walls.append(time.perf_counter() - start)
-            cpus.append(cpu)
-    return walls, cpus
-
-
-# --- instance B: USS per running sleeping task -------------------------------------------------
-
-
-@dataclass
-class Memory:
-    marginal_mib: float  # (tree USS at M running - tree USS before) / M
-    sandbox_mib: float  # user process (+ monitor, if any), mean over the running sandboxes
-    user_mib: float  # the user process alone
-    running: int
-    ramp_s: float  # trigger → the last sleeper's user code running
-    by_role_mib: dict[str, float]  # growth per task of the long-lived processes
-    release_outcome: str  # what happened when all M were released at once
-
-
-def _uss(proc: psutil.Process) -> int:
-    try:
-        return int(proc.memory_full_info().uss)
-    except psutil.Error:
-        return 0
-
-
-def _release_outcome(system: Standalone, run_id: str, run: Any, seconds: float) -> str:
-    states: dict[str, int] = {}
-    errors: dict[str, int] = {}
-    for attempt in system.attempts(run_id):
-        states[attempt.state.value] = states.get(attempt.state.value, 0) + 1
-        if attempt.error:
-            first = attempt.error.strip().splitlines()[-1][:80]
-            errors[first] = errors.get(first, 0) + 1
-    when = (
-        f"run {run.state.value} {seconds:.0f} s later"
-        if run
-        else f"run not over in {seconds:.0f} s"
-    )
-    text = f"all released at once: {when}; attempts " + ", ".join(
-        f"{n} {state}" for state, n in sorted(states.items())
-    )
-    if errors:
-        common = max(errors, key=lambda e: errors[e])
-        text += f"; most common error ({errors[common]} times): {common}"
-    return text
-
-
-def measure_memory(system: Standalone, count: int, step: int, settle_s: float) -> Memory:
-    """``system`` starts with parallelism ``min(step, count)`` from its configuration file;
-    each time that many sleepers run, the file says ``step`` more and the supervisor gets a
-    SIGHUP, until ``count`` run."""
-    time.sleep(settle_s)  # let the prewarmed templates settle
-    roles = system.processes()
-    before = {name: sum(_uss(p) for p in procs) for name, procs in roles.items()}
-    start = time.time()
-    run_id = system.trigger("e2e_sleep")
-    deadline = time.monotonic() + 120 + count
-    sleeping: dict[str, float] = {}
-    allowed = min(step, count)
-    while True:
-        progress(f"waiting for {allowed} of {count} sleeping tasks to run")
-        while len(sleeping) < allowed:
-            system.check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {len(sleeping)} of {allowed} tasks running\n{system.output()}"
-                )
-            for attempt in system.attempts(run_id):
-                if attempt.id not in sleeping:
-                    log = system.attempt_log(attempt.id)
-                    found = re.search(SLEEP_MARK + r" (\d+\.\d+)", log)
-                    if found:
-                        sleeping[attempt.id] = float(found[1])
-            time.sleep(0.5)
-        if allowed >= count:
-            break
-        allowed = min(allowed + step, count)
-        set_file_parallelism(system.home, allowed)
-        for proc in system.processes()["supervisor"]:
-            proc.send_signal(signal.SIGHUP)
-    ramp = max(sleeping.values()) - start
-    time.sleep(min(1.0, settle_s))
-    progress(f"all {count} running after {ramp:.1f} s; measuring USS of the process tree")
-    roles = system.processes()
-    after = {name: sum(_uss(p) for p in procs) for name, procs in roles.items()}
-    pool_uids = range(UID_FIRST, UID_FIRST + 1_000_000)
-    users = []
-    for proc in roles["sandboxes"]:
-        with contextlib.suppress(psutil.Error):
-            if proc.uids().real in pool_uids:
-                users.append(proc)
-    user_pids = {p.pid for p in users}
-    sandbox_pids = {p.pid for p in roles["sandboxes"]}
-    # Each sandbox's top user process; its parent is its monitor, or (template mode as root,
-    # no monitor) the zygote itself, which is not part of the sandbox.
-    tops = []
-    monitors = {}
-    for proc in users:
-        with contextlib.suppress(psutil.Error):
-            parent = proc.parent()
-            if parent is not None and parent.pid not in user_pids:
-                tops.append(proc)
-                if parent.pid in sandbox_pids:
-                    monitors[parent.pid] = parent
-    user_uss = [_uss(p) for p in users]
-    monitor_uss = [_uss(p) for p in monitors.values()]
-    running = len(tops)
-    # Definition files reach sandboxes as pinned copies, so a release file would not be seen;
-    # a signal to each sleeping user process (a pool uid) is.
-    for proc in users:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGUSR1)
-    progress("released the sleepers (SIGUSR1); waiting for the run to end")
-    released = time.monotonic()
-    # Not a figure, but what happens when M tasks end at once is worth reporting.
-    run = system.wait_run(run_id, timeout=120 + count, must_succeed=False)
-    outcome = _release_outcome(system, run_id, run, time.monotonic() - released)
-    progress(f"  {outcome}")
-    growth = {
-        name: (after[name] - before[name]) / count / MiB
-        for name in ("standalone", "server", "supervisor", "zygote", "other")
-    }
-    return Memory(
-        marginal_mib=(sum(after.values()) - sum(before.values())) / count / MiB,
-        sandbox_mib=(sum(user_uss) + sum(monitor_uss)) / max(running, 1) / MiB,
-        user_mib=statistics.mean(user_uss) / MiB if user_uss else 0.0,
-        running=running,
-        ramp_s=ramp,
-        by_role_mib=growth,
-        release_outcome=outcome,
-    )
 
 
 # --- same-run baselines ------------------------------------------------------------------------
@@ -974,7 +291,7 @@ def idle_python_uss_mib(count: int) -> float:
     ]
     try:
         time.sleep(1.0)
-        return statistics.mean(_uss(psutil.Process(p.pid)) for p in procs) / MiB
+        return statistics.mean(uss(psutil.Process(p.pid)) for p in procs) / MiB
     finally:
         for proc in procs:
             proc.kill()
@@ -1043,7 +360,7 @@ def _run(scale: Scale, parallelism: int, root: Path) -> list[Row]:
     warm = scale.warm_tasks_per_slot * parallelism
     write_atomically(flows, "e2e_warm.py", TRIVIAL.format(n=warm, workflow_id="e2e_warm"))
     write_atomically(flows, "e2e_chain.py", CHAIN.format(n=scale.chain))
-    parse_rounds = make_parse_rounds(root, scale)
+    parse_rounds = make_parse_rounds(root, scale.files, scale.parse_rounds)
 
     progress(f"runner standalone, parallelism {parallelism} (first run creates the home)")
     with standalone(home, flows, parallelism=parallelism, uid_count=1000) as system:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.bench_e2e import SMALL, Standalone, standalone, write_atomically
+from benchmarks.e2e_system import SMALL, Standalone, standalone, write_atomically
 from benchmarks.harness import Row, Stats, figure, progress
 
 NAME = "soak"

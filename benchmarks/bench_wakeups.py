@@ -20,14 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_e2e import (
-    CHAIN,
-    SMOKE,
-    Standalone,
-    free_port,
-    measure_chain,
-    write_atomically,
-)
+from benchmarks.bench_e2e import SMOKE, measure_chain
+from benchmarks.e2e_system import CHAIN, Standalone, free_port, write_atomically
 from benchmarks.harness import Row, Stats, figure, progress
 
 NAME = "wakeups"
