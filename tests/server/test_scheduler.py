@@ -7,18 +7,14 @@ connections, as separate server processes would have), released together by a ba
 
 from __future__ import annotations
 
-import hashlib
-import json
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
 
 from privsep.server.db import Database, upgrade
 from privsep.server.db.models import (
@@ -32,18 +28,13 @@ from privsep.server.db.models import (
     TriggerState,
     Workflow,
     WorkflowVersion,
-    version_digest,
 )
-from privsep.server.routes._sql import affected
-from privsep.server.runs import start_run
 from privsep.server.scheduler import (
     CronSchedule,
     DueRun,
     IntervalSchedule,
     InvalidSchedule,
     SchedulerThread,
-    admit,
-    claim_candidates,
     create_scheduled_run,
     create_scheduled_runs,
     due_runs,
@@ -58,152 +49,21 @@ from privsep.server.schemas import WorkflowDefinition
 from privsep.server.services.parse_results import store_definition
 
 from .api import ApiHarness, task, workflow
-
-R = TypeVar("R")
-T0 = datetime(2024, 3, 5, 10, 17, 23, 500_000, tzinfo=UTC)  # a Tuesday, off any tick
-
-
-def at(hour: int, minute: int = 0, second: int = 0, microsecond: int = 0) -> datetime:
-    return T0.replace(hour=hour, minute=minute, second=second, microsecond=microsecond)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_version_cache() -> None:
-    """The parsed-version cache is per process; start each test without it, so a warning
-    logged when a version is first parsed shows up in every test that expects it."""
-    version_facts.clear()
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-
-def definition(
-    workflow_id: str, schedule: str | float | None, *tasks: dict[str, Any]
-) -> dict[str, Any]:
-    return {
-        "workflow_id": workflow_id,
-        "schedule": schedule,
-        "tasks": list(tasks) or [task("only")],
-    }
-
-
-def add_version(db: Database, wf: dict[str, Any], bundle_version: str = "") -> int:
-    """Store ``wf`` as its workflow's current version, exactly as the parse route would."""
-    text = json.dumps(wf, sort_keys=True, separators=(",", ":"))
-    uri = f"file:///w/{wf['workflow_id']}.py#sha256={hashlib.sha256(text.encode()).hexdigest()}"
-    with db.write_session() as session:
-        version = WorkflowVersion(
-            workflow_id=wf["workflow_id"],
-            definition=text,
-            bundle_version=bundle_version,
-            content_hash=version_digest(text, uri),
-            source_uri=uri,
-        )
-        session.add(version)
-        session.flush()
-        session.execute(
-            update(Workflow)
-            .where(Workflow.id == wf["workflow_id"])
-            .values(current_version_id=version.id)
-        )
-        return version.id
-
-
-def make_workflow(
-    db: Database,
-    workflow_id: str,
-    schedule: str | float | None,
-    *tasks: dict[str, Any],
-    created_at: datetime = T0,
-    active: bool = True,
-) -> int:
-    with db.write_session() as session:
-        session.add(Workflow(id=workflow_id, created_at=created_at, active=active))
-    return add_version(db, definition(workflow_id, schedule, *tasks))
-
-
-def detached(session: Session, rows: list[R]) -> list[R]:
-    """``rows``, usable after the read session ends (its rollback would expire them)."""
-    session.expunge_all()
-    return rows
-
-
-def scheduled_runs(db: Database, workflow_id: str | None = None) -> list[Run]:
-    with db.read_session() as session:
-        query = select(Run).where(Run.trigger_kind == RunTriggerKind.SCHEDULE)
-        if workflow_id is not None:
-            query = query.where(Run.workflow_id == workflow_id)
-        return detached(session, list(session.scalars(query.order_by(Run.logical_date))))
-
-
-def logical_dates(db: Database, workflow_id: str | None = None) -> list[datetime]:
-    return [run.logical_date for run in scheduled_runs(db, workflow_id) if run.logical_date]
-
-
-def attempts(db: Database, run_id: str | None = None) -> list[TaskAttempt]:
-    with db.read_session() as session:
-        query = select(TaskAttempt).order_by(TaskAttempt.task_id, TaskAttempt.try_number)
-        if run_id is not None:
-            query = query.where(TaskAttempt.run_id == run_id)
-        return detached(session, list(session.scalars(query)))
-
-
-def manual_run(db: Database, workflow_id: str) -> str:
-    """A run started the way the operator route starts one."""
-    with db.write_session() as session:
-        wf = session.get(Workflow, workflow_id)
-        assert wf is not None and wf.current_version_id is not None
-        run = Run(workflow_id=workflow_id, workflow_version_id=wf.current_version_id)
-        session.add(run)
-        session.flush()
-        start_run(session, run)
-        return run.id
-
-
-def set_attempt(db: Database, attempt_id: str, **values: Any) -> None:
-    with db.write_session() as session:
-        session.execute(update(TaskAttempt).where(TaskAttempt.id == attempt_id).values(**values))
-
-
-def defer(db: Database, attempt_id: str, deadline: datetime | None) -> str:
-    """Park an attempt on a trigger the way the defer route does; returns the trigger id."""
-    with db.write_session() as session:
-        attempt = session.get(TaskAttempt, attempt_id)
-        assert attempt is not None
-        trigger = Trigger(attempt_id=attempt_id, serialized={"module": "m", "qualname": "q"})
-        session.add(trigger)
-        session.flush()
-        attempt.state = AttemptState.DEFERRED
-        attempt.trigger_id = trigger.id
-        attempt.supervisor_id = None
-        attempt.next_try_at = deadline
-        return trigger.id
-
-
-def race(url: str, threads: int, body: Callable[[Database], Any]) -> list[Any]:
-    """Run ``body`` in ``threads`` threads at once, each with its own engine; their results."""
-    barrier = threading.Barrier(threads)
-    results: list[Any] = [None] * threads
-    errors: list[BaseException] = []
-
-    def worker(index: int) -> None:
-        database = Database.from_url(url)
-        try:
-            barrier.wait(timeout=30)
-            results[index] = body(database)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            database.dispose()
-
-    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join(timeout=120)
-    assert not errors, errors
-    return results
-
+from .scheduler_kit import (
+    T0,
+    _fresh_version_cache,  # noqa: F401 - autouse: each test starts without the cache
+    add_version,
+    at,
+    attempts,
+    defer,
+    definition,
+    logical_dates,
+    make_workflow,
+    manual_run,
+    race,
+    scheduled_runs,
+    set_attempt,
+)
 
 # --- schedules, without a database -------------------------------------------------------------
 
@@ -567,146 +427,6 @@ def test_running_timeout_counts_from_the_latest_claim_and_retries(
     assert expire_running(db, T0 + timedelta(minutes=10, seconds=10), grace_seconds=0) == 1
     tries = [(a.try_number, a.state) for a in attempts(db, run_id)]
     assert tries == [(1, AttemptState.UP_FOR_RETRY), (2, AttemptState.QUEUED)]
-
-
-# --- concurrency --------------------------------------------------------------------------------
-
-
-def queued_attempts(db: Database, workflow_id: str, count: int) -> list[str]:
-    """``count`` queued attempts of ``workflow_id`` (one root task per run)."""
-    return [attempts(db, manual_run(db, workflow_id))[0].id for _ in range(count)]
-
-
-def claim(db: Database, limit: int, mode: str = "candidates", **limits: int | None) -> list[str]:
-    """What the claim route does, in one transaction: pick candidates (with the limits built
-    in, or filtered by ``admit`` afterwards), then one conditional UPDATE per candidate."""
-    with db.write_session() as session:
-        if mode == "candidates":
-            chosen = claim_candidates(session, at(23), limit, **limits)
-        else:
-            window = session.scalars(
-                select(TaskAttempt.id)
-                .where(TaskAttempt.state == AttemptState.QUEUED)
-                .order_by(TaskAttempt.created_at)
-                .limit(limit * 4)
-            ).all()
-            chosen = admit(session, window, **limits)
-        won: list[str] = []
-        for attempt_id in chosen:
-            if len(won) >= limit:
-                break
-            if affected(
-                session,
-                update(TaskAttempt)
-                .where(TaskAttempt.id == attempt_id, TaskAttempt.state == AttemptState.QUEUED)
-                .values(state=AttemptState.RUNNING),
-            ):
-                won.append(attempt_id)
-        return won
-
-
-def running_per_workflow(db: Database) -> dict[str, int]:
-    with db.read_session() as session:
-        return dict(
-            session.execute(
-                select(Run.workflow_id, func.count())
-                .join(TaskAttempt, TaskAttempt.run_id == Run.id)
-                .where(TaskAttempt.state == AttemptState.RUNNING)
-                .group_by(Run.workflow_id)
-            ).all()
-        )
-
-
-def test_admit_enforces_a_per_workflow_limit(db: Database) -> None:
-    make_workflow(db, "a", None)
-    make_workflow(db, "b", None)
-    a = queued_attempts(db, "a", 4)
-    b = queued_attempts(db, "b", 2)
-    set_attempt(db, a[0], state=AttemptState.RUNNING)
-    set_attempt(db, a[1], state=AttemptState.DEFERRED)  # holds no slot
-    with db.write_session() as session:
-        assert admit(session, [a[2], a[3], b[0], b[1]], per_workflow=2) == [a[2], b[0], b[1]]
-        # Not queued any more (running, deferred, unknown) -> never admitted.
-        assert admit(session, [a[0], a[1], "nope", b[0]], per_workflow=2) == [b[0]]
-        assert admit(session, [a[2], a[2], b[0]], per_workflow=5) == [a[2], b[0]]
-        assert admit(session, [a[2], b[0]], per_workflow=0) == []
-        assert admit(session, [a[2], "nope"]) == [a[2], "nope"]  # no limits: untouched
-        with pytest.raises(ValueError):
-            admit(session, [a[2]], global_limit=-1)
-
-
-def test_admit_enforces_a_global_limit(db: Database) -> None:
-    make_workflow(db, "a", None)
-    make_workflow(db, "b", None)
-    a = queued_attempts(db, "a", 3)
-    b = queued_attempts(db, "b", 3)
-    set_attempt(db, b[2], state=AttemptState.RUNNING)
-    with db.write_session() as session:
-        assert admit(session, [*a, *b[:2]], global_limit=3) == [a[0], a[1]]
-        # b already runs one: with one per workflow, only "a" has room.
-        assert admit(session, [*a, *b[:2]], global_limit=4, per_workflow=1) == [a[0]]
-        assert admit(session, a, global_limit=1) == []
-    assert claim(db, 10, "admit", global_limit=4) == [a[0], a[1], a[2]]
-    assert claim(db, 10, "admit", global_limit=4) == []
-
-
-def test_claim_candidates_are_oldest_first_within_the_limits(db: Database) -> None:
-    for name in ("a", "b", "c"):
-        make_workflow(db, name, None)
-    a = queued_attempts(db, "a", 5)
-    b = queued_attempts(db, "b", 2)
-    c = queued_attempts(db, "c", 2)
-    set_attempt(db, c[0], state=AttemptState.RUNNING)
-    set_attempt(db, a[4], next_try_at=at(23, 30))  # a retry that is not due yet
-    with db.write_session() as session:
-        # No limits: the route's plain oldest-first window.
-        assert claim_candidates(session, at(23), 2) == a[:4] + b[:2] + c[1:2]
-        assert claim_candidates(session, at(23, 30), 3) == [*a, *b, c[1]]
-        # "a"'s backlog does not crowd out "b" and "c", which still have room.
-        assert claim_candidates(session, at(23), 10, per_workflow=2) == [a[0], a[1], *b, c[1]]
-        assert claim_candidates(session, at(23), 3, per_workflow=1) == [a[0], b[0]]
-        assert claim_candidates(session, at(23), 10, global_limit=4) == a[:3]
-        assert claim_candidates(session, at(23), 10, global_limit=1) == []
-        assert claim_candidates(session, at(23), 10, per_workflow=2, global_limit=3) == a[:2]
-        assert claim_candidates(session, at(23), 0, per_workflow=2) == []
-
-
-@pytest.mark.parametrize("mode", ["candidates", "admit"])
-def test_concurrency_limits_hold_across_racing_replicas(migrated_db_url: str, mode: str) -> None:
-    db = Database.from_url(migrated_db_url)
-    try:
-        for name in ("a", "b", "c"):
-            make_workflow(db, name, None)
-            queued_attempts(db, name, 6)
-
-        def racing_claims() -> int:
-            won = race(
-                migrated_db_url, 6, lambda d: claim(d, 3, mode, per_workflow=2, global_limit=5)
-            )
-            per_workflow = running_per_workflow(db)
-            assert sum(per_workflow.values()) <= 5 and max(per_workflow.values()) <= 2
-            return sum(len(w) for w in won)
-
-        won = racing_claims()
-        if mode == "candidates":  # exact: the limits are filled, never exceeded
-            assert won == 5 and sorted(running_per_workflow(db).values()) == [1, 2, 2]
-        # Free the running attempts of "a"; racing claims never overfill the freed slots.
-        with db.write_session() as session:
-            running_a = session.scalars(
-                select(TaskAttempt.id)
-                .join(Run, Run.id == TaskAttempt.run_id)
-                .where(Run.workflow_id == "a", TaskAttempt.state == AttemptState.RUNNING)
-            ).all()
-            session.execute(
-                update(TaskAttempt)
-                .where(TaskAttempt.id.in_(running_a))
-                .values(state=AttemptState.SUCCESS)
-            )
-        racing_claims()
-        if mode == "candidates":
-            assert sum(running_per_workflow(db).values()) == 5
-    finally:
-        db.dispose()
 
 
 # --- the pass and the thread ------------------------------------------------------------------
