@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from forgery import b64, forge_eddsa, forge_hs256, segments
 
 from privsep.secrets.keyring import (
     SigningKey,
@@ -52,25 +53,6 @@ ISS = "privsep-server"
 AUD = "privsep-api"
 NOW = 1_700_000_000
 TTL = 600
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def segments(header: dict[str, Any], payload: dict[str, Any]) -> str:
-    return b64(json.dumps(header).encode()) + "." + b64(json.dumps(payload).encode())
-
-
-def forge_eddsa(header: dict[str, Any], payload: dict[str, Any], key: Ed25519PrivateKey) -> str:
-    signing_input = segments(header, payload)
-    return signing_input + "." + b64(key.sign(signing_input.encode()))
-
-
-def forge_hs256(header: dict[str, Any], payload: dict[str, Any], secret: bytes) -> str:
-    signing_input = segments(header, payload)
-    mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
-    return signing_input + "." + b64(mac)
 
 
 def claims(**overrides: Any) -> dict[str, Any]:
