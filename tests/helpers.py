@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 # Long enough for a slow CI box, short enough that a command that blocks (say, on a FIFO)
@@ -97,3 +97,22 @@ def finding_line(output: str, path: str | os.PathLike[str], *words: str) -> str:
     ]
     assert lines, f"no finding for {prefix!r} containing {words!r} in:\n{output}"
     return lines[0]
+
+
+def readable_memory(pid: int) -> Iterator[bytes]:
+    """Each readable mapping of process ``pid``'s memory, read through ``/proc/PID/mem`` (as
+    root): what a test searches for a secret that must not be there. Opening raises
+    ``OSError`` if the process is gone; a mapping that cannot be read is skipped."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] == "[vvar]"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                data = mem.read(end - start)
+            except (OSError, OverflowError, ValueError):
+                continue
+            if data:
+                yield data

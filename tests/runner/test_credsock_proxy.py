@@ -1,15 +1,6 @@
 """The credential socket's proxy, the real sandbox backend, scale and secrecy, attacked
-with real processes (run as root); see test_credsock.py for the rest.
-
-Every "sandbox" here is a real process tree: a root process forked from this test (uid 0, like
-the process backend's monitor) whose children drop to the sandbox uid with
-``drop_privileges`` before they connect. Outsiders are forked from the test itself, so they are
-not in the tree. Replies are read off the real socket; "gets nothing" means the connection
-closed with zero bytes received.
-
-Pid reuse is not simulated: ``/proc/sys/kernel/ns_last_pid`` makes the kernel hand a new process
-exactly the pid of one that has exited, and the test checks the stale pid earns nothing.
-"""
+with real process trees as root; how the trees are built, and what "gets nothing" means, is
+in test_credsock.py's docstring and credsock_kit.py."""
 
 from __future__ import annotations
 

@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives import serialization
 from other_uid import as_user
 from stack import Stack, free_port, running_stack
 
+from helpers import readable_memory
+
 REFRESHER_UID = 150_900
 REFRESHER_GID = 150_901
 TOKEN_GID = 150_902  # the group the token file is shared with
@@ -162,24 +164,10 @@ def _memory_holds(pid: int, needles: dict[str, bytes]) -> set[str]:
     """Which of ``needles`` appear anywhere in the readable memory of process ``pid``."""
     hits: set[str] = set()
     try:
-        maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
-        mem = open(f"/proc/{pid}/mem", "rb", buffering=0)  # noqa: SIM115
+        for data in readable_memory(pid):
+            hits.update(name for name, needle in needles.items() if needle in data)
     except OSError:
-        return hits  # it ended meanwhile
-    with mem:
-        for line in maps:
-            fields = line.split()
-            if "r" not in fields[1] or (len(fields) > 5 and fields[5] == "[vvar]"):
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            try:
-                mem.seek(start)
-                data = mem.read(end - start)
-            except (OSError, OverflowError, ValueError):
-                continue
-            for name, needle in needles.items():
-                if data and needle in data:
-                    hits.add(name)
+        pass  # it ended meanwhile
     return hits
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hostile_kit import ATTACKS, SECRET, SECRET_SHA256, Hostile
 
+from helpers import readable_memory
 from privsep.sandbox import ExitReason
 
 
@@ -92,19 +93,7 @@ def test_hidden_paths_inside_the_bundle_stay_hidden(hostile: Hostile, workroot: 
 
 
 def _memory_has(pid: int, needle: bytes) -> bool:
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in maps:
-            fields = line.split()
-            if "r" not in fields[1] or (len(fields) > 5 and fields[5] == "[vvar]"):
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            try:
-                mem.seek(start)
-                if needle in mem.read(end - start):
-                    return True
-            except (OSError, OverflowError, ValueError):
-                continue
-    return False
+    return any(needle in data for data in readable_memory(pid))
 
 
 def _fd_targets(pid: int) -> dict[int, str]:
