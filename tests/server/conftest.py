@@ -27,6 +27,7 @@ import pytest
 
 from privsep.server.db import Database, sqlite_url_for, upgrade
 
+from .api import ApiHarness
 from .postgres import PostgresCluster, own_cluster
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -92,3 +93,14 @@ def db(migrated_db_url: str) -> Iterator[Database]:
         yield database
     finally:
         database.dispose()
+
+
+@pytest.fixture
+def api(db: Database, tmp_path: Path) -> Iterator[ApiHarness]:
+    """The real API in-process on ``db``, with supervisors ``sup-a`` and ``sup-b``
+    registered."""
+    harness = ApiHarness(db, tmp_path)
+    harness.register_supervisor("sup-a")
+    harness.register_supervisor("sup-b")
+    yield harness
+    harness.client.close()

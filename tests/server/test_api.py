@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,6 @@ from privsep.server.db import Database
 from privsep.server.db.models import AuditLog, Connection, Run, RunState, Supervisor
 
 from .api import AUDIENCE, ApiHarness, Work, bearer, error_code, task, workflow
-
-
-@pytest.fixture
-def api(db: Database, tmp_path: Path) -> Iterator[ApiHarness]:
-    harness = ApiHarness(db, tmp_path)
-    harness.register_supervisor("sup-a")
-    harness.register_supervisor("sup-b")
-    yield harness
-    harness.client.close()
 
 
 @pytest.fixture

@@ -8,26 +8,13 @@ The attack through a real ``runner server`` and ``runner supervisor`` is in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import select
 
-from privsep.server.db import Database
 from privsep.server.db.models import AuditLog, Workflow
 
 from .api import ApiHarness, bearer, error_code, task, workflow
-
-
-@pytest.fixture
-def api(db: Database, tmp_path: Path) -> Iterator[ApiHarness]:
-    harness = ApiHarness(db, tmp_path)
-    harness.register_supervisor("sup-a")
-    harness.register_supervisor("sup-b")
-    yield harness
-    harness.client.close()
 
 
 def queue(api: ApiHarness, sess: str, uri: str, ids: list[str] | None = None) -> Any:

@@ -9,8 +9,6 @@ a job that ends between the token check and the result's write.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +16,6 @@ from pydantic_core import from_json
 from sqlalchemy import select
 
 from privsep.server.auth import ParsePrincipal, SupervisorPrincipal
-from privsep.server.db import Database
 from privsep.server.db.models import (
     AuditLog,
     ParseError,
@@ -34,15 +31,6 @@ from privsep.server.services.claims import claim_work
 from privsep.server.services.parse_results import store_result
 
 from .api import ApiHarness, Work, bearer, error_code, task, workflow
-
-
-@pytest.fixture
-def api(db: Database, tmp_path: Path) -> Iterator[ApiHarness]:
-    harness = ApiHarness(db, tmp_path)
-    harness.register_supervisor("sup-a")
-    harness.register_supervisor("sup-b")
-    yield harness
-    harness.client.close()
 
 
 def principal(api: ApiHarness, name: str) -> SupervisorPrincipal:

@@ -4,23 +4,7 @@ the real application on SQLite and PostgreSQL (the ``db`` fixture), with real se
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
-from privsep.server.db import Database
-
 from .api import ApiHarness, bearer, error_code
-
-
-@pytest.fixture
-def api(db: Database, tmp_path: Path) -> Iterator[ApiHarness]:
-    harness = ApiHarness(db, tmp_path)
-    harness.register_supervisor("sup-a")
-    harness.register_supervisor("sup-b")
-    yield harness
-    harness.client.close()
 
 
 def supervisors(api: ApiHarness) -> dict[str, dict[str, object]]:
