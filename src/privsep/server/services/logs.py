@@ -74,17 +74,30 @@ def append_chunks(
     state: ServerState, me: SupervisorPrincipal, chunks: Iterable[LogChunkIn]
 ) -> list[LogAck]:
     """Store one request's chunks (of any number of items) in one transaction: all of them,
-    or none when one names a stream the caller may not write (403 ``not_owner``)."""
+    or none when one names a stream the caller may not write (403 ``not_owner``).
+
+    A request carries every running sandbox's output at once, so each step is one statement
+    for all of its items, not one per item: the rows are created, locked, read and checked
+    in a fixed number of round trips, whatever the batch holds.
+    """
     chunks = list(chunks)
-    ends: dict[int, int] = {}
+    item_ids = sorted({chunk.item_id for chunk in chunks})
     with state.db.write_session() as session:
         now = utcnow()
-        # Items are locked in one order whoever sends them, so two supervisors shipping the
-        # same two items at once cannot each wait for the other's lock.
-        for index in sorted(range(len(chunks)), key=lambda i: chunks[i].item_id):
-            chunk = chunks[index]
-            log = _locked_log(session, chunk, now)
-            stream = _own_stream(session, me, chunk)
+        logs = _locked_logs(session, chunks, item_ids, now)
+        streams = {
+            (stream.item_id, stream.stream): stream
+            for stream in session.scalars(
+                select(AttemptLogStream).where(AttemptLogStream.item_id.in_(item_ids))
+            )
+        }
+        held = _held(session, me, [c for c in chunks if (c.item_id, c.stream) not in streams])
+        ends: dict[int, int] = {}
+        for index, chunk in enumerate(chunks):
+            log = logs[chunk.item_id]
+            if log.kind != chunk.kind:
+                raise bad_request("wrong_kind", f"{chunk.item_id!r} is a {log.kind} log")
+            stream = _own_stream(session, me, chunk, streams, held)
             _apply(log, stream, chunk, session, state.settings.log_max_item_bytes, now)
             ends[index] = stream.end_offset
     return [
@@ -93,40 +106,55 @@ def append_chunks(
     ]
 
 
-def _locked_log(session: Session, chunk: LogChunkIn, now: datetime) -> AttemptLog:
-    """The item's log row, created if new, locked: appends to one item are serialised (two
-    supervisors may write it at once), appends to different items are not."""
+def _locked_logs(
+    session: Session, chunks: list[LogChunkIn], item_ids: list[str], now: datetime
+) -> dict[str, AttemptLog]:
+    """Each item's log row, created if new, locked: appends to one item are serialised (two
+    supervisors may write it at once), appends to different items are not. Rows are locked
+    in item order whoever sends them (PostgreSQL takes ``FOR UPDATE`` locks in the order the
+    sorted rows come), so two supervisors shipping the same two items at once cannot each
+    wait for the other's lock."""
+    kinds = {chunk.item_id: chunk.kind for chunk in chunks}
     session.execute(
         for_dialect(session, _NEW_LOG),
-        {
-            "item_id": chunk.item_id,
-            "kind": chunk.kind,
-            "size_bytes": 0,
-            "last_seq": 0,
-            "truncated": False,
-            "final_execution": 0,
-            "created_at": now,
-            "updated_at": now,
-        },
+        [
+            {
+                "item_id": item_id,
+                "kind": kinds[item_id],
+                "size_bytes": 0,
+                "last_seq": 0,
+                "truncated": False,
+                "final_execution": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for item_id in item_ids
+        ],
     )
-    log = session.scalars(
+    rows = session.scalars(
         select(AttemptLog)
-        .where(AttemptLog.item_id == chunk.item_id)
+        .where(AttemptLog.item_id.in_(item_ids))
+        .order_by(AttemptLog.item_id)
         .with_for_update()
         .execution_options(populate_existing=True)
-    ).one()
-    if log.kind != chunk.kind:
-        raise bad_request("wrong_kind", f"{chunk.item_id!r} is a {log.kind} log")
-    return log
+    )
+    return {log.item_id: log for log in rows}
 
 
-def _own_stream(session: Session, me: SupervisorPrincipal, chunk: LogChunkIn) -> AttemptLogStream:
-    stream = session.get(AttemptLogStream, (chunk.item_id, chunk.stream))
+def _own_stream(
+    session: Session,
+    me: SupervisorPrincipal,
+    chunk: LogChunkIn,
+    streams: dict[tuple[str, str], AttemptLogStream],
+    held: set[str],
+) -> AttemptLogStream:
+    key = (chunk.item_id, chunk.stream)
+    stream = streams.get(key)
     if stream is not None:
         if stream.supervisor_id != me.supervisor_id:
             raise _not_owner(chunk)
         return stream
-    if not _held(session, me, chunk):
+    if chunk.item_id not in held:
         raise _not_owner(chunk)
     stream = AttemptLogStream(
         item_id=chunk.item_id,
@@ -136,6 +164,7 @@ def _own_stream(session: Session, me: SupervisorPrincipal, chunk: LogChunkIn) ->
         final=False,
     )
     session.add(stream)
+    streams[key] = stream
     return stream
 
 
@@ -145,24 +174,36 @@ def _not_owner(chunk: LogChunkIn) -> Exception:
     )
 
 
-def _held(session: Session, me: SupervisorPrincipal, chunk: LogChunkIn) -> bool:
-    """Whether ``me`` holds the item or held it once: a work token for it was issued to it."""
-    if chunk.kind == "task":
-        owner = session.scalar(
-            select(TaskAttempt.supervisor_id).where(TaskAttempt.id == chunk.item_id)
+def _held(session: Session, me: SupervisorPrincipal, chunks: list[LogChunkIn]) -> set[str]:
+    """Which of the items ``chunks`` name ``me`` holds or held once: the attempt is its now,
+    or a work token for the item was issued to it (a ``token_issued`` audit row)."""
+    wanted = {chunk.item_id for chunk in chunks}
+    if not wanted:
+        return set()
+    tasks = [chunk.item_id for chunk in chunks if chunk.kind == "task"]
+    held = set(
+        session.scalars(
+            select(TaskAttempt.id).where(
+                TaskAttempt.id.in_(tasks), TaskAttempt.supervisor_id == me.supervisor_id
+            )
         )
-        if owner == me.supervisor_id:
-            return True
-    issued = session.scalar(
-        select(AuditLog.id)
-        .where(
-            AuditLog.subject == chunk.item_id,
-            AuditLog.event == "token_issued",
-            AuditLog.actor == me.name,
-        )
-        .limit(1)
+        if tasks
+        else ()
     )
-    return issued is not None
+    rest = wanted - held
+    if rest:
+        held.update(
+            session.scalars(
+                select(AuditLog.subject)
+                .where(
+                    AuditLog.subject.in_(sorted(rest)),
+                    AuditLog.event == "token_issued",
+                    AuditLog.actor == me.name,
+                )
+                .distinct()
+            )
+        )
+    return held
 
 
 def _apply(
