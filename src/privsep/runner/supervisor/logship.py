@@ -41,6 +41,7 @@ from typing import Any
 
 from privsep.runner.api.session import ApiRefused, ServerUnavailable, SupervisorApi
 from privsep.runner.supervisor import metrics
+from privsep.runner.supervisor.inplace import rewrite_in_place
 
 log = logging.getLogger("privsep.supervisor")
 
@@ -396,31 +397,20 @@ class LogShipper:
             return None
 
     def _write_record(self, entry: _Log) -> None:
-        """Rewrite the file's record in place, in one ``pwrite`` at offset 0, padded with
-        spaces (which JSON ignores) to the old length. A record is far smaller than a page,
-        and a write within one page is never torn by a kill, so a supervisor killed at any
-        point leaves the old end or the new one (an old end only means bytes sent again,
-        which the server does not store twice).
+        """Rewrite the file's record in place (:func:`rewrite_in_place`): a supervisor killed
+        at any point leaves the old end or the new one (an old end only means bytes sent
+        again, which the server does not store twice).
 
-        In place and not synced, because a record is written twice per item, once on the
-        launch path. Replacing it through a temporary file created and deleted an inode each
-        time, and on ext4 without a journal finding a free inode among recently deleted ones
-        was a fifth of the supervisor's CPU under load; an ``fsync`` each cost as much again.
-        A sync would only matter across a power cut or a kernel crash, which also takes the
-        sandboxes, the log files' unsynced tails and the server's last SQLite commits
-        (``synchronous = NORMAL``). A record lost that way costs at worst a tail sent again
-        under a new stream, or a log that never says final, which readers settle as a lost
-        supervisor's.
+        Not synced: a record is written twice per item, once on the launch path, and an
+        ``fsync`` each was a fifth of the supervisor's time under load. A sync would only
+        matter across a power cut or a kernel crash, which also takes the sandboxes, the log
+        files' unsynced tails and the server's last SQLite commits (``synchronous =
+        NORMAL``). A record lost that way costs at worst a tail sent again under a new
+        stream, or a log that never says final, which readers settle as a lost supervisor's.
         """
-        path = self._dir / f"{entry.name}.json"
-        data = json.dumps(entry.record()).encode()
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                os.pwrite(fd, data.ljust(os.fstat(fd).st_size), 0)
-            finally:
-                os.close(fd)
-        except OSError as exc:  # a full disk must not stop shipping; the end is sent again
+            rewrite_in_place(self._dir / f"{entry.name}.json", json.dumps(entry.record()).encode())
+        except (OSError, ValueError) as exc:  # a full disk must not stop shipping
             log.warning("cannot record the log-shipping state of %s: %s", entry.name, exc)
 
 

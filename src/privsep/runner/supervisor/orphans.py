@@ -1,8 +1,15 @@
 """Records of running sandboxes, so a restarted supervisor can kill what a crash left behind.
 
-Each sandbox gets a small JSON file in ``state/sandboxes/``: its root pid, that process's
-start time (so a reused pid is never mistaken for it), and its process group. At start the
-supervisor kills every recorded sandbox that is still alive, then deletes the records.
+Each running sandbox holds a small JSON record in ``state/sandboxes/``: its root pid, that
+process's start time (so a reused pid is never mistaken for it), and its process group. At
+start the supervisor kills every recorded sandbox that is still alive, then deletes the
+records.
+
+The records are *slots* (``slot-N.json``), rewritten in place
+(:func:`~privsep.runner.supervisor.inplace.rewrite_in_place`): a launch writes its record
+into a free slot and the sandbox's end writes ``{}`` there, so after the first few sandboxes
+the bookkeeping creates and deletes no file at all. There are never more slots than
+sandboxes that ran at once.
 """
 
 from __future__ import annotations
@@ -12,9 +19,11 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
+from privsep.runner.supervisor.inplace import rewrite_in_place
 from privsep.secrets.files import make_private_dir
 
 log = logging.getLogger("privsep.supervisor.orphans")
@@ -58,32 +67,59 @@ def _descendants(root: int) -> list[int]:
 
 
 class OrphanRecords:
+    """The ``state/sandboxes`` records: :meth:`add` at launch, :meth:`remove` at the end,
+    :meth:`reap_orphans` once at start. Safe to call from any thread."""
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._lock = threading.Lock()
+        self._free: list[Path] = []
+        self._held: dict[str, Path] = {}
+        self._slots = 0
 
     def add(self, sandbox_id: str, *, pid: int | None, item: str) -> None:
         if pid is None:
             return
-        make_private_dir(str(self.directory))
         record = {
             "pid": pid,
             "start": process_start_time(pid),
             "item": item,
+            "sandbox": sandbox_id,
             "pgid": _pgid(pid),
             "at": time.time(),
         }
-        tmp = self.directory / f".{sandbox_id}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh)
-        os.replace(tmp, self.directory / f"{sandbox_id}.json")
+        with self._lock:
+            if self._free:
+                slot = self._free.pop()
+            else:
+                slot = self.directory / f"slot-{self._slots}.json"
+                self._slots += 1
+            self._held[sandbox_id] = slot
+        data = json.dumps(record).encode()
+        try:
+            rewrite_in_place(slot, data)
+        except FileNotFoundError:  # the first record, or the directory was removed since
+            make_private_dir(str(self.directory))
+            rewrite_in_place(slot, data)
 
     def remove(self, sandbox_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.directory / f"{sandbox_id}.json")
+        with self._lock:
+            slot = self._held.pop(sandbox_id, None)
+        if slot is None:
+            return
+        try:
+            rewrite_in_place(slot, b"{}")
+        except OSError as exc:  # the slot is not reused: a stale record must not linger
+            log.warning("cannot clear the sandbox record %s: %s", slot, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(slot)
+            return
+        with self._lock:
+            self._free.append(slot)
 
     def reap_orphans(self) -> int:
-        """Kill every recorded sandbox still alive (and its descendants); clear the records."""
+        """Kill every recorded sandbox still alive (and its descendants); clear the records.
+        Called before the first :meth:`add`."""
         if not self.directory.is_dir():
             return 0
         killed = 0
@@ -91,7 +127,7 @@ class OrphanRecords:
             try:
                 record = json.loads(path.read_text())
                 pid, start = int(record["pid"]), record.get("start")
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError):  # an empty slot, or garbage
                 path.unlink(missing_ok=True)
                 continue
             if start is not None and process_start_time(pid) == start:
