@@ -110,33 +110,75 @@ def _json_check(value: object, what: str) -> None:
 # --- workflows and tasks ------------------------------------------------------------------
 
 
-def _look_like(wrapper: object, func: object, /, **attributes: object) -> None:
-    """``functools.update_wrapper(wrapper, func)`` plus ``attributes``, in one dict update for
-    plain functions.
+def _look_like(
+    wrapper: object,
+    func: object,
+    options: tuple[Workflow, str, tuple[str, ...], int, float, float | None, str],
+) -> None:
+    """``functools.update_wrapper(wrapper, func)``, then the task's own attributes, which win
+    over any of the function's.
+
+    A plain function with no attributes of its own, the usual case, is copied in one dict
+    update with the same keys, values and order as ``update_wrapper`` gives. Anything else (a
+    callable object, a function with attributes, a ``functools.wraps`` wrapper) gets
+    ``update_wrapper`` itself, so its attributes land where that puts them: after the five it
+    copies, and replacing them where the names are the same.
 
     Every task sandbox imports its whole definition file again, so a workflow of a thousand
     tasks pays this a thousand times per task run; the generic version's per-attribute
-    ``getattr``/``setattr`` loop was a third of a declaration's cost.
+    ``getattr``/``setattr`` loop was a third of a declaration's cost. The task's options come
+    as one tuple, in ``_TASK_ATTRIBUTES`` order after ``func``, and :meth:`Workflow.task` calls
+    this on a bare ``object.__new__(Task)``: the two rounds of keyword packing of
+    ``Task(...)`` cost nearly as much as the update itself.
     """
-    attrs = wrapper.__dict__
-    if type(func) is not _FunctionType:
-        functools.update_wrapper(wrapper, func)  # type: ignore[arg-type]
-        attrs.update(attributes)
+    if type(func) is _FunctionType and not func.__dict__ and _PLAIN_WRAPPER_ATTRIBUTES:
+        workflow, task_id, upstream, retries, retry_delay, timeout, queue = options
+        wrapper.__dict__.update(
+            {
+                "__module__": func.__module__,
+                "__name__": func.__name__,
+                "__qualname__": func.__qualname__,
+                "__doc__": func.__doc__,
+                "__annotations__": func.__annotations__,
+                "__wrapped__": func,
+                "func": func,
+                "workflow": workflow,
+                "task_id": task_id,
+                "upstream": upstream,
+                "retries": retries,
+                "retry_delay": retry_delay,
+                "timeout": timeout,
+                "queue": queue,
+            }
+        )
         return
-    if func.__dict__:  # first: the function's own attributes must not win
-        attrs.update(func.__dict__)
-    attrs.update(
-        __module__=func.__module__,
-        __name__=func.__name__,
-        __qualname__=func.__qualname__,
-        __doc__=func.__doc__,
-        __annotations__=func.__annotations__,
-        __wrapped__=func,
-        **attributes,
-    )
+    functools.update_wrapper(wrapper, func)  # type: ignore[arg-type]
+    wrapper.__dict__.update(zip(_TASK_ATTRIBUTES, (func, *options), strict=True))
 
 
 _FunctionType = type(_look_like)
+# The one-update path above copies exactly these; another Python's update_wrapper may copy
+# more (3.12 adds __type_params__), and then every task takes the generic path.
+_PLAIN_WRAPPER_ATTRIBUTES = functools.WRAPPER_ASSIGNMENTS == (
+    "__module__",
+    "__name__",
+    "__qualname__",
+    "__doc__",
+    "__annotations__",
+) and functools.WRAPPER_UPDATES == ("__dict__",)
+# What _look_like sets after update_wrapper's: func, then its options in their order.
+_TASK_ATTRIBUTES = (
+    "func",
+    "workflow",
+    "task_id",
+    "upstream",
+    "retries",
+    "retry_delay",
+    "timeout",
+    "queue",
+)
+_new_object = object.__new__
+_NO_UPSTREAM: tuple[()] = ()
 
 
 class Task(Generic[R]):
@@ -145,7 +187,7 @@ class Task(Generic[R]):
     Calling it calls the function. Pass it in another task's ``upstream``.
     """
 
-    # Set by __init__ in one dict update (see _look_like).
+    # Set by _look_like, called by __init__ or directly by Workflow.task.
     func: Callable[[Context], R]
     workflow: Workflow
     task_id: str
@@ -167,18 +209,7 @@ class Task(Generic[R]):
         timeout: float | None,
         queue: str = DEFAULT_QUEUE,
     ) -> None:
-        _look_like(
-            self,
-            func,
-            func=func,
-            workflow=workflow,
-            task_id=task_id,
-            upstream=upstream,
-            retries=retries,
-            retry_delay=retry_delay,
-            timeout=timeout,
-            queue=queue,
-        )
+        _look_like(self, func, (workflow, task_id, upstream, retries, retry_delay, timeout, queue))
 
     def __call__(self, ctx: Context) -> R:
         return self.func(ctx)
@@ -263,7 +294,7 @@ class Workflow:
         /,
         *,
         task_id: str | None = None,
-        upstream: Task[Any] | str | Iterable[Task[Any] | str] = (),
+        upstream: Task[Any] | str | Iterable[Task[Any] | str] = _NO_UPSTREAM,
         retries: int = 0,
         retry_delay: float | timedelta = 0,
         timeout: float | timedelta | None = None,
@@ -276,16 +307,32 @@ class Workflow:
         wall-clock limit of one try, in seconds; ``queue`` overrides the workflow's work
         queue for this task. The task id is the function's name unless ``task_id`` is given.
         """
+        # Each check starts with a test for its default that skips the rest: the defaults are
+        # what most of a large workflow's tasks use, and every task sandbox declares them all.
         task_queue = self.queue if queue is None else _check_queue(queue)
-        if isinstance(retries, bool) or not isinstance(retries, int):
+        if type(retries) is not int and (isinstance(retries, bool) or not isinstance(retries, int)):
             raise TypeError(f"retries must be an integer, not {retries!r}")
         if not 0 <= retries <= MAX_RETRIES:
             raise ValueError(f"retries must be between 0 and {MAX_RETRIES}, not {retries}")
-        # The defaults skip the checks: they are what most of a large workflow's tasks use.
-        delay = 0.0 if retry_delay.__class__ is int and retry_delay == 0 else None
-        if delay is None:
+        if retry_delay.__class__ is int and retry_delay == 0:
+            delay = 0.0
+        else:
             delay = _seconds(retry_delay, "retry_delay", allow_zero=True)
         limit = None if timeout is None else _seconds(timeout, "timeout", allow_zero=False)
+        # In CPython every empty tuple is this one object: the default and () alike skip it.
+        ups = () if upstream is _NO_UPSTREAM else self._upstream_ids(upstream)
+        if func is not None:
+            return self._declare(func, task_id, ups, retries, delay, limit, task_queue)
+
+        def declare(fn: Callable[[Context], Any]) -> Task[Any]:
+            return self._declare(fn, task_id, ups, retries, delay, limit, task_queue)
+
+        return declare
+
+    def _upstream_ids(
+        self, upstream: Task[Any] | str | Iterable[Task[Any] | str]
+    ) -> tuple[str, ...]:
+        """``upstream`` as task ids, each once, in the order given."""
         if isinstance(upstream, (str, Task)):
             upstream = [upstream]
         ups: list[str] = []
@@ -301,29 +348,34 @@ class Workflow:
                 ups.append(_check_id(item, "upstream task id"))
             else:
                 raise TypeError(f"upstream must hold tasks or task ids, not {item!r}")
+        return tuple(dict.fromkeys(ups))
 
-        unique_ups = tuple(dict.fromkeys(ups))
-
-        def declare(fn: Callable[[Context], Any]) -> Task[Any]:
-            if not callable(fn):
-                raise TypeError(f"@task decorates a function, not {fn!r}")
-            tid = _check_id(task_id if task_id is not None else fn.__name__, "task id")
-            if tid in self._tasks:
-                raise ValueError(f"workflow {self.workflow_id!r} already has a task {tid!r}")
-            task = Task(
-                fn,
-                workflow=self,
-                task_id=tid,
-                upstream=unique_ups,
-                retries=retries,
-                retry_delay=delay,
-                timeout=limit,
-                queue=task_queue,
-            )
-            self._tasks[tid] = task
-            return task
-
-        return declare(func) if func is not None else declare
+    def _declare(
+        self,
+        fn: Callable[[Context], Any],
+        task_id: str | None,
+        upstream: tuple[str, ...],
+        retries: int,
+        retry_delay: float,
+        timeout: float | None,
+        queue: str,
+    ) -> Task[Any]:
+        """Check ``fn`` and its task id, and add its task; the options are checked already."""
+        if not callable(fn):
+            raise TypeError(f"@task decorates a function, not {fn!r}")
+        tid = task_id if task_id is not None else fn.__name__
+        # An ASCII identifier of up to 250 characters is a valid id, and these three string
+        # methods cost half of a regex match; anything else (a '-', a '.', a leading digit, a
+        # non-str) goes to _check_id, which has the last word and words the error.
+        if type(tid) is not str or not (tid.isidentifier() and tid.isascii() and len(tid) <= 250):
+            tid = _check_id(tid, "task id")
+        if tid in self._tasks:
+            raise ValueError(f"workflow {self.workflow_id!r} already has a task {tid!r}")
+        # Task.__init__'s work without the call to Task (see _look_like).
+        task: Task[Any] = _new_object(Task)
+        _look_like(task, fn, (self, tid, upstream, retries, retry_delay, timeout, queue))
+        self._tasks[tid] = task
+        return task
 
     def to_dict(self) -> dict[str, Any]:
         """The API's ``WorkflowDefinition``: plain JSON, checked for unknown upstream tasks
