@@ -16,12 +16,14 @@ command that fixes it, so a person can act on it without reading this module.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pwd
 import shlex
 import stat
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 # Secrets are small. A credential file of more than this is almost certainly the wrong file.
@@ -330,6 +332,41 @@ def write_private_file(path: str, data: bytes, *, mode: int = 0o600) -> None:
         os.unlink(path)
         raise
     os.close(fd)
+
+
+def temporary_copy(path: str, data: bytes) -> str:
+    """Write ``data`` to a new 0600 file beside ``path``, to be renamed over it with
+    :func:`rename_over`, and return its name. The name starts with a dot, so scans of the
+    directory skip it; nothing is left behind if writing fails."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+    with _removed_on_failure(tmp), os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return tmp
+
+
+def rename_over(tmp: str, path: str, finish: Callable[[int], None] | None = None) -> None:
+    """Make the finished file ``tmp`` appear as ``path`` in one rename, so a reader sees the
+    old file or the new one, never part of one. ``finish(fd)`` runs on ``tmp`` first (to set
+    its owner or mode, or to sync it); ``tmp`` is removed if that or the rename fails."""
+    with _removed_on_failure(tmp):
+        if finish is not None:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                finish(fd)
+            finally:
+                os.close(fd)
+        os.rename(tmp, path)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp: str) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def make_private_dir(path: str, mode: int = 0o700) -> None:

@@ -18,18 +18,17 @@ token that is still valid.
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import json
 import os
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from privsep._token import Token
 from privsep.runner.api.keepalive import HttpUnavailable
+from privsep.secrets.files import rename_over, temporary_copy
 
 __all__ = [
     "TOKEN_FILE_MODE",
@@ -71,19 +70,13 @@ def publish(tmp: str, path: str, *, gid: int, mode: int = TOKEN_FILE_MODE) -> No
     """Make the finished file ``tmp`` (in ``path``'s directory) appear as ``path``: flushed to
     disk, ``mode`` and group ``gid`` set, then renamed over the old one. ``tmp`` is removed
     if anything fails."""
-    try:
-        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.fchown(fd, -1, gid)
-            os.fchmod(fd, mode)  # after the chown, which may clear set-id bits
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    def finish(fd: int) -> None:
+        os.fchown(fd, -1, gid)
+        os.fchmod(fd, mode)  # after the chown, which may clear set-id bits
+        os.fsync(fd)
+
+    rename_over(tmp, path, finish)
     # The rename itself is durable once the directory is.
     dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -114,16 +107,7 @@ def write_session_token(path: str, token: Token, *, subject: str, gid: int) -> N
         }
     ).encode()
     make_token_dir(path, gid=gid)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)  # 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    publish(tmp, path, gid=gid)
+    publish(temporary_copy(path, data), path, gid=gid)
 
 
 def _read(path: str) -> tuple[os.stat_result, dict[str, Any]]:

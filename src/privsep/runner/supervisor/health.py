@@ -11,16 +11,16 @@ a reboot; a clock step is handled as a (reported) anomaly rather than trusted bl
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from privsep.secrets.files import rename_over, temporary_copy
 
 #: The heartbeat's file name inside the state directory.
 HEARTBEAT_FILE = "supervisor-heartbeat.json"
@@ -70,15 +70,7 @@ def write_heartbeat(
         "detail": dict(detail),
     }
     data = json.dumps(record, sort_keys=True).encode() + b"\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{HEARTBEAT_FILE}.", dir=path.parent)  # 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    rename_over(temporary_copy(str(path), data), str(path))
     return path
 
 
