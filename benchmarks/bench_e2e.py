@@ -482,7 +482,7 @@ def rows(
             "ms",
             baseline=forks,
             baseline_measure=fork_what,
-            target="p50 <= 30 ms",
+            target="p50 <= 12 ms",
             note=f"{len(chain.step_ms)} steps over {scale.chain_runs} runs; upstream's ended_at "
             f"(server) → downstream's first statement (time.time() in its log); "
             f"upstream user code done → downstream user code p50 "
@@ -552,6 +552,7 @@ def rows(
             "ms",
             baseline=python_cpu,
             baseline_measure="CPU of spawning `python -I -c pass`",
+            target="<= 7 ms",
             note="fork to reaped, as bench_sandbox measures it: no API, no definition file, "
             "no supervisor; every task and every parsed file pays at least this",
         ),
@@ -570,6 +571,7 @@ def rows(
             "sandbox per file",
             Stats.single((parse_cpu / sandboxed_direct_cpu - 1) * 100),
             "%",
+            target="<= 10 %",
             note=f"{parse_cpu:.1f} ms of CPU per file sandboxed vs {direct_cpu:.1f} ms direct + "
             f"{floor_ms:.1f} ms for the sandbox DESIGN.md requires; what remains is the API, "
             f"the tokens, the supervisor and discovery",
