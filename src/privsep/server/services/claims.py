@@ -95,7 +95,7 @@ def claim_work(state: ServerState, me: SupervisorPrincipal, body: ClaimRequest) 
         if items:  # one Core INSERT: ORM objects cost more to flush than the rows to write
             now = utcnow()
             session.execute(
-                insert(AuditLog),
+                _AUDIT_INSERT,
                 [
                     {
                         "event": "token_issued",
@@ -118,11 +118,7 @@ def _still_granted(session: Session, me: SupervisorPrincipal) -> None:
     session was opened with, read in the claim's own transaction with the supervisor's row
     locked against a revocation: a revocation either sees this claim's items (and takes them
     back) or this claim sees the revocation, never neither."""
-    row = session.execute(
-        select(Supervisor.active, Supervisor.key_generation)
-        .where(Supervisor.id == me.supervisor_id)
-        .with_for_update(read=True)
-    ).first()
+    row = session.execute(_GRANT, {"b_supervisor_id": me.supervisor_id}).first()
     if row is None or not row.active or row.key_generation != me.generation:
         raise unauthorized("revoked", "this supervisor was revoked or re-keyed")
 
@@ -131,6 +127,13 @@ def _still_granted(session: Session, me: SupervisorPrincipal) -> None:
 # the server's busiest write, and an ORM statement rebuilt per call cost more than its SQL.
 _ATTEMPTS = table_of(TaskAttempt)
 _RUNS = table_of(Run)
+_SUPERVISORS = table_of(Supervisor)
+_GRANT = (
+    select(_SUPERVISORS.c.active, _SUPERVISORS.c.key_generation)
+    .where(_SUPERVISORS.c.id == bindparam("b_supervisor_id"))
+    .with_for_update(read=True)
+)
+_AUDIT_INSERT = insert(table_of(AuditLog))
 
 
 def _take_queued(table: Table, queued: object, running: object, **values: Any) -> Update:
