@@ -141,13 +141,21 @@ class Stack:
         proc = self.procs[name]
         if proc.poll() is None:
             proc.send_signal(sig)
-        return proc.wait(timeout=timeout)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # Say where it is stuck before the caller kills it: its threads' stacks (py-spy,
+            # when installed) and the end of its output.
+            raise AssertionError(
+                f"{name} did not exit within {timeout} s of signal {sig}\n"
+                f"{_thread_stacks(proc.pid)}\n--- {name}\n{self.output(name)[-4000:]}"
+            ) from None
 
     def stop_all(self) -> None:
         for name in reversed(list(self.procs)):  # the supervisor before the server
             try:
                 self.stop(name, timeout=30)
-            except subprocess.TimeoutExpired:
+            except AssertionError:
                 self.procs[name].kill()
                 self.procs[name].wait()
 
@@ -211,3 +219,15 @@ class Stack:
     def attempts(self, run_id: str) -> list[dict[str, Any]]:
         resp = self.operator("GET", f"/v1/operator/runs/{run_id}/attempts")
         return list(resp.json()["attempts"])
+
+
+def _thread_stacks(pid: int) -> str:
+    """``py-spy dump`` of a live process, or why there is none."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    try:
+        done = subprocess.run(
+            [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"(no thread stacks: {exc})"
+    return done.stdout or done.stderr
